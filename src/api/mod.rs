@@ -1,0 +1,109 @@
+//! Transport only: routing, middleware, and the mapping of requests onto the domain.
+
+pub mod extract;
+pub mod health;
+pub mod rest;
+pub mod server;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::app::AppState;
+use crate::error::Error;
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The complete router of the HTTP port.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    Router::new()
+        .merge(health::routes())
+        .nest("/api/v1", rest::routes())
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+                .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, RandomRequestId))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|req: &Request| {
+                            let request_id = req
+                                .headers()
+                                .get(REQUEST_ID_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("");
+                            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+                        })
+                        .on_request(())
+                        .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+                )
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+                .layer(CatchPanicLayer::custom(|_panic| {
+                    Error::internal(anyhow::anyhow!("request handler panicked")).into_response()
+                })),
+        )
+        .with_state(state)
+}
+
+async fn fallback() -> Error {
+    Error::NotFound("no such route; see the API reference in the README".into())
+}
+
+/// Rejects a declared Content-Length over the limit before reading the body, with the
+/// same JSON error as bodies that turn out too large while streaming.
+async fn reject_oversized(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.config.server.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Error::PayloadTooLarge { limit }.into_response();
+    }
+    next.run(req).await
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let response = next.run(req).await;
+    let elapsed: Duration = started.elapsed();
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("kiln_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(elapsed.as_secs_f64());
+    response
+}
+
+#[derive(Clone, Copy)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<RequestId> {
+        let id = crate::db::ids::random_alphanumeric(20);
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
+}

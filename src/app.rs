@@ -1,0 +1,204 @@
+//! Shared application state and the `serve` process: HTTP, database supervision,
+//! notifications, and background workers, with graceful shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, INVALIDATION_CHANNEL};
+use crate::config::Config;
+use crate::db;
+use crate::db::notify::Event;
+use crate::jobs::JobRunner;
+
+pub struct App {
+    pub config: Config,
+    pub db: PgPool,
+    pub auth: Arc<Authenticator>,
+    pub metrics: PrometheusHandle,
+    /// Set once the database was reached and is fully migrated.
+    migrated: AtomicBool,
+}
+
+pub type AppState = Arc<App>;
+
+impl App {
+    pub fn new(config: Config, db: PgPool) -> AppState {
+        let auth = Arc::new(Authenticator::new(db.clone(), &config.auth));
+        Arc::new(App {
+            config,
+            db,
+            auth,
+            metrics: crate::telemetry::metrics_handle(),
+            migrated: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
+    }
+
+    pub fn mark_migrated(&self) {
+        self.migrated.store(true, Ordering::Release);
+    }
+}
+
+/// Reaches the database with backoff, then migrates (or waits for someone else to).
+/// Logs one clear line when the database is unreachable, and one when it comes back.
+pub async fn supervise_database(app: AppState, cancel: CancellationToken) {
+    let target = db::describe_target(&app.config.database);
+    let max_backoff = Duration::from_secs(app.config.database.reconnect_max_backoff_seconds);
+    let mut backoff = Duration::from_millis(250);
+    let mut reported = false;
+    loop {
+        let attempt = async {
+            if app.config.database.migrate_on_start {
+                db::migrate(&app.db).await?;
+                Ok(true)
+            } else {
+                Ok::<bool, anyhow::Error>(db::is_migrated(&app.db).await?)
+            }
+        };
+        match attempt.await {
+            Ok(true) => {
+                app.mark_migrated();
+                if reported {
+                    tracing::info!(database = %target, "database reachable and migrated; ready");
+                } else {
+                    tracing::info!(database = %target, "database migrated; ready");
+                }
+                return;
+            }
+            Ok(false) => {
+                if !reported {
+                    tracing::warn!(database = %target, "database is behind this binary's migrations and database.migrate_on_start is false; run `kiln migrate`");
+                    reported = true;
+                }
+            }
+            Err(err) => {
+                if !reported {
+                    tracing::warn!(database = %target, error = %format!("{err:#}"), "database unreachable; /readyz reports not ready, retrying with backoff up to {}s", max_backoff.as_secs());
+                    reported = true;
+                } else {
+                    tracing::debug!(error = %format!("{err:#}"), "database still unreachable");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// Everything `kiln serve` runs, until `shutdown` resolves. Returns after in-flight
+/// requests drained and background tasks stopped.
+pub async fn serve(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = db::lazy_pool(&config.database)?;
+    let app = App::new(config, pool.clone());
+    let cancel = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+
+    background.spawn(supervise_database(app.clone(), cancel.clone()));
+
+    let mut runner = JobRunner::new(pool.clone(), app.config.jobs.clone());
+    crate::jobs::register_foundation_jobs(&mut runner, pool.clone());
+    let wake_jobs = runner.waker();
+    {
+        let auth = app.auth.clone();
+        let cancel = cancel.clone();
+        background.spawn(db::notify::listen(
+            pool.clone(),
+            vec![INVALIDATION_CHANNEL, db::jobs::NOTIFY_CHANNEL],
+            cancel,
+            move |event| match event {
+                Event::Notification { channel, payload } if channel == INVALIDATION_CHANNEL => {
+                    auth.apply_invalidation(&payload)
+                }
+                Event::Notification { .. } => wake_jobs.notify_waiters(),
+                // Notifications may have been missed: drop cached tokens, look for jobs.
+                Event::Connected => {
+                    auth.invalidate(None);
+                    wake_jobs.notify_waiters();
+                }
+            },
+        ));
+    }
+    background.spawn(app.auth.clone().run_flusher(cancel.clone()));
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        background.spawn(async move {
+            // Workers start once the schema exists, so they don't spin on missing tables.
+            while !app.is_migrated() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            runner.run(cancel).await
+        });
+    }
+
+    let listen = app.config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!("cannot listen on {listen} (server.listen); is another process using it?")
+        })?;
+    let tls = crate::api::server::tls_config(&app.config.server.tls)?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        tls = tls.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        "kiln listening"
+    );
+    let router = crate::api::router(app.clone());
+    let grace = Duration::from_secs(app.config.server.shutdown_grace_seconds);
+    let result = crate::api::server::serve(
+        listener,
+        router,
+        tls,
+        crate::api::server::ServeOptions {
+            grace,
+            h2_max_concurrent_streams: app.config.server.http2_max_concurrent_streams,
+        },
+        shutdown,
+    )
+    .await;
+
+    cancel.cancel();
+    let drain = async { while background.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        tracing::warn!("background tasks did not stop within the grace period");
+    }
+    pool.close().await;
+    tracing::info!("kiln stopped");
+    result
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received; draining in-flight requests");
+}

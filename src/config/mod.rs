@@ -1,0 +1,433 @@
+//! Typed configuration: `config/default.toml` (compiled in) < `--config FILE` < `KILN_*` env.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Metadata, Profile, Provider};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub secrets: SecretsConfig,
+    pub jobs: JobsConfig,
+    pub log: LogConfig,
+    pub dev: DevConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub public_url: url::Url,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_seconds: u64,
+    pub http2_max_concurrent_streams: u32,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub acquire_timeout_seconds: u64,
+    pub migrate_on_start: bool,
+    pub reconnect_max_backoff_seconds: u64,
+}
+
+impl DatabaseConfig {
+    pub fn is_configured(&self) -> bool {
+        !self.url.expose_secret().is_empty()
+    }
+
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_secs(self.acquire_timeout_seconds)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub token_cache_ttl_seconds: u64,
+    pub token_cache_capacity: usize,
+    pub last_used_flush_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    pub key_encryption_key: SecretString,
+}
+
+impl SecretsConfig {
+    /// The decoded 32-byte key-encryption key, if configured.
+    pub fn key_encryption_key(&self) -> Option<[u8; 32]> {
+        decode_kek(self.key_encryption_key.expose_secret())
+            .ok()
+            .flatten()
+    }
+}
+
+fn decode_kek(text: &str) -> anyhow::Result<Option<[u8; 32]>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .context("it is not valid base64")?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| anyhow::anyhow!("it decodes to {} bytes, expected 32", b.len()))?;
+    Ok(Some(key))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    pub workers: usize,
+    pub poll_interval_seconds: u64,
+    pub lease_seconds: u64,
+    pub backoff_base_seconds: u64,
+    pub backoff_max_seconds: u64,
+    pub max_attempts: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfig {
+    pub data_dir: PathBuf,
+    pub postgres_bin_dir: PathBuf,
+}
+
+impl Config {
+    /// Loads the layered configuration and validates it. Errors name the key and value.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.is_file() {
+                bail!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                );
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(EnvLayer::from_vars(env));
+        let config: Config = figment.extract().map_err(|err| {
+            let messages: Vec<String> = err.into_iter().map(describe_figment_error).collect();
+            anyhow::anyhow!("invalid configuration: {}", messages.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, value: String, rule: &str| {
+            if !ok {
+                problems.push(format!("{key} = {value}: {rule}"));
+            }
+        };
+        let s = &self.server;
+        check(
+            s.max_body_bytes >= 1024,
+            "server.max_body_bytes",
+            s.max_body_bytes.to_string(),
+            "must be at least 1024",
+        );
+        check(
+            s.http2_max_concurrent_streams >= 1,
+            "server.http2_max_concurrent_streams",
+            s.http2_max_concurrent_streams.to_string(),
+            "must be at least 1",
+        );
+        let cert_set = !s.tls.cert_path.as_os_str().is_empty();
+        let key_set = !s.tls.key_path.as_os_str().is_empty();
+        check(
+            cert_set == key_set,
+            "server.tls",
+            format!(
+                "cert_path={:?} key_path={:?}",
+                s.tls.cert_path, s.tls.key_path
+            ),
+            "set both cert_path and key_path, or neither",
+        );
+        for (key, path) in [
+            ("server.tls.cert_path", &s.tls.cert_path),
+            ("server.tls.key_path", &s.tls.key_path),
+        ] {
+            if !path.as_os_str().is_empty() {
+                check(
+                    path.is_file(),
+                    key,
+                    format!("{path:?}"),
+                    "file does not exist",
+                );
+            }
+        }
+        let db = &self.database;
+        if db.is_configured() {
+            let parsed = url::Url::parse(db.url.expose_secret());
+            let ok =
+                matches!(&parsed, Ok(u) if u.scheme() == "postgres" || u.scheme() == "postgresql");
+            // Never echo the URL: it may carry a password.
+            check(
+                ok,
+                "database.url",
+                "<redacted>".into(),
+                "must be a postgres:// or postgresql:// URL",
+            );
+        }
+        check(
+            db.max_connections >= 1,
+            "database.max_connections",
+            db.max_connections.to_string(),
+            "must be at least 1",
+        );
+        check(
+            db.min_connections <= db.max_connections,
+            "database.min_connections",
+            db.min_connections.to_string(),
+            "must not exceed database.max_connections",
+        );
+        check(
+            db.acquire_timeout_seconds >= 1,
+            "database.acquire_timeout_seconds",
+            db.acquire_timeout_seconds.to_string(),
+            "must be at least 1",
+        );
+        check(
+            db.reconnect_max_backoff_seconds >= 1,
+            "database.reconnect_max_backoff_seconds",
+            db.reconnect_max_backoff_seconds.to_string(),
+            "must be at least 1",
+        );
+        let a = &self.auth;
+        check(
+            a.token_cache_ttl_seconds <= 300,
+            "auth.token_cache_ttl_seconds",
+            a.token_cache_ttl_seconds.to_string(),
+            "must be at most 300",
+        );
+        check(
+            a.last_used_flush_seconds >= 1,
+            "auth.last_used_flush_seconds",
+            a.last_used_flush_seconds.to_string(),
+            "must be at least 1",
+        );
+        if let Err(err) = decode_kek(self.secrets.key_encryption_key.expose_secret()) {
+            check(
+                false,
+                "secrets.key_encryption_key",
+                "<redacted>".into(),
+                &format!("{err:#}; generate one with `openssl rand -base64 32`"),
+            );
+        }
+        let j = &self.jobs;
+        check(
+            j.workers >= 1,
+            "jobs.workers",
+            j.workers.to_string(),
+            "must be at least 1",
+        );
+        check(
+            j.poll_interval_seconds >= 1,
+            "jobs.poll_interval_seconds",
+            j.poll_interval_seconds.to_string(),
+            "must be at least 1",
+        );
+        check(
+            j.lease_seconds >= 5,
+            "jobs.lease_seconds",
+            j.lease_seconds.to_string(),
+            "must be at least 5",
+        );
+        check(
+            j.backoff_base_seconds >= 1,
+            "jobs.backoff_base_seconds",
+            j.backoff_base_seconds.to_string(),
+            "must be at least 1",
+        );
+        check(
+            j.backoff_max_seconds >= j.backoff_base_seconds,
+            "jobs.backoff_max_seconds",
+            j.backoff_max_seconds.to_string(),
+            "must be at least jobs.backoff_base_seconds",
+        );
+        check(
+            j.max_attempts >= 1,
+            "jobs.max_attempts",
+            j.max_attempts.to_string(),
+            "must be at least 1",
+        );
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            check(
+                false,
+                "log.filter",
+                format!("{:?}", self.log.filter),
+                &err.to_string(),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("invalid configuration: {}", problems.join("; "))
+        }
+    }
+}
+
+/// The `KILN_*` environment layer. Like figment's `Env`, but reading a given list of
+/// variables so precedence can be tested without touching the process environment.
+struct EnvLayer {
+    vars: Vec<(String, String)>,
+}
+
+const ENV_PREFIX: &str = "KILN_";
+
+impl EnvLayer {
+    fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let vars = vars
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let rest = key.strip_prefix(ENV_PREFIX)?;
+                let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+                if path.iter().any(|p| p.is_empty()) {
+                    return None;
+                }
+                Some((path.join("."), value))
+            })
+            .collect();
+        EnvLayer { vars }
+    }
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable").interpolater(|_: &Profile, keys: &[&str]| {
+            let upper: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+            format!("{ENV_PREFIX}{}", upper.join("__"))
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, raw) in &self.vars {
+            let value: Value = raw.parse().unwrap_or_else(|never| match never {});
+            insert_path(&mut dict, &key.split('.').collect::<Vec<_>>(), value);
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+fn insert_path(dict: &mut Dict, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [leaf] => {
+            dict.insert(leaf.to_string(), value);
+        }
+        [head, rest @ ..] => {
+            let child = dict
+                .entry(head.to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if child.as_dict().is_none() {
+                *child = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = child {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn describe_figment_error(err: figment::Error) -> String {
+    let key = if err.path.is_empty() {
+        "<root>".to_string()
+    } else {
+        err.path.join(".")
+    };
+    let source = match (&err.metadata, &err.profile) {
+        (Some(meta), _) => format!(" (from {})", meta.name),
+        _ => String::new(),
+    };
+    format!("key `{key}`{source}: {}", err.kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let config = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert!(!config.database.is_configured());
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let config = Config::load_from(
+            None,
+            env(&[("KILN_DATABASE__URL", "postgres://kiln:hunter2@db/kiln")]),
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+}

@@ -1,0 +1,95 @@
+//! The append-only audit log.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgExecutor, PgPool};
+
+use crate::error::Result;
+
+/// One audit entry, built with the fluent setters and written with [`record`].
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub organization_id: Option<String>,
+    pub actor_kind: String,
+    pub actor_id: Option<String>,
+    pub action: String,
+    pub target_kind: Option<String>,
+    pub target_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+impl AuditEvent {
+    pub fn new(action: &str, actor: (&str, Option<String>)) -> Self {
+        AuditEvent {
+            organization_id: None,
+            actor_kind: actor.0.to_string(),
+            actor_id: actor.1,
+            action: action.to_string(),
+            target_kind: None,
+            target_id: None,
+            details: serde_json::json!({}),
+        }
+    }
+
+    pub fn org(mut self, id: impl Into<String>) -> Self {
+        self.organization_id = Some(id.into());
+        self
+    }
+
+    pub fn target(mut self, kind: &str, id: impl Into<String>) -> Self {
+        self.target_kind = Some(kind.to_string());
+        self.target_id = Some(id.into());
+        self
+    }
+
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+pub async fn record<'e>(db: impl PgExecutor<'e>, event: AuditEvent) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (organization_id, actor_kind, actor_id, action, target_kind, target_id, details)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(event.organization_id)
+    .bind(event.actor_kind)
+    .bind(event.actor_id)
+    .bind(event.action)
+    .bind(event.target_kind)
+    .bind(event.target_id)
+    .bind(event.details)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub organization_id: Option<String>,
+    pub actor_kind: String,
+    pub actor_id: Option<String>,
+    pub action: String,
+    pub target_kind: Option<String>,
+    pub target_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+pub async fn list(
+    pool: &PgPool,
+    organization_id: Option<&str>,
+    limit: i64,
+) -> Result<Vec<AuditRecord>> {
+    Ok(sqlx::query_as(
+        "SELECT id, occurred_at, organization_id, actor_kind, actor_id, action, target_kind, target_id, details
+         FROM audit_events WHERE ($1::text IS NULL OR organization_id = $1)
+         ORDER BY occurred_at DESC, id DESC LIMIT $2",
+    )
+    .bind(organization_id)
+    .bind(limit.clamp(1, 1000))
+    .fetch_all(pool)
+    .await?)
+}

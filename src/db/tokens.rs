@@ -1,0 +1,292 @@
+//! Token rows. The secret is never stored: only its SHA-256 and a display prefix.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgExecutor, PgPool};
+
+use crate::auth::token::{self, MintedToken, Scopes, TokenKind};
+use crate::auth::{INVALIDATION_CHANNEL, Membership, Principal, Role};
+use crate::db::ids::new_id;
+use crate::error::{Error, Result};
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct TokenAuthRow {
+    pub id: String,
+    pub kind: String,
+    pub user_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub project_id: Option<String>,
+    pub build_id: Option<String>,
+    pub machine_id: Option<String>,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// "org_id:role" pairs for user tokens.
+    pub memberships: Vec<String>,
+}
+
+impl TokenAuthRow {
+    pub fn into_principal(self) -> Result<Principal> {
+        let kind: TokenKind = self.kind.parse().map_err(|e: String| {
+            Error::internal(anyhow::anyhow!("stored token {}: {e}", self.id))
+        })?;
+        let memberships = self
+            .memberships
+            .iter()
+            .filter_map(|pair| {
+                let (org, role) = pair.rsplit_once(':')?;
+                Some(Membership {
+                    organization_id: org.to_string(),
+                    role: Role::parse(role)?,
+                })
+            })
+            .collect();
+        Ok(Principal {
+            token_id: self.id,
+            kind,
+            user_id: self.user_id,
+            organization_id: self.organization_id,
+            project_id: self.project_id,
+            build_id: self.build_id,
+            machine_id: self.machine_id,
+            scopes: Scopes::from_stored(&self.scopes),
+            memberships,
+            expires_at: self.expires_at,
+        })
+    }
+}
+
+/// One round trip: the token and, for user tokens, the user's memberships.
+pub async fn find_by_hash(pool: &PgPool, hash: &[u8; 32]) -> sqlx::Result<Option<TokenAuthRow>> {
+    sqlx::query_as(
+        "SELECT t.id, t.kind, t.user_id, t.organization_id, t.project_id, t.build_id, t.machine_id,
+                t.scopes, t.expires_at, t.revoked_at,
+                COALESCE((SELECT array_agg(m.organization_id || ':' || m.role)
+                          FROM memberships m WHERE m.user_id = t.user_id), '{}') AS memberships
+         FROM tokens t WHERE t.token_hash = $1",
+    )
+    .bind(&hash[..])
+    .fetch_optional(pool)
+    .await
+}
+
+/// What a new token is scoped to. Which fields must be set depends on `kind`
+/// (enforced again by the `tokens_subject_check` constraint).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub kind: TokenKind,
+    pub name: String,
+    pub user_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub project_id: Option<String>,
+    pub build_id: Option<String>,
+    pub machine_id: Option<String>,
+    /// `None`: the kind's default scopes.
+    pub scopes: Option<Scopes>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_by: Option<String>,
+}
+
+impl NewToken {
+    pub fn new(kind: TokenKind, name: impl Into<String>) -> Self {
+        NewToken {
+            kind,
+            name: name.into(),
+            user_id: None,
+            organization_id: None,
+            project_id: None,
+            build_id: None,
+            machine_id: None,
+            scopes: None,
+            expires_at: None,
+            created_by: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.name.chars().count() > 100 {
+            return Err(Error::invalid("name", "must be at most 100 characters"));
+        }
+        if let Some(scopes) = self.scopes
+            && !scopes.is_subset_of(self.kind.default_scopes())
+        {
+            return Err(Error::invalid(
+                "scopes",
+                format!(
+                    "a {} token can hold at most: {}",
+                    self.kind,
+                    self.kind.default_scopes().to_strings().join(", ")
+                ),
+            ));
+        }
+        if let Some(at) = self.expires_at
+            && at <= Utc::now()
+        {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        let need = |present: bool, field: &str| {
+            if present {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    field,
+                    format!("is required for a {} token", self.kind),
+                ))
+            }
+        };
+        match self.kind {
+            TokenKind::User => need(self.user_id.is_some(), "user_id"),
+            TokenKind::Organization => need(self.organization_id.is_some(), "organization_id"),
+            TokenKind::Project | TokenKind::Pull => {
+                need(self.organization_id.is_some(), "organization_id")?;
+                need(self.project_id.is_some(), "project_id")
+            }
+            TokenKind::Build => {
+                need(self.project_id.is_some(), "project_id")?;
+                need(self.build_id.is_some(), "build_id")
+            }
+            TokenKind::Machine => need(self.machine_id.is_some(), "machine_id"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TokenInfo {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    pub display_prefix: String,
+    pub user_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub project_id: Option<String>,
+    pub scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+const INFO_COLUMNS: &str =
+    "id, kind, name, display_prefix, user_id, organization_id, project_id, scopes,
+    created_at, expires_at, last_used_at, revoked_at";
+
+/// Inserts a token and returns its row and the secret, which exists only in this value.
+pub async fn create<'e>(
+    db: impl PgExecutor<'e>,
+    new: NewToken,
+) -> Result<(TokenInfo, MintedToken)> {
+    new.validate()?;
+    let minted = token::mint(new.kind);
+    let scopes = new.scopes.unwrap_or_else(|| new.kind.default_scopes());
+    let info: TokenInfo = sqlx::query_as(&format!(
+        "INSERT INTO tokens (id, kind, name, display_prefix, token_hash, user_id, organization_id,
+                             project_id, build_id, machine_id, scopes, expires_at, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         RETURNING {INFO_COLUMNS}"
+    ))
+    .bind(new_id())
+    .bind(new.kind.as_str())
+    .bind(&new.name)
+    .bind(&minted.display_prefix)
+    .bind(&minted.hash[..])
+    .bind(&new.user_id)
+    .bind(&new.organization_id)
+    .bind(&new.project_id)
+    .bind(&new.build_id)
+    .bind(&new.machine_id)
+    .bind(scopes.to_strings())
+    .bind(new.expires_at)
+    .bind(&new.created_by)
+    .fetch_one(db)
+    .await
+    .map_err(|err| match &err {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::invalid(
+            "token subject",
+            "the user, organization or project does not exist",
+        ),
+        _ => Error::from(err),
+    })?;
+    Ok((info, minted))
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TokenFilter {
+    pub organization_id: Option<String>,
+    pub project_id: Option<String>,
+    pub user_id: Option<String>,
+    pub include_revoked: bool,
+}
+
+pub async fn list(pool: &PgPool, filter: &TokenFilter) -> Result<Vec<TokenInfo>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {INFO_COLUMNS} FROM tokens
+         WHERE ($1::text IS NULL OR organization_id = $1)
+           AND ($2::text IS NULL OR project_id = $2)
+           AND ($3::text IS NULL OR user_id = $3)
+           AND ($4 OR revoked_at IS NULL)
+           AND kind NOT IN ('build', 'machine')
+         ORDER BY created_at DESC, id LIMIT 1000"
+    ))
+    .bind(&filter.organization_id)
+    .bind(&filter.project_id)
+    .bind(&filter.user_id)
+    .bind(filter.include_revoked)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn get(pool: &PgPool, id: &str) -> Result<Option<TokenInfo>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {INFO_COLUMNS} FROM tokens WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// Revokes a token and tells every replica to drop it from its cache. Returns the hash
+/// when this call revoked it, `None` when it was already revoked.
+pub async fn revoke(pool: &PgPool, id: &str) -> Result<Option<[u8; 32]>> {
+    let mut tx = pool.begin().await?;
+    let hash: Option<Vec<u8>> = sqlx::query_scalar(
+        "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING token_hash",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(hash) = hash else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(INVALIDATION_CHANNEL)
+        .bind(hex::encode(&hash))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let hash: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| Error::internal(anyhow::anyhow!("stored token hash has the wrong length")))?;
+    Ok(Some(hash))
+}
+
+pub async fn touch_last_used(pool: &PgPool, ids: &[String]) -> sqlx::Result<()> {
+    sqlx::query("UPDATE tokens SET last_used_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Deletes tokens that expired or were revoked more than `older_than_days` ago.
+pub async fn purge_dead(pool: &PgPool, older_than_days: i32) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM tokens
+         WHERE (expires_at < now() - make_interval(days => $1))
+            OR (revoked_at < now() - make_interval(days => $1))",
+    )
+    .bind(older_than_days)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,278 @@
+//! Background work on the Postgres job queue: workers claim jobs, run the handler
+//! registered for the job's kind, and retry failures with exponential backoff and jitter.
+//! Handlers must be idempotent: a job may run again after a crash or a lapsed lease.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::JobsConfig;
+use crate::db::jobs::{self, ClaimedJob, DEFAULT_QUEUE, FailOutcome, NewJob};
+
+pub type Handler = Arc<dyn Fn(ClaimedJob) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// A job kind that the runner enqueues by itself every `every`.
+#[derive(Clone)]
+pub struct Periodic {
+    pub kind: &'static str,
+    pub every: Duration,
+}
+
+pub struct JobRunner {
+    pool: PgPool,
+    config: JobsConfig,
+    handlers: HashMap<&'static str, Handler>,
+    periodic: Vec<Periodic>,
+    wake: Arc<Notify>,
+    worker_prefix: String,
+}
+
+impl JobRunner {
+    pub fn new(pool: PgPool, config: JobsConfig) -> Self {
+        JobRunner {
+            pool,
+            config,
+            handlers: HashMap::new(),
+            periodic: Vec::new(),
+            wake: Arc::new(Notify::new()),
+            worker_prefix: format!("{}-{}", hostname(), std::process::id()),
+        }
+    }
+
+    pub fn register<F, Fut>(&mut self, kind: &'static str, handler: F) -> &mut Self
+    where
+        F: Fn(ClaimedJob) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.handlers
+            .insert(kind, Arc::new(move |job| Box::pin(handler(job))));
+        self
+    }
+
+    pub fn every(&mut self, kind: &'static str, every: Duration) -> &mut Self {
+        self.periodic.push(Periodic { kind, every });
+        self
+    }
+
+    /// Wakes idle workers; called when a `kiln_jobs` notification arrives.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Retry delay after `attempts` failures: base·2^(n-1), capped, ±25% jitter so that
+    /// failures that happened together don't retry together.
+    pub fn backoff(config: &JobsConfig, attempts: i32) -> Duration {
+        let exp = attempts.saturating_sub(1).clamp(0, 30) as u32;
+        let secs = config
+            .backoff_base_seconds
+            .saturating_mul(1u64 << exp)
+            .min(config.backoff_max_seconds) as f64;
+        let jitter = rand::rng().random_range(0.75..=1.25);
+        Duration::from_secs_f64(secs * jitter)
+    }
+
+    /// Runs the workers and the periodic scheduler until `cancel` fires. In-flight jobs
+    /// finish (bounded by their lease) before this returns.
+    pub async fn run(self, cancel: CancellationToken) {
+        let runner = Arc::new(self);
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..runner.config.workers {
+            let runner = runner.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move { runner.worker_loop(n, cancel).await });
+        }
+        if !runner.periodic.is_empty() {
+            let runner = runner.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move { runner.schedule_loop(cancel).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn worker_loop(&self, n: usize, cancel: CancellationToken) {
+        let worker = format!("{}-w{n}", self.worker_prefix);
+        let lease = Duration::from_secs(self.config.lease_seconds);
+        let poll = Duration::from_secs(self.config.poll_interval_seconds);
+        let mut error_backoff = Duration::from_millis(500);
+        while !cancel.is_cancelled() {
+            // Register interest before claiming so a notification between an empty
+            // claim and the wait is not lost.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match jobs::claim(&self.pool, DEFAULT_QUEUE, &worker, lease, 1).await {
+                Ok(claimed) if !claimed.is_empty() => {
+                    error_backoff = Duration::from_millis(500);
+                    for job in claimed {
+                        self.execute(&worker, job, lease).await;
+                    }
+                    continue;
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "job claim failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(error_backoff) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    error_backoff = (error_backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn execute(&self, worker: &str, job: ClaimedJob, lease: Duration) {
+        let span =
+            tracing::info_span!("job", id = job.id, kind = %job.kind, attempt = job.attempts);
+        self.execute_in_span(worker, job, lease)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_in_span(&self, worker: &str, job: ClaimedJob, lease: Duration) {
+        let id = job.id;
+        let kind = job.kind.clone();
+        let attempts = job.attempts;
+        let started = std::time::Instant::now();
+        let result = match self.handlers.get(kind.as_str()) {
+            // Finish well inside the lease so no other worker picks the job up meanwhile.
+            Some(handler) => match tokio::time::timeout(lease.mul_f64(0.9), handler(job)).await {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("timed out after {:?}", lease.mul_f64(0.9))),
+            },
+            None => Err(anyhow::anyhow!(
+                "no handler is registered for job kind {kind:?}"
+            )),
+        };
+        let elapsed = started.elapsed();
+        metrics::histogram!("kiln_job_duration_seconds", "kind" => kind.clone())
+            .record(elapsed.as_secs_f64());
+        match result {
+            Ok(()) => {
+                metrics::counter!("kiln_jobs_total", "kind" => kind.clone(), "outcome" => "ok")
+                    .increment(1);
+                if let Err(err) = jobs::complete(&self.pool, id, worker).await {
+                    // The lease will lapse and the job run again; handlers are idempotent.
+                    tracing::warn!(error = %err, "could not mark job done; it will run again");
+                }
+            }
+            Err(err) => {
+                let retry_in = Self::backoff(&self.config, attempts);
+                let message = format!("{err:#}");
+                let outcome = jobs::fail(&self.pool, id, worker, &message, retry_in).await;
+                let label = match outcome {
+                    Ok(FailOutcome::GaveUp) => {
+                        tracing::error!(error = %message, "job failed for the last time");
+                        "gave_up"
+                    }
+                    Ok(_) => {
+                        tracing::warn!(error = %message, retry_in = ?retry_in, "job failed; will retry");
+                        "retry"
+                    }
+                    Err(db_err) => {
+                        tracing::warn!(error = %message, db_error = %db_err, "job failed and could not be rescheduled; its lease will lapse");
+                        "retry"
+                    }
+                };
+                metrics::counter!("kiln_jobs_total", "kind" => kind, "outcome" => label)
+                    .increment(1);
+            }
+        }
+    }
+
+    async fn schedule_loop(&self, cancel: CancellationToken) {
+        let tick = self
+            .periodic
+            .iter()
+            .map(|p| p.every)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+            for periodic in &self.periodic {
+                match jobs::claim_schedule(&self.pool, periodic.kind, periodic.every).await {
+                    Ok(true) => {
+                        let job =
+                            NewJob::new(periodic.kind, serde_json::json!({})).dedupe("periodic");
+                        if let Err(err) = jobs::enqueue(&self.pool, job).await {
+                            tracing::warn!(kind = periodic.kind, error = %err, "could not enqueue periodic job");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::debug!(kind = periodic.kind, error = %err, "schedule check failed")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kiln".to_string())
+}
+
+/// Job kind of the hourly housekeeping pass.
+pub const MAINTENANCE_JOB: &str = "maintenance.purge";
+
+/// Registers the jobs of the foundation: hourly deletion of long-dead tokens and of
+/// failed jobs kept for inspection.
+pub fn register_foundation_jobs(runner: &mut JobRunner, pool: PgPool) {
+    runner
+        .register(MAINTENANCE_JOB, move |_job| {
+            let pool = pool.clone();
+            async move {
+                let tokens = crate::db::tokens::purge_dead(&pool, 30).await?;
+                let failed = jobs::purge_failed(&pool, 30).await?;
+                tracing::info!(tokens, failed_jobs = failed, "maintenance purge done");
+                Ok(())
+            }
+        })
+        .every(MAINTENANCE_JOB, Duration::from_secs(3600));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let config = JobsConfig {
+            workers: 1,
+            poll_interval_seconds: 1,
+            lease_seconds: 60,
+            backoff_base_seconds: 2,
+            backoff_max_seconds: 60,
+            max_attempts: 5,
+        };
+        let first = JobRunner::backoff(&config, 1).as_secs_f64();
+        assert!((1.5..=2.5).contains(&first), "{first}");
+        let fourth = JobRunner::backoff(&config, 4).as_secs_f64();
+        assert!((12.0..=20.0).contains(&fourth), "{fourth}");
+        let huge = JobRunner::backoff(&config, 1000).as_secs_f64();
+        assert!(huge <= 75.0, "{huge}");
+    }
+}

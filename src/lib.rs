@@ -1,0 +1,14 @@
+//! Kiln: a self-hostable, Depot-compatible build-acceleration backend.
+//! See docs/ARCHITECTURE.md for the map of this crate.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod dev;
+pub mod error;
+pub mod jobs;
+pub mod telemetry;

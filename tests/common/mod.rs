@@ -1,0 +1,235 @@
+//! Test support: a fresh PostgreSQL database per test, cloned from a migrated template,
+//! and helpers to build the app and seed tenants.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln::app::{App, AppState};
+use kiln::auth::{Role, TokenKind};
+use kiln::config::Config;
+use kiln::db::projects::{Project, ProjectSettings};
+use kiln::db::tokens::NewToken;
+use kiln::db::{self, orgs, projects, tokens};
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// The admin URL of the test server, started by scripts/test.sh.
+pub fn admin_url() -> String {
+    std::env::var("TEST_PG_ADMIN_URL").expect(
+        "TEST_PG_ADMIN_URL is not set: run the tests through `bash scripts/test.sh`, which starts PostgreSQL",
+    )
+}
+
+fn url_for(db: &str) -> String {
+    let mut url = url::Url::parse(&admin_url()).expect("TEST_PG_ADMIN_URL is a URL");
+    url.set_path(&format!("/{db}"));
+    url.to_string()
+}
+
+fn random_name(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        kiln::db::ids::random_alphanumeric(12).to_lowercase()
+    )
+}
+
+/// A name for the migrated template that changes whenever a migration changes.
+fn template_name() -> String {
+    let mut hasher = Sha256::new();
+    for m in db::MIGRATOR.iter() {
+        hasher.update(m.version.to_le_bytes());
+        hasher.update(&m.checksum);
+    }
+    format!("kiln_tpl_{}", &hex::encode(hasher.finalize())[..16])
+}
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(&admin_url())
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
+async fn ensure_template() -> String {
+    let name = template_name();
+    let mut conn = admin().await;
+    // Serialize template creation across test processes.
+    sqlx::query("SELECT pg_advisory_lock(7200101)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    if !exists {
+        let building = format!("{name}_build");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {building}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {building}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let pool = PgPool::connect(&url_for(&building)).await.unwrap();
+        db::migrate(&pool).await.unwrap();
+        pool.close().await;
+        sqlx::query(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query("SELECT pg_advisory_unlock(7200101)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    name
+}
+
+/// A fresh, migrated database.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let template = ensure_template().await;
+        let name = random_name("t");
+        let mut conn = admin().await;
+        let mut attempt = 0;
+        loop {
+            let result = sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .execute(&mut conn)
+                .await;
+            match result {
+                Ok(_) => break,
+                // Another test may be copying the template at this instant.
+                Err(err)
+                    if attempt < 20
+                        && err.to_string().contains("being accessed by other users") =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(err) => panic!("creating test database: {err}"),
+            }
+        }
+        let url = url_for(&name);
+        let pool = PgPool::connect(&url).await.unwrap();
+        TestDb { name, url, pool }
+    }
+
+    /// An empty database with no migrations applied.
+    pub async fn empty() -> TestDb {
+        let name = random_name("e");
+        let mut conn = admin().await;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = url_for(&name);
+        let pool = PgPool::connect(&url).await.unwrap();
+        TestDb { name, url, pool }
+    }
+}
+
+/// Config with defaults, pointed at `db_url`, with the given `KILN_*` overrides.
+pub fn config(db_url: &str, overrides: &[(&str, &str)]) -> Config {
+    let mut env: Vec<(String, String)> = overrides
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.push(("KILN_DATABASE__URL".into(), db_url.into()));
+    let mut config = Config::load_from(None, env).expect("test config is valid");
+    config.database.url = SecretString::from(db_url.to_string());
+    config
+}
+
+/// An in-process app on the test database, marked migrated.
+pub fn app(db: &TestDb) -> AppState {
+    let app = App::new(config(&db.url, &[]), db.pool.clone());
+    app.mark_migrated();
+    app
+}
+
+pub struct Tenant {
+    pub org_id: String,
+    pub user_id: String,
+    pub project: Project,
+    /// A user token of the organization's owner.
+    pub user_token: String,
+}
+
+/// An organization with an owner, one project, and a user token for the owner.
+pub async fn tenant(pool: &PgPool, label: &str) -> Tenant {
+    let org = orgs::create_organization(pool, &format!("org {label}"))
+        .await
+        .unwrap();
+    let user = orgs::create_user(pool, &format!("{}@{label}.test", random_name("u")), label)
+        .await
+        .unwrap();
+    orgs::set_membership(pool, &org.id, &user.id, Role::Owner)
+        .await
+        .unwrap();
+    let settings = ProjectSettings {
+        name: Some(format!("project {label}")),
+        ..Default::default()
+    };
+    let project = projects::create(pool, &org.id, settings).await.unwrap();
+    let mut new = NewToken::new(TokenKind::User, "test");
+    new.user_id = Some(user.id.clone());
+    let (_, minted) = tokens::create(pool, new).await.unwrap();
+    Tenant {
+        org_id: org.id,
+        user_id: user.id,
+        project,
+        user_token: minted.secret,
+    }
+}
+
+pub async fn project_token(pool: &PgPool, project: &Project, kind: TokenKind) -> String {
+    let mut new = NewToken::new(kind, "test");
+    new.organization_id = Some(project.organization_id.clone());
+    new.project_id = Some(project.id.clone());
+    tokens::create(pool, new).await.unwrap().1.secret
+}
+
+/// Waits for `condition` to hold, polling, or panics after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn kiln_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub type Shared<T> = Arc<T>;
