@@ -163,7 +163,10 @@ impl Config {
         }
         figment = figment.merge(EnvLayer::from_vars(env));
         let config: Config = figment.extract().map_err(|err| {
-            let messages: Vec<String> = err.into_iter().map(describe_figment_error).collect();
+            let messages: Vec<String> = err
+                .into_iter()
+                .map(|e| describe_figment_error(&figment, e))
+                .collect();
             anyhow::anyhow!("invalid configuration: {}", messages.join("; "))
         })?;
         config.validate()?;
@@ -388,17 +391,42 @@ fn insert_path(dict: &mut Dict, path: &[&str], value: Value) {
     }
 }
 
-fn describe_figment_error(err: figment::Error) -> String {
+fn is_secret_key(key: &str) -> bool {
+    key == "database.url" || key.starts_with("secrets.")
+}
+
+/// "key `a.b` = value (from <where>): problem", never echoing secret values.
+fn describe_figment_error(figment: &Figment, err: figment::Error) -> String {
     let key = if err.path.is_empty() {
         "<root>".to_string()
     } else {
         err.path.join(".")
     };
-    let source = match (&err.metadata, &err.profile) {
-        (Some(meta), _) => format!(" (from {})", meta.name),
-        _ => String::new(),
+    let value = if err.path.is_empty() {
+        String::new()
+    } else if is_secret_key(&key) {
+        " = <redacted>".to_string()
+    } else {
+        figment
+            .find_value(&key)
+            .ok()
+            .and_then(|v| serde_json::to_string(&v).ok())
+            .map(|v| format!(" = {v}"))
+            .unwrap_or_default()
     };
-    format!("key `{key}`{source}: {}", err.kind)
+    let source = match &err.metadata {
+        Some(meta) => {
+            let path: Vec<&str> = err.path.iter().map(String::as_str).collect();
+            let place = match &meta.source {
+                Some(figment::Source::File(file)) => format!(" {}", file.display()),
+                _ if !path.is_empty() => format!(" {}", meta.interpolate(&Profile::Default, &path)),
+                _ => String::new(),
+            };
+            format!(" (from {}{place})", meta.name)
+        }
+        None => String::new(),
+    };
+    format!("key `{key}`{value}{source}: {}", err.kind)
 }
 
 #[cfg(test)]
