@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Runs every test. Installs what the tests need (PostgreSQL's server binaries), starts a
-# throwaway PostgreSQL cluster for them, runs the whole suite, and cleans up.
+# Runs every test. Installs what the tests need (PostgreSQL's server binaries, the pinned
+# depot CLI from npm), starts a throwaway PostgreSQL cluster for them, runs the whole
+# suite, and cleans up.
 #   bash scripts/test.sh            # all tests
 #   bash scripts/test.sh jobs       # extra args go to the test runner (a filter here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/postgres.sh
+source scripts/lib/depot-cli.sh
 
 ensure_postgres_binaries
+ensure_depot_cli
 start_throwaway_postgres
 trap stop_throwaway_postgres EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"

@@ -10,7 +10,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::broadcast;
+
+use crate::api::connect::ConnectRouter;
 use crate::auth::{Authenticator, INVALIDATION_CHANNEL};
+use crate::builds::Builds;
 use crate::config::Config;
 use crate::db;
 use crate::db::notify::Event;
@@ -20,6 +24,10 @@ pub struct App {
     pub config: Config,
     pub db: PgPool,
     pub auth: Arc<Authenticator>,
+    pub builds: Builds,
+    pub connect: ConnectRouter,
+    /// Every LISTEN/NOTIFY notification, for in-process waiters (logins, connections).
+    pub events: broadcast::Sender<Arc<Notification>>,
     pub metrics: PrometheusHandle,
     /// Set once the database was reached and is fully migrated.
     migrated: AtomicBool,
@@ -27,13 +35,33 @@ pub struct App {
 
 pub type AppState = Arc<App>;
 
+/// A Postgres notification, fanned out to in-process waiters.
+#[derive(Debug)]
+pub struct Notification {
+    pub channel: String,
+    pub payload: String,
+}
+
+/// Channels every replica listens on.
+pub const CHANNELS: [&str; 4] = [
+    INVALIDATION_CHANNEL,
+    db::jobs::NOTIFY_CHANNEL,
+    crate::builds::BUILD_CHANNEL,
+    crate::auth::login::LOGIN_CHANNEL,
+];
+
 impl App {
     pub fn new(config: Config, db: PgPool) -> AppState {
         let auth = Arc::new(Authenticator::new(db.clone(), &config.auth));
+        let builds = Builds::new(db.clone(), config.builds.clone());
+        let (events, _) = broadcast::channel(4096);
         Arc::new(App {
             config,
             db,
             auth,
+            builds,
+            connect: crate::api::connect::services::router(),
+            events,
             metrics: crate::telemetry::metrics_handle(),
             migrated: AtomicBool::new(false),
         })
@@ -45,6 +73,19 @@ impl App {
 
     pub fn mark_migrated(&self) {
         self.migrated.store(true, Ordering::Release);
+    }
+
+    /// Applies one notification: cache invalidation, then fan-out to waiters.
+    pub fn on_notification(&self, channel: &str, payload: &str) {
+        match channel {
+            INVALIDATION_CHANNEL => self.auth.apply_invalidation(payload),
+            crate::builds::BUILD_CHANNEL => self.builds.forget(payload),
+            _ => {}
+        }
+        let _ = self.events.send(Arc::new(Notification {
+            channel: channel.to_string(),
+            payload: payload.to_string(),
+        }));
     }
 }
 
@@ -112,28 +153,33 @@ pub async fn serve(
 
     let mut runner = JobRunner::new(pool.clone(), app.config.jobs.clone());
     crate::jobs::register_foundation_jobs(&mut runner, pool.clone());
+    crate::cache::register_jobs(&mut runner);
+    register_build_jobs(&mut runner, &app);
     let wake_jobs = runner.waker();
     {
-        let auth = app.auth.clone();
+        let app = app.clone();
         let cancel = cancel.clone();
         background.spawn(db::notify::listen(
             pool.clone(),
-            vec![INVALIDATION_CHANNEL, db::jobs::NOTIFY_CHANNEL],
+            CHANNELS.to_vec(),
             cancel,
             move |event| match event {
-                Event::Notification { channel, payload } if channel == INVALIDATION_CHANNEL => {
-                    auth.apply_invalidation(&payload)
+                Event::Notification { channel, payload } => {
+                    if channel == db::jobs::NOTIFY_CHANNEL {
+                        wake_jobs.notify_waiters();
+                    }
+                    app.on_notification(&channel, &payload);
                 }
-                Event::Notification { .. } => wake_jobs.notify_waiters(),
-                // Notifications may have been missed: drop cached tokens, look for jobs.
+                // Notifications may have been missed: drop cached state, look for jobs.
                 Event::Connected => {
-                    auth.invalidate(None);
+                    app.auth.invalidate(None);
                     wake_jobs.notify_waiters();
                 }
             },
         ));
     }
     background.spawn(app.auth.clone().run_flusher(cancel.clone()));
+    background.spawn(app.builds.health.clone().run(cancel.clone()));
     {
         let app = app.clone();
         let cancel = cancel.clone();
@@ -184,6 +230,19 @@ pub async fn serve(
     pool.close().await;
     tracing::info!("kiln stopped");
     result
+}
+
+fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {
+    let app = app.clone();
+    runner
+        .register(crate::builds::REAP_JOB, move |_job| {
+            let app = app.clone();
+            async move {
+                app.builds.reap_stale().await?;
+                Ok(())
+            }
+        })
+        .every(crate::builds::REAP_JOB, Duration::from_secs(30));
 }
 
 /// Resolves on SIGTERM or SIGINT.

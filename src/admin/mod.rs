@@ -72,6 +72,12 @@ pub enum UserCommand {
     },
     /// List users
     List,
+    /// Set a user's password for the sign-in pages; reads it from standard input
+    SetPassword {
+        /// User id or email
+        #[arg(long)]
+        user: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +277,19 @@ async fn user(pool: &PgPool, out: &Output, cmd: UserCommand) -> anyhow::Result<(
             out.rows(&[user]);
         }
         UserCommand::List => out.rows(&orgs::list_users(pool).await?),
+        UserCommand::SetPassword { user } => {
+            let user = resolve_user(pool, &user).await?;
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            crate::auth::login::set_password(pool, &user.id, password).await?;
+            audit::record(
+                pool,
+                AuditEvent::new("user.set_password", actor()).target("user", &user.id),
+            )
+            .await?;
+            eprintln!("password set for {}", user.email);
+        }
     }
     Ok(())
 }

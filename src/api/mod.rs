@@ -1,5 +1,7 @@
 //! Transport only: routing, middleware, and the mapping of requests onto the domain.
 
+pub mod connect;
+pub mod dashboard;
 pub mod extract;
 pub mod health;
 pub mod rest;
@@ -32,6 +34,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::routes())
         .nest("/api/v1", rest::routes())
+        .merge(dashboard::routes())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))
@@ -61,8 +64,15 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn fallback() -> Error {
-    Error::NotFound("no such route; see the API reference in the README".into())
+/// Connect calls are routed by their last two path segments, so any prefix in
+/// DEPOT_API_URL works; everything else unknown is a JSON 404.
+async fn fallback(State(state): State<AppState>, req: Request) -> Response {
+    if req.method() == http::Method::POST
+        && connect::ConnectRouter::route_key(req.uri().path()).is_some()
+    {
+        return state.connect.serve(state.clone(), req).await;
+    }
+    Error::NotFound("no such route; see the API reference in the README".into()).into_response()
 }
 
 /// Rejects a declared Content-Length over the limit before reading the body, with the

@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod guard;
+pub mod login;
 pub mod principal;
 pub mod token;
 

@@ -23,6 +23,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub secrets: SecretsConfig,
     pub jobs: JobsConfig,
+    pub builds: BuildsConfig,
+    pub registry: RegistryConfig,
+    pub login: LoginConfig,
     pub log: LogConfig,
     pub dev: DevConfig,
 }
@@ -117,6 +120,52 @@ pub struct JobsConfig {
     pub backoff_base_seconds: u64,
     pub backoff_max_seconds: u64,
     pub max_attempts: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildsConfig {
+    pub health_timeout_seconds: u64,
+    pub connection_wait_seconds: u64,
+    pub pending_wait_ms: u32,
+    pub health_flush_millis: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub host: String,
+    pub pull_token_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    pub request_ttl_seconds: u64,
+}
+
+impl Config {
+    /// The registry host pull tokens are for.
+    pub fn registry_host(&self) -> String {
+        if !self.registry.host.is_empty() {
+            return self.registry.host.clone();
+        }
+        let url = &self.server.public_url;
+        match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_string(),
+            _ => "localhost".to_string(),
+        }
+    }
+
+    /// A URL under `server.public_url`.
+    pub fn public_link(&self, path: &str) -> String {
+        format!(
+            "{}/{}",
+            self.server.public_url.as_str().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -311,6 +360,43 @@ impl Config {
             "jobs.max_attempts",
             j.max_attempts.to_string(),
             "must be at least 1",
+        );
+        let b = &self.builds;
+        check(
+            b.health_timeout_seconds >= 30,
+            "builds.health_timeout_seconds",
+            b.health_timeout_seconds.to_string(),
+            "must be at least 30 (the CLI reports every 5 s)",
+        );
+        check(
+            b.connection_wait_seconds <= 120,
+            "builds.connection_wait_seconds",
+            b.connection_wait_seconds.to_string(),
+            "must be at most 120",
+        );
+        check(
+            (1..=60_000).contains(&b.pending_wait_ms),
+            "builds.pending_wait_ms",
+            b.pending_wait_ms.to_string(),
+            "must be between 1 and 60000 (0 would make the CLI spin)",
+        );
+        check(
+            (10..=10_000).contains(&b.health_flush_millis),
+            "builds.health_flush_millis",
+            b.health_flush_millis.to_string(),
+            "must be between 10 and 10000",
+        );
+        check(
+            (60..=86_400).contains(&self.registry.pull_token_ttl_seconds),
+            "registry.pull_token_ttl_seconds",
+            self.registry.pull_token_ttl_seconds.to_string(),
+            "must be between 60 and 86400",
+        );
+        check(
+            (30..=3600).contains(&self.login.request_ttl_seconds),
+            "login.request_ttl_seconds",
+            self.login.request_ttl_seconds.to_string(),
+            "must be between 30 and 3600",
         );
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             check(

@@ -1,6 +1,7 @@
 //! PostgreSQL access: the pool, migrations, ids, and one module of queries per aggregate.
 
 pub mod audit;
+pub mod builds;
 pub mod ids;
 pub mod jobs;
 pub mod notify;

@@ -42,6 +42,9 @@ const DB_NAME: &str = "kiln";
 struct DevSecrets {
     postgres_password: String,
     key_encryption_key: String,
+    /// Sign-in password of the dev user (approval page of `depot login`).
+    #[serde(default)]
+    dev_user_password: String,
 }
 
 fn load_or_create_secrets(path: &Path) -> anyhow::Result<DevSecrets> {
@@ -56,6 +59,7 @@ fn load_or_create_secrets(path: &Path) -> anyhow::Result<DevSecrets> {
     let secrets = DevSecrets {
         postgres_password: db::ids::random_alphanumeric(32),
         key_encryption_key: base64::engine::general_purpose::STANDARD.encode(kek),
+        dev_user_password: db::ids::random_alphanumeric(16),
     };
     std::fs::write(path, toml::to_string(&secrets)?)
         .with_context(|| format!("writing {path:?}"))?;
@@ -134,7 +138,7 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     let result = async {
         let pool = db::lazy_pool(&config.database)?;
         db::migrate(&pool).await?;
-        let seed = seed(&pool).await?;
+        let seed = seed(&pool, &secrets.dev_user_password).await?;
         pool.close().await;
         let scheme = if config.server.tls.enabled() {
             "https"
@@ -152,6 +156,11 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
         println!(
             "DEPOT_API_URL={api_url} DEPOT_TOKEN={} DEPOT_PROJECT_ID={} depot projects list",
             seed.token, seed.project_id
+        );
+        println!();
+        println!(
+            "Sign-in for the `depot login` approval page: {DEV_EMAIL} / {}",
+            secrets.dev_user_password
         );
         println!();
         crate::app::serve(config, crate::app::shutdown_signal()).await
@@ -196,7 +205,7 @@ struct Seed {
 
 /// The dev organization, user, project and a fresh 30-day user token. Idempotent
 /// except for the token, which is new on every start (only hashes are stored).
-async fn seed(pool: &PgPool) -> anyhow::Result<Seed> {
+async fn seed(pool: &PgPool, password: &str) -> anyhow::Result<Seed> {
     let org = match orgs::find_organization_by_name(pool, DEV_ORG).await? {
         Some(org) => org,
         None => orgs::create_organization(pool, DEV_ORG).await?,
@@ -206,6 +215,9 @@ async fn seed(pool: &PgPool) -> anyhow::Result<Seed> {
         None => orgs::create_user(pool, DEV_EMAIL, "Kiln Dev").await?,
     };
     orgs::set_membership(pool, &org.id, &user.id, Role::Owner).await?;
+    if !password.is_empty() {
+        crate::auth::login::set_password(pool, &user.id, password).await?;
+    }
     let project = match projects::find_by_name(pool, &org.id, DEV_PROJECT).await? {
         Some(p) => p,
         None => {

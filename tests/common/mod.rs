@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,3 +234,95 @@ pub fn free_port() -> u16 {
 }
 
 pub type Shared<T> = Arc<T>;
+
+/// A `kiln` process with its stderr captured to a file.
+pub struct Kiln {
+    pub child: Child,
+    pub port: u16,
+    pub log: tempfile::NamedTempFile,
+}
+
+impl Kiln {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)], port: u16) -> Kiln {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = Command::new(kiln_bin());
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .env("KILN_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Kiln {
+            child: cmd.spawn().unwrap(),
+            port,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub async fn status(&self, path: &str) -> Option<u16> {
+        reqwest::get(self.url(path))
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.status("/readyz").await == Some(200) {
+                return;
+            }
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                panic!(
+                    "kiln exited with {exit} before becoming ready:\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kiln not ready after 60s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kiln did not exit:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

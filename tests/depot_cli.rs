@@ -1,0 +1,468 @@
+//! End to end with the unmodified depot CLI (npm @depot/cli-linux-x64 0.0.1-cli.2.102.12,
+//! installed by scripts/test.sh), over h2c (`http://`) and TLS (`https://`).
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Kiln, Tenant, TestDb, free_port, tenant};
+use kiln::auth::TokenKind;
+use prost::Message;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn depot_bin() -> PathBuf {
+    PathBuf::from(std::env::var("TEST_DEPOT_CLI").expect(
+        "TEST_DEPOT_CLI is not set: run the tests through `bash scripts/test.sh`, which installs the depot CLI",
+    ))
+}
+
+struct Setup {
+    db: TestDb,
+    kiln: Kiln,
+    tenant: Tenant,
+    api_url: String,
+    ca_file: Option<PathBuf>,
+    home: tempfile::TempDir,
+    _certs: Option<tempfile::TempDir>,
+}
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// A CA and a server certificate for localhost/127.0.0.1, written as PEM files.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kiln test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let server = server_params.signed_by(&server_key, &issuer).unwrap();
+    let (ca_path, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert_path, server.pem()).unwrap();
+    std::fs::write(&key_path, server_key.serialize_pem()).unwrap();
+    (ca_path, cert_path, key_path)
+}
+
+async fn setup(tls: bool) -> Setup {
+    let db = TestDb::new().await;
+    let tenant = tenant(&db.pool, "cli").await;
+    kiln::auth::login::set_password(&db.pool, &tenant.user_id, "correct horse battery")
+        .await
+        .unwrap();
+    let port = free_port();
+    let mut env = vec![("KILN_DATABASE__URL".to_string(), db.url.clone())];
+    let (api_url, ca_file, certs) = if tls {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = tls_files(dir.path());
+        env.push((
+            "KILN_SERVER__TLS__CERT_PATH".into(),
+            cert.display().to_string(),
+        ));
+        env.push((
+            "KILN_SERVER__TLS__KEY_PATH".into(),
+            key.display().to_string(),
+        ));
+        (format!("https://localhost:{port}"), Some(ca), Some(dir))
+    } else {
+        (format!("http://127.0.0.1:{port}"), None, None)
+    };
+    env.push(("KILN_SERVER__PUBLIC_URL".into(), api_url.clone()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut kiln = Kiln::spawn(&["serve"], &env_refs, port);
+    if tls {
+        // /readyz over TLS: wait for the log line instead of polling with plain HTTP.
+        common::wait_for("kiln to listen", Duration::from_secs(60), || async {
+            kiln.logs().contains("database migrated; ready")
+        })
+        .await;
+    } else {
+        kiln.wait_ready().await;
+    }
+    Setup {
+        db,
+        kiln,
+        tenant,
+        api_url,
+        ca_file,
+        home: tempfile::tempdir().unwrap(),
+        _certs: certs,
+    }
+}
+
+impl Setup {
+    fn command(&self, args: &[&str], token: Option<&str>) -> Command {
+        let mut cmd = Command::new(depot_bin());
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", self.home.path())
+            .env("DEPOT_API_URL", &self.api_url)
+            .env("DEPOT_NO_UPDATE_NOTIFIER", "1")
+            .env("DEPOT_ERROR_TELEMETRY", "0")
+            .env("DEPOT_DISABLE_OTEL", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(token) = token {
+            cmd.env("DEPOT_TOKEN", token);
+        }
+        if let Some(ca) = &self.ca_file {
+            cmd.env("SSL_CERT_FILE", ca);
+        }
+        cmd
+    }
+
+    async fn depot(&self, args: &[&str], token: Option<&str>) -> Output {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args, token).output())
+            .await
+            .unwrap_or_else(|_| panic!("depot {args:?} did not finish in 60 s"))
+            .unwrap();
+        Output {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+
+    /// A Connect call made directly, for setup the CLI can't do by itself.
+    async fn connect<Req: Message, Resp: Message + Default>(
+        &self,
+        method: &str,
+        token: &str,
+        req: &Req,
+    ) -> Resp {
+        let mut client = reqwest::Client::builder();
+        if let Some(ca) = &self.ca_file {
+            client = client.add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+            );
+        }
+        let res = client
+            .build()
+            .unwrap()
+            .post(format!("{}/{method}", self.api_url))
+            .bearer_auth(token)
+            .header("content-type", "application/proto")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{method}: {}", res.text().await.unwrap());
+        Resp::decode(res.bytes().await.unwrap()).unwrap()
+    }
+}
+
+async fn exercise_project_commands(s: &Setup) {
+    let token = &s.tenant.user_token;
+    let project = &s.tenant.project;
+
+    let out = s.depot(&["projects", "list"], Some(token)).await;
+    assert!(out.ok, "{}", out.all());
+    assert!(
+        out.stdout.contains(&project.id) && out.stdout.contains(&project.name),
+        "{}",
+        out.all()
+    );
+
+    let out = s
+        .depot(
+            &[
+                "projects",
+                "create",
+                "--organization",
+                &s.tenant.org_id,
+                "--cache-storage-policy",
+                "80",
+                "e2e-new",
+            ],
+            Some(token),
+        )
+        .await;
+    assert!(out.ok, "{}", out.all());
+    let created: serde_json::Value =
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|_| panic!("{}", out.all()));
+    assert_eq!(created["name"], "e2e-new");
+    assert_eq!(created["cache_policy"]["keep_bytes"], 80i64 << 30);
+    let stored = kiln::db::projects::find_by_name(&s.db.pool, &s.tenant.org_id, "e2e-new")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.cache_size_gb_amd64, stored.cache_size_gb_arm64),
+        (80, 80)
+    );
+
+    let out = s
+        .depot(&["cache", "reset", "--project", &project.id], Some(token))
+        .await;
+    assert!(out.ok, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains(&format!("Cache reset for {}", project.name)),
+        "{}",
+        out.all()
+    );
+    let generation: i32 = sqlx::query_scalar("SELECT cache_generation FROM projects WHERE id = $1")
+        .bind(&project.id)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(generation, 1);
+
+    // A build made through the API, finished, then listed by the CLI.
+    use kiln::proto::depot::cli::v1 as pb;
+    let created: pb::CreateBuildResponse = s
+        .connect(
+            "depot.cli.v1.BuildService/CreateBuild",
+            token,
+            &pb::CreateBuildRequest {
+                project_id: Some(project.id.clone()),
+                options: vec![],
+                required_engine: None,
+            },
+        )
+        .await;
+    let _: pb::FinishBuildResponse = s
+        .connect(
+            "depot.cli.v1.BuildService/FinishBuild",
+            &created.build_token,
+            &pb::FinishBuildRequest {
+                build_id: created.build_id.clone(),
+                result: Some(pb::finish_build_request::Result::Success(
+                    pb::finish_build_request::BuildSuccess {},
+                )),
+            },
+        )
+        .await;
+    let out = s
+        .depot(&["list", "builds", "--project", &project.id], Some(token))
+        .await;
+    assert!(out.ok, "{}", out.all());
+    assert!(
+        out.stdout.contains(&created.build_id) && out.stdout.contains("finished"),
+        "{}",
+        out.all()
+    );
+
+    let out = s
+        .depot(&["pull-token", "--project", &project.id], Some(token))
+        .await;
+    assert!(out.ok, "{}", out.all());
+    let pull = out.stdout.trim().to_string();
+    assert!(pull.starts_with("kiln_pl_"), "{}", out.all());
+    let principal = reqwest_me(s, &pull).await;
+    assert_eq!(principal["kind"], "pull");
+    assert_eq!(principal["project_id"], project.id);
+
+    let out = s
+        .depot(&["projects", "list"], Some("kiln_u_not_a_real_token"))
+        .await;
+    assert!(!out.ok);
+    assert!(
+        out.all().contains("unauthenticated") && out.all().contains("unknown token"),
+        "{}",
+        out.all()
+    );
+
+    // A project token of another organization sees nothing of this one.
+    let other = tenant(&s.db.pool, "other").await;
+    let foreign = common::project_token(&s.db.pool, &other.project, TokenKind::Project).await;
+    let out = s
+        .depot(
+            &["cache", "reset", "--project", &project.id],
+            Some(&foreign),
+        )
+        .await;
+    assert!(!out.ok);
+    assert!(out.all().contains("not_found"), "{}", out.all());
+}
+
+async fn reqwest_me(s: &Setup, token: &str) -> serde_json::Value {
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = &s.ca_file {
+        client = client.add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+        );
+    }
+    client
+        .build()
+        .unwrap()
+        .get(format!("{}/api/v1/me", s.api_url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn exercise_build_onboarding(s: &Setup) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+    let context = dir.path().to_str().unwrap();
+    let out = s
+        .depot(
+            &[
+                "build",
+                "--project",
+                "doesnotexist",
+                "--progress",
+                "plain",
+                context,
+            ],
+            Some(&s.tenant.user_token),
+        )
+        .await;
+    assert!(!out.ok);
+    // not_found sends the CLI to ListProjects and its onboarding message.
+    assert!(
+        out.all().contains("missing project ID") || out.all().contains("Available Projects"),
+        "{}",
+        out.all()
+    );
+
+    let out = s
+        .depot(
+            &[
+                "build",
+                "--project",
+                &s.tenant.project.id,
+                "--progress",
+                "plain",
+                context,
+            ],
+            Some("kiln_u_bad"),
+        )
+        .await;
+    assert!(!out.ok);
+    assert!(out.all().contains("unauthenticated"), "{}", out.all());
+}
+
+async fn exercise_login(s: &Setup) {
+    let mut child = s
+        .command(&["login"], None)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let approve_url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.split_whitespace().find(|w| w.contains("/login/")) {
+                return url.to_string();
+            }
+        }
+        panic!("depot login printed no approval URL");
+    })
+    .await
+    .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = &s.ca_file {
+        client = client.add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+        );
+    }
+    let client = client.build().unwrap();
+    let page = client.get(&approve_url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("Approve"));
+
+    let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(&s.tenant.user_id)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let wrong = client
+        .post(&approve_url)
+        .form(&[
+            ("email", email.as_str()),
+            ("password", "nope nope"),
+            ("decision", "approve"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let approved = client
+        .post(&approve_url)
+        .form(&[
+            ("email", email.as_str()),
+            ("password", "correct horse battery"),
+            ("decision", "approve"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("depot login finished")
+        .unwrap();
+    assert!(status.success());
+    let config = std::fs::read_to_string(s.home.path().join(".config/depot/depot.yaml")).unwrap();
+    assert!(config.contains("api_token: kiln_u_"), "{config}");
+    assert!(config.contains(&s.tenant.org_id), "{config}");
+
+    // The stored token works for the org commands, which only use the config token.
+    let out = s.depot(&["org", "list"], None).await;
+    assert!(
+        out.ok && out.stdout.contains(&s.tenant.org_id),
+        "{}",
+        out.all()
+    );
+}
+
+#[tokio::test]
+async fn depot_cli_over_h2c() {
+    let s = setup(false).await;
+    exercise_project_commands(&s).await;
+    exercise_build_onboarding(&s).await;
+    exercise_login(&s).await;
+    drop(s.kiln);
+}
+
+#[tokio::test]
+async fn depot_cli_over_tls() {
+    let s = setup(true).await;
+    exercise_project_commands(&s).await;
+    exercise_build_onboarding(&s).await;
+    exercise_login(&s).await;
+    drop(s.kiln);
+}
+
+#[tokio::test]
+async fn depot_cli_with_a_path_prefix() {
+    let mut s = setup(false).await;
+    s.api_url = format!("{}/some/prefix", s.api_url);
+    let out = s
+        .depot(&["projects", "list"], Some(&s.tenant.user_token))
+        .await;
+    assert!(out.ok, "{}", out.all());
+    assert!(out.stdout.contains(&s.tenant.project.id));
+}
