@@ -39,7 +39,6 @@ CREATE TABLE build_platforms (
     assigned_at     timestamptz,
     ready_at        timestamptz,
     released_at     timestamptz,
-    last_health_at  timestamptz,
     PRIMARY KEY (build_id, platform)
 );
 CREATE INDEX build_platforms_pending_idx ON build_platforms (requested_at) WHERE state = 'pending';

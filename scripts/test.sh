@@ -19,7 +19,7 @@ echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"
 export TEST_PG_ADMIN_URL="$PG_URL"
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-targets --no-fail-fast "$@"
+  cargo nextest run --lib --bins --tests --no-fail-fast "$@"
 else
-  cargo test --all-targets --no-fail-fast "$@"
+  cargo test --lib --bins --tests --no-fail-fast "$@"
 fi

@@ -19,12 +19,14 @@ use crate::config::Config;
 use crate::db;
 use crate::db::notify::Event;
 use crate::jobs::JobRunner;
+use crate::scheduler::Scheduler;
 
 pub struct App {
     pub config: Config,
     pub db: PgPool,
     pub auth: Arc<Authenticator>,
     pub builds: Builds,
+    pub scheduler: Arc<Scheduler>,
     pub connect: ConnectRouter,
     /// Every LISTEN/NOTIFY notification, for in-process waiters (logins, connections).
     pub events: broadcast::Sender<Arc<Notification>>,
@@ -54,12 +56,18 @@ impl App {
     pub fn new(config: Config, db: PgPool) -> AppState {
         let auth = Arc::new(Authenticator::new(db.clone(), &config.auth));
         let builds = Builds::new(db.clone(), config.builds.clone());
+        let scheduler = Arc::new(Scheduler::new(
+            db.clone(),
+            config.builders.clone(),
+            config.secrets.key_encryption_key(),
+        ));
         let (events, _) = broadcast::channel(4096);
         Arc::new(App {
             config,
             db,
             auth,
             builds,
+            scheduler,
             connect: crate::api::connect::services::router(),
             events,
             metrics: crate::telemetry::metrics_handle(),
@@ -80,6 +88,7 @@ impl App {
         match channel {
             INVALIDATION_CHANNEL => self.auth.apply_invalidation(payload),
             crate::builds::BUILD_CHANNEL => self.builds.forget(payload),
+            crate::scheduler::SCHEDULER_CHANNEL => self.scheduler.waker().notify_waiters(),
             _ => {}
         }
         let _ = self.events.send(Arc::new(Notification {
@@ -184,6 +193,19 @@ pub async fn serve(
         let app = app.clone();
         let cancel = cancel.clone();
         background.spawn(async move {
+            while !app.is_migrated() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            app.scheduler.clone().run(cancel).await
+        });
+    }
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        background.spawn(async move {
             // Workers start once the schema exists, so they don't spin on missing tables.
             while !app.is_migrated() {
                 tokio::select! {
@@ -233,6 +255,11 @@ pub async fn serve(
 }
 
 fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {
+    let scheduler = app.scheduler.clone();
+    runner.register(crate::scheduler::LAUNCH_JOB, move |job| {
+        let scheduler = scheduler.clone();
+        async move { scheduler.launch(&job).await }
+    });
     let app = app.clone();
     runner
         .register(crate::builds::REAP_JOB, move |_job| {

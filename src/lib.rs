@@ -13,5 +13,7 @@ pub mod db;
 pub mod dev;
 pub mod error;
 pub mod jobs;
+pub mod pki;
 pub mod proto;
+pub mod scheduler;
 pub mod telemetry;

@@ -17,12 +17,28 @@ pub mod depot {
     }
 }
 
+/// BuildKit's API: status types (uploaded by the CLI), and the Control and LLBBridge
+/// gRPC services with their server and client code (tonic).
 pub mod moby {
     pub mod buildkit {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/moby.buildkit.v1.rs"));
+            pub mod apicaps {
+                include!(concat!(env!("OUT_DIR"), "/moby.buildkit.v1.apicaps.rs"));
+            }
+            pub mod frontend {
+                include!(concat!(env!("OUT_DIR"), "/moby.buildkit.v1.frontend.rs"));
+            }
+            pub mod types {
+                include!(concat!(env!("OUT_DIR"), "/moby.buildkit.v1.types.rs"));
+            }
         }
     }
+}
+
+/// BuildKit's LLB types (proto package `pb`), as far as the control API embeds them.
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/pb.rs"));
 }
 
 /// The compiled descriptor set of every proto file, for JSON transcoding.

@@ -73,7 +73,13 @@ async fn setup(tls: bool) -> Setup {
         .await
         .unwrap();
     let port = free_port();
-    let mut env = vec![("KILN_DATABASE__URL".to_string(), db.url.clone())];
+    let mut env = vec![
+        ("KILN_DATABASE__URL".to_string(), db.url.clone()),
+        (
+            "KILN_SECRETS__KEY_ENCRYPTION_KEY".to_string(),
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_string(),
+        ),
+    ];
     let (api_url, ca_file, certs) = if tls {
         let dir = tempfile::tempdir().unwrap();
         let (ca, cert, key) = tls_files(dir.path());
@@ -361,6 +367,94 @@ async fn exercise_build_onboarding(s: &Setup) {
     assert!(out.all().contains("unauthenticated"), "{}", out.all());
 }
 
+async fn exercise_builds(s: &Setup) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY hello.txt /\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("hello.txt"), "hi\n").unwrap();
+    let context = dir.path().to_str().unwrap();
+    let project = &s.tenant.project.id;
+    for platforms in ["linux/amd64", "linux/amd64,linux/arm64"] {
+        let out = s
+            .depot(
+                &[
+                    "build",
+                    "--project",
+                    project,
+                    "--platform",
+                    platforms,
+                    "--progress",
+                    "plain",
+                    context,
+                ],
+                Some(&s.tenant.user_token),
+            )
+            .await;
+        assert!(
+            out.ok,
+            "depot build --platform {platforms} failed:\n{}\nkiln log:\n{}",
+            out.all(),
+            s.kiln.logs()
+        );
+        let build_id: String = sqlx::query_scalar(
+            "SELECT id FROM builds WHERE project_id = $1 ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(project)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+        assert!(
+            out.all().contains(&build_id),
+            "the CLI printed another build: {}",
+            out.all()
+        );
+        let state: String = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
+            .bind(&build_id)
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(state, "success", "FinishBuild recorded success");
+        let platforms_used: Vec<String> =
+            sqlx::query_scalar("SELECT platform || ':' || state FROM build_platforms WHERE build_id = $1 ORDER BY platform")
+                .bind(&build_id)
+                .fetch_all(&s.db.pool)
+                .await
+                .unwrap();
+        let expected: Vec<String> = platforms
+            .split(',')
+            .map(|p| format!("{}:released", p.trim_start_matches("linux/")))
+            .collect();
+        assert_eq!(platforms_used, expected);
+        let steps = kiln::db::builds::steps(&s.db.pool, &build_id)
+            .await
+            .unwrap();
+        assert!(
+            steps
+                .iter()
+                .any(|st| st.name.contains("launching amd64 machine")),
+            "steps: {steps:?}"
+        );
+    }
+    // One builder per architecture, reused across builds, idle again afterwards.
+    let machines: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT platform, state, active_builds FROM machines WHERE project_id = $1 ORDER BY platform",
+    )
+    .bind(project)
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        machines,
+        vec![
+            ("amd64".into(), "ready".into(), 0),
+            ("arm64".into(), "ready".into(), 0)
+        ]
+    );
+}
+
 async fn exercise_login(s: &Setup) {
     let mut child = s
         .command(&["login"], None)
@@ -443,6 +537,7 @@ async fn depot_cli_over_h2c() {
     let s = setup(false).await;
     exercise_project_commands(&s).await;
     exercise_build_onboarding(&s).await;
+    exercise_builds(&s).await;
     exercise_login(&s).await;
     drop(s.kiln);
 }
@@ -452,6 +547,7 @@ async fn depot_cli_over_tls() {
     let s = setup(true).await;
     exercise_project_commands(&s).await;
     exercise_build_onboarding(&s).await;
+    exercise_builds(&s).await;
     exercise_login(&s).await;
     drop(s.kiln);
 }

@@ -60,9 +60,12 @@ const REF_TTL: Duration = Duration::from_secs(60);
 
 impl Builds {
     pub fn new(pool: PgPool, config: BuildsConfig) -> Self {
+        // Recording liveness ten times per health timeout is plenty for the reaper.
+        let write_every = Duration::from_secs((config.health_timeout_seconds / 10).max(1));
         let health = Arc::new(health::HealthTracker::new(
             pool.clone(),
             Duration::from_millis(config.health_flush_millis),
+            write_every,
         ));
         Builds {
             pool,

@@ -24,6 +24,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub jobs: JobsConfig,
     pub builds: BuildsConfig,
+    pub builders: BuildersConfig,
     pub registry: RegistryConfig,
     pub login: LoginConfig,
     pub log: LogConfig,
@@ -129,6 +130,28 @@ pub struct BuildsConfig {
     pub connection_wait_seconds: u64,
     pub pending_wait_ms: u32,
     pub health_flush_millis: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildersConfig {
+    pub provider: ProviderKind,
+    pub server_cert_hours: u64,
+    pub boot_timeout_seconds: u64,
+    pub local: LocalBuildersConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalBuildersConfig {
+    pub command: Vec<String>,
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -121,12 +121,11 @@ pub struct BuildPlatform {
     pub assigned_at: Option<DateTime<Utc>>,
     pub ready_at: Option<DateTime<Utc>>,
     pub released_at: Option<DateTime<Utc>>,
-    pub last_health_at: Option<DateTime<Utc>>,
 }
 
 pub async fn platforms(pool: &PgPool, build_id: &str) -> Result<Vec<BuildPlatform>> {
     Ok(sqlx::query_as(
-        "SELECT build_id, platform, state, builder_id, requested_at, assigned_at, ready_at, released_at, last_health_at
+        "SELECT build_id, platform, state, builder_id, requested_at, assigned_at, ready_at, released_at
          FROM build_platforms WHERE build_id = $1 ORDER BY platform",
     )
     .bind(build_id)
@@ -176,9 +175,19 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
     .rows_affected()
         > 0;
     if finished {
+        // Release the platforms and give their builders back: a builder with no builds
+        // left goes from assigned to ready (idle).
         sqlx::query(
-            "UPDATE build_platforms SET state = 'released', released_at = now()
-             WHERE build_id = $1 AND state IN ('pending', 'assigned', 'ready')",
+            "WITH released AS (
+                 UPDATE build_platforms SET state = 'released', released_at = now()
+                 WHERE build_id = $1 AND state IN ('pending', 'assigned', 'ready')
+                 RETURNING builder_id),
+             counts AS (SELECT builder_id, count(*)::int AS n FROM released WHERE builder_id IS NOT NULL GROUP BY builder_id)
+             UPDATE machines m SET
+                 active_builds = GREATEST(m.active_builds - counts.n, 0),
+                 last_released_at = now(),
+                 state = CASE WHEN m.state = 'assigned' AND m.active_builds - counts.n <= 0 THEN 'ready' ELSE m.state END
+             FROM counts WHERE m.id = counts.builder_id",
         )
         .bind(id)
         .execute(&mut *tx)
@@ -200,19 +209,12 @@ pub async fn request_cancel(pool: &PgPool, id: &str) -> Result<bool> {
         > 0)
 }
 
-/// Records coalesced health reports: one statement for many (build, platform) pairs.
-pub async fn record_health(pool: &PgPool, builds: &[String], platforms: &[String]) -> Result<()> {
-    sqlx::query(
-        "WITH seen AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS s(build_id, platform)),
-              p AS (UPDATE build_platforms bp SET last_health_at = now()
-                    FROM seen WHERE bp.build_id = seen.build_id AND bp.platform = seen.platform)
-         UPDATE builds SET last_health_at = now()
-         WHERE id IN (SELECT DISTINCT build_id FROM seen) AND state IN ('queued', 'running')",
-    )
-    .bind(builds)
-    .bind(platforms)
-    .execute(pool)
-    .await?;
+/// Records coalesced health reports: one statement for many builds.
+pub async fn record_health(pool: &PgPool, builds: &[String]) -> Result<()> {
+    sqlx::query("UPDATE builds SET last_health_at = now() WHERE id = ANY($1) AND state IN ('queued', 'running')")
+        .bind(builds)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -602,9 +602,65 @@ fn async_stream(
     .boxed()
 }
 
+/// Runs untrusted bytes through every decoding step of the Connect layer; used by the
+/// fuzz target (fuzz/) and a unit test. Must never panic.
+pub fn fuzz_decode(data: &[u8]) {
+    use crate::proto::depot::cli::v1 as pb;
+    let limit = 1 << 16;
+    let mut reader = codec::EnvelopeReader::new(limit);
+    let (head, tail) = data.split_at(data.len() / 2);
+    reader.push(head);
+    reader.push(tail);
+    while let Ok(Some(envelope)) = reader.next_envelope() {
+        let _ = open_envelope(envelope.clone(), Compression::Gzip, limit);
+        let _ = pb::ReportStatusStreamRequest::decode(envelope.data.clone());
+    }
+    let _ = codec::gunzip(data, limit);
+    let _ = pb::CreateBuildRequest::decode(data);
+    let _ = pb::GetBuildKitConnectionRequest::decode(data);
+    let _ = pb::FinishBuildRequest::decode(data);
+    let text = String::from_utf8_lossy(data);
+    let _ = codec::parse_content_type(Some(&text), Framing::Unary);
+    let _ = codec::parse_encoding(Some(&text));
+    let _ = ConnectRouter::route_key(&text);
+    if let Ok(value) = http::HeaderValue::from_bytes(data) {
+        let mut headers = HeaderMap::new();
+        headers.insert("connect-timeout-ms", value);
+        let _ = codec::parse_timeout(&headers);
+    }
+    static POOL: std::sync::OnceLock<DescriptorPool> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        DescriptorPool::decode(crate::proto::DESCRIPTORS).expect("valid descriptors")
+    });
+    if let Some(desc) = pool.get_message_by_name("depot.cli.v1.CreateBuildRequest") {
+        if let Ok(bytes) = to_binary(Codec::Json, &desc, Bytes::copy_from_slice(data)) {
+            let _ = from_binary(Codec::Json, &desc, bytes.to_vec());
+        }
+        let _ = from_binary(Codec::Json, &desc, data.to_vec());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoding_garbage_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..400 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            fuzz_decode(&bytes);
+        }
+        fuzz_decode(br#"{"projectId": "x", "options": [{"command": "COMMAND_BUILD"}]}"#);
+        fuzz_decode(&codec::encode_envelope(1, b"\x1f\x8b garbage"));
+    }
 
     #[test]
     fn route_keys_ignore_any_prefix() {

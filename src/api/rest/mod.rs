@@ -35,6 +35,9 @@ pub fn routes() -> Router<AppState> {
             get(list_project_tokens).post(create_project_token),
         )
         .route("/tokens/{id}", delete(revoke_token))
+        .route("/projects/{id}/builds", get(list_project_builds))
+        .route("/builds/{id}", get(get_build))
+        .route("/builds/{id}/cancel", axum::routing::post(cancel_build))
 }
 
 type Json = axum::Json<Value>;
@@ -276,4 +279,60 @@ async fn revoke_token(
         audit::record(&app.db, event).await?;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct BuildListQuery {
+    limit: Option<i64>,
+}
+
+async fn list_project_builds(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<BuildListQuery>,
+) -> Result<Json> {
+    let project = guard::project(&app.db, &principal, &id, Action::ViewBuild).await?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let builds = crate::db::builds::list(&app.db, &project.id, None, limit).await?;
+    Ok(axum::Json(json!({ "builds": builds })))
+}
+
+/// A build with its platforms and steps: the build insights.
+async fn get_build(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json> {
+    let build = app.builds.get(&principal, &id).await?;
+    let platforms = crate::db::builds::platforms(&app.db, &id).await?;
+    let steps = crate::db::builds::steps(&app.db, &id).await?;
+    Ok(axum::Json(
+        json!({ "build": build, "platforms": platforms, "steps": steps }),
+    ))
+}
+
+/// Cancels a running build: the CLI stops it at its next health report (within ~5 s).
+async fn cancel_build(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json> {
+    let canceled = app.builds.cancel(&principal, &id).await?;
+    if canceled {
+        let build = app
+            .builds
+            .lookup(&id)
+            .await?
+            .ok_or_else(|| Error::not_found("build", &id))?;
+        let (kind, actor) = principal.actor();
+        audit::record(
+            &app.db,
+            AuditEvent::new("build.cancel", (kind, Some(actor)))
+                .org(&build.organization_id)
+                .target("build", &id),
+        )
+        .await?;
+    }
+    Ok(axum::Json(json!({ "canceled": canceled })))
 }

@@ -1,0 +1,168 @@
+//! The `local` provider: each builder is a process on 127.0.0.1 serving BuildKit's API
+//! over mTLS (a real buildkitd, or the test stand-in). For `kiln dev` and the tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use futures_util::future::BoxFuture;
+use tokio::process::{Child, Command};
+
+use super::provider::{ComputeProvider, LaunchSpec, Launched};
+use crate::config::LocalBuildersConfig;
+use crate::error::{Error, Result};
+
+pub struct LocalProvider {
+    command: Vec<String>,
+    state_dir: PathBuf,
+    children: Mutex<HashMap<String, (Child, Launched)>>,
+}
+
+impl LocalProvider {
+    pub fn new(config: &LocalBuildersConfig) -> Self {
+        let command = if config.command.is_empty() {
+            // The stand-in is built next to kiln; fall back to PATH.
+            let standin = std::env::current_exe()
+                .map(|exe| exe.with_file_name("buildkitd-standin"))
+                .ok()
+                .filter(|p| p.is_file())
+                .unwrap_or_else(|| PathBuf::from("buildkitd-standin"));
+            vec![
+                standin.display().to_string(),
+                "--listen".into(),
+                "{listen}".into(),
+                "--cert".into(),
+                "{cert}".into(),
+                "--key".into(),
+                "{key}".into(),
+                "--ca".into(),
+                "{ca}".into(),
+            ]
+        } else {
+            config.command.clone()
+        };
+        let state_dir = if config.state_dir.as_os_str().is_empty() {
+            std::env::temp_dir().join(format!("kiln-builders-{}", std::process::id()))
+        } else {
+            config.state_dir.clone()
+        };
+        LocalProvider {
+            command,
+            state_dir,
+            children: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::internal(anyhow::anyhow!("writing {path:?}: {e}")))?;
+        file.write_all(contents.as_bytes())
+            .map_err(|e| Error::internal(anyhow::anyhow!("writing {path:?}: {e}")))
+    }
+
+    async fn start(&self, spec: LaunchSpec) -> Result<Launched> {
+        if let Some(existing) = self
+            .children
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&spec.machine_id).map(|(_, l)| l.clone()))
+        {
+            return Ok(existing);
+        }
+        let dir = self.state_dir.join(&spec.machine_id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(anyhow::anyhow!("creating {dir:?}: {e}")))?;
+        let (cert, key, ca) = (
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            dir.join("ca.pem"),
+        );
+        Self::write_private(&cert, &spec.server_cert.cert_pem)?;
+        Self::write_private(&key, &spec.server_cert.key_pem)?;
+        Self::write_private(&ca, &spec.ca_pem)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::internal(anyhow::anyhow!("finding a port: {e}")))?
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let args: Vec<String> = self
+            .command
+            .iter()
+            .map(|a| {
+                a.replace("{listen}", &listen)
+                    .replace("{cert}", &cert.display().to_string())
+                    .replace("{key}", &key.display().to_string())
+                    .replace("{ca}", &ca.display().to_string())
+            })
+            .collect();
+        let log = std::fs::File::create(dir.join("builder.log"))
+            .map_err(|e| Error::internal(anyhow::anyhow!("creating builder log: {e}")))?;
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| Error::internal(anyhow::anyhow!("{e}")))?,
+            )
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::internal(anyhow::anyhow!("starting builder {:?}: {e}", args[0])))?;
+        let launched = Launched {
+            provider_ref: format!("pid:{}", child.id().unwrap_or_default()),
+            endpoint: format!("tcp://{listen}"),
+        };
+        if let Ok(mut children) = self.children.lock() {
+            children.insert(spec.machine_id.clone(), (child, launched.clone()));
+        }
+        tracing::info!(machine_id = %spec.machine_id, endpoint = %launched.endpoint, "local builder started");
+        Ok(launched)
+    }
+}
+
+impl ComputeProvider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>> {
+        Box::pin(self.start(spec))
+    }
+
+    fn is_alive(&self, machine_id: &str) -> BoxFuture<'_, Result<bool>> {
+        let machine_id = machine_id.to_string();
+        Box::pin(async move {
+            let Ok(mut children) = self.children.lock() else {
+                return Ok(false);
+            };
+            Ok(match children.get_mut(&machine_id) {
+                Some((child, _)) => matches!(child.try_wait(), Ok(None)),
+                None => false,
+            })
+        })
+    }
+
+    fn terminate(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
+        let machine_id = machine_id.to_string();
+        Box::pin(async move {
+            let child = self
+                .children
+                .lock()
+                .ok()
+                .and_then(|mut c| c.remove(&machine_id));
+            if let Some((mut child, _)) = child {
+                let _ = child.kill().await;
+            }
+            let _ = std::fs::remove_dir_all(self.state_dir.join(&machine_id));
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,441 @@
+//! Builder scheduling: assigns each build platform to its project's builder for that
+//! architecture, launching one when the slot is empty.
+//!
+//! Machine states: requested → launching → booting → ready ⇄ assigned, then draining →
+//! terminated, or failed. Every transition is one conditional UPDATE; a unique index on
+//! live machines per (project, platform) makes a second launch for a slot impossible,
+//! whichever replica asks. Launches run as deduplicated jobs keyed by machine id.
+
+pub mod local;
+pub mod provider;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{Notify, OnceCell};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BuildersConfig, ProviderKind};
+use crate::db::builds::Platform;
+use crate::db::ids::new_id;
+use crate::db::jobs::{self, ClaimedJob, NewJob};
+use crate::error::{Error, Result};
+use crate::pki::Pki;
+use provider::{ComputeProvider, LaunchSpec};
+
+pub const SCHEDULER_CHANNEL: &str = "kiln_scheduler";
+pub const LAUNCH_JOB: &str = "machines.launch";
+
+pub struct Scheduler {
+    pool: PgPool,
+    pub provider: Arc<dyn ComputeProvider>,
+    config: BuildersConfig,
+    kek: Option<[u8; 32]>,
+    pki: OnceCell<Arc<Pki>>,
+    wake: Arc<Notify>,
+}
+
+/// Where a platform stands after an assignment attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Its builder is ready.
+    Ready,
+    /// Its builder is starting.
+    Waiting,
+    /// Nothing to do: already released, or locked by another replica right now.
+    Skipped,
+}
+
+impl Scheduler {
+    pub fn new(pool: PgPool, config: BuildersConfig, kek: Option<[u8; 32]>) -> Self {
+        let provider: Arc<dyn ComputeProvider> = match config.provider {
+            ProviderKind::Local => Arc::new(local::LocalProvider::new(&config.local)),
+        };
+        Scheduler {
+            pool,
+            provider,
+            config,
+            kek,
+            pki: OnceCell::new(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The BuildKit CA, loaded (or created) on first use.
+    pub async fn pki(&self) -> Result<Arc<Pki>> {
+        let kek = self.kek.ok_or_else(|| {
+            Error::FailedPrecondition(
+                "builds need secrets.key_encryption_key to issue BuildKit certificates; ask the operator to set it".into(),
+            )
+        })?;
+        self.pki
+            .get_or_try_init(|| Pki::load_or_create(&self.pool, &kek))
+            .await
+            .cloned()
+    }
+
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Assigns one build platform, inline (GetBuildKitConnection calls this so an idle
+    /// builder is handed out without a round trip through the scheduler loop).
+    pub async fn assign(&self, build_id: &str, platform: Platform) -> Result<Assignment> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT bp.state, b.project_id FROM build_platforms bp JOIN builds b ON b.id = bp.build_id
+             WHERE bp.build_id = $1 AND bp.platform = $2 AND b.state IN ('queued', 'running')
+             FOR UPDATE OF bp SKIP LOCKED",
+        )
+        .bind(build_id)
+        .bind(platform.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = match row {
+            Some((state, project_id)) if state == "pending" => {
+                self.assign_locked(&mut tx, build_id, platform, &project_id)
+                    .await?
+            }
+            Some((state, _)) if state == "ready" => Assignment::Ready,
+            Some((state, _)) if state == "assigned" => Assignment::Waiting,
+            _ => Assignment::Skipped,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Assigns a locked pending platform to its slot's machine, requesting one if needed.
+    async fn assign_locked(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        build_id: &str,
+        platform: Platform,
+        project_id: &str,
+    ) -> Result<Assignment> {
+        for _ in 0..3 {
+            let machine: Option<(String, String)> = sqlx::query_as(
+                "SELECT id, state FROM machines
+                 WHERE project_id = $1 AND platform = $2
+                   AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+                 FOR UPDATE",
+            )
+            .bind(project_id)
+            .bind(platform.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some((machine_id, state)) = machine {
+                let ready = state == "ready" || state == "assigned";
+                sqlx::query(
+                    "UPDATE machines SET active_builds = active_builds + 1, last_assigned_at = now(),
+                         state = CASE WHEN state = 'ready' THEN 'assigned' ELSE state END
+                     WHERE id = $1",
+                )
+                .bind(&machine_id)
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE build_platforms SET builder_id = $3, assigned_at = now(),
+                         state = CASE WHEN $4 THEN 'ready' ELSE 'assigned' END,
+                         ready_at = CASE WHEN $4 THEN now() END
+                     WHERE build_id = $1 AND platform = $2 AND state = 'pending'",
+                )
+                .bind(build_id)
+                .bind(platform.as_str())
+                .bind(&machine_id)
+                .bind(ready)
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query("UPDATE builds SET state = 'running', started_at = now() WHERE id = $1 AND state = 'queued'")
+                    .bind(build_id)
+                    .execute(&mut **tx)
+                    .await?;
+                if ready {
+                    metrics::counter!("kiln_builder_assignments_total", "source" => "idle")
+                        .increment(1);
+                    return Ok(Assignment::Ready);
+                }
+                return Ok(Assignment::Waiting);
+            }
+            // The slot is empty: request a machine. A concurrent request for the same slot
+            // loses on the unique index, and the next round assigns to the winner's.
+            let machine_id = new_id();
+            let inserted = sqlx::query(
+                "INSERT INTO machines (id, provider, platform, project_id) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (project_id, platform)
+                     WHERE state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+                 DO NOTHING",
+            )
+            .bind(&machine_id)
+            .bind(self.provider.name())
+            .bind(platform.as_str())
+            .bind(project_id)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                jobs::enqueue(
+                    &mut **tx,
+                    NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
+                        .dedupe(machine_id.clone())
+                        .max_attempts(5),
+                )
+                .await?;
+                metrics::counter!("kiln_machines_requested_total").increment(1);
+            }
+        }
+        Err(Error::Unavailable(
+            "could not settle a builder for this project; retry shortly".into(),
+        ))
+    }
+
+    /// Assigns every pending platform it can lock. Returns how many it handled.
+    pub async fn assign_pending(&self) -> Result<usize> {
+        let pending: Vec<(String, String)> = sqlx::query_as(
+            "SELECT bp.build_id, bp.platform FROM build_platforms bp JOIN builds b ON b.id = bp.build_id
+             WHERE bp.state = 'pending' AND b.state IN ('queued', 'running')
+             ORDER BY bp.requested_at LIMIT 200",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut handled = 0;
+        for (build_id, platform) in pending {
+            let Some(platform) = Platform::parse(&platform) else {
+                continue;
+            };
+            match self.assign(&build_id, platform).await? {
+                Assignment::Skipped => {}
+                Assignment::Ready => {
+                    handled += 1;
+                    notify_build(&self.pool, &build_id).await;
+                }
+                Assignment::Waiting => handled += 1,
+            }
+        }
+        Ok(handled)
+    }
+
+    /// The scheduler loop: woken by NOTIFY kiln_scheduler, with a slow poll as fallback.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        self.forget_dead_local_machines().await;
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Err(err) = self.assign_pending().await {
+                tracing::debug!(error = %err, "scheduler pass failed; will retry");
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        self.shutdown_local().await;
+    }
+
+    /// Launch job: start the machine, wait until its endpoint accepts connections, mark it
+    /// ready and hand it to the platforms waiting for it. Safe to run again after a crash.
+    pub async fn launch(&self, job: &ClaimedJob) -> anyhow::Result<()> {
+        let machine_id = job.payload["machine_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let row: Option<(String, String)> = sqlx::query_as(
+            "UPDATE machines SET state = 'launching', launched_at = COALESCE(launched_at, now())
+             WHERE id = $1 AND state IN ('requested', 'launching', 'booting') RETURNING platform, state",
+        )
+        .bind(&machine_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((platform, _)) = row else {
+            return Ok(()); // Already ready, terminated or failed: nothing to do.
+        };
+        let result = self.boot(&machine_id, &platform).await;
+        if let Err(err) = &result
+            && job.attempts >= job.max_attempts
+        {
+            self.fail_machine(&machine_id, &format!("{err:#}")).await?;
+        }
+        result
+    }
+
+    async fn boot(&self, machine_id: &str, platform: &str) -> anyhow::Result<()> {
+        let pki = self.pki().await?;
+        let server_name = format!("{machine_id}.builders.kiln.internal");
+        let lifetime = time::Duration::hours(self.config.server_cert_hours as i64);
+        let spec = LaunchSpec {
+            machine_id: machine_id.to_string(),
+            platform: Platform::parse(platform).unwrap_or(Platform::Amd64),
+            server_cert: pki.server_certificate(&server_name, lifetime)?,
+            server_name: server_name.clone(),
+            ca_pem: pki.ca_pem.clone(),
+        };
+        let launched = self.provider.launch(spec).await?;
+        sqlx::query(
+            "UPDATE machines SET state = 'booting', endpoint = $2, server_name = $3, provider_ref = $4
+             WHERE id = $1 AND state = 'launching'",
+        )
+        .bind(machine_id)
+        .bind(&launched.endpoint)
+        .bind(&server_name)
+        .bind(&launched.provider_ref)
+        .execute(&self.pool)
+        .await?;
+        let address = launched.endpoint.trim_start_matches("tcp://").to_string();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_seconds);
+        loop {
+            if tokio::net::TcpStream::connect(&address).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline
+                || !self.provider.is_alive(machine_id).await.unwrap_or(false)
+            {
+                let _ = self.provider.terminate(machine_id).await;
+                anyhow::bail!("builder {machine_id} did not accept connections at {address}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.mark_ready(machine_id).await?;
+        Ok(())
+    }
+
+    /// booting → ready (or assigned, when builds already wait for it); their platforms
+    /// become ready and their GetBuildKitConnection waiters wake.
+    pub async fn mark_ready(&self, machine_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE machines SET ready_at = now(),
+                 state = CASE WHEN active_builds > 0 THEN 'assigned' ELSE 'ready' END
+             WHERE id = $1 AND state = 'booting'",
+        )
+        .bind(machine_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let builds: Vec<String> = if updated == 1 {
+            sqlx::query_scalar(
+                "UPDATE build_platforms SET state = 'ready', ready_at = now()
+                 WHERE builder_id = $1 AND state = 'assigned' RETURNING build_id",
+            )
+            .bind(machine_id)
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            Vec::new()
+        };
+        for build in &builds {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(crate::builds::BUILD_CHANNEL)
+                .bind(build)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        if updated == 1 {
+            metrics::counter!("kiln_machines_ready_total").increment(1);
+            tracing::info!(machine_id, waiting_builds = builds.len(), "builder ready");
+        }
+        Ok(())
+    }
+
+    /// A machine that could not start: its waiting platforms go back to pending, so the
+    /// next pass requests a fresh machine.
+    async fn fail_machine(&self, machine_id: &str, error: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE machines SET state = 'failed', error = $2, active_builds = 0
+             WHERE id = $1 AND state IN ('requested', 'launching', 'booting')",
+        )
+        .bind(machine_id)
+        .bind(error.chars().take(2000).collect::<String>())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE build_platforms SET state = 'pending', builder_id = NULL, assigned_at = NULL
+             WHERE builder_id = $1 AND state = 'assigned'",
+        )
+        .bind(machine_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::error!(machine_id, error, "builder failed to launch");
+        Ok(())
+    }
+
+    /// Local builders die with the process that started them; forget the rows of
+    /// processes that no longer exist (a previous `kiln dev`, say).
+    async fn forget_dead_local_machines(&self) {
+        if self.provider.name() != "local" {
+            return;
+        }
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT id, provider_ref FROM machines WHERE provider = 'local' AND state NOT IN ('terminated', 'failed')",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        for (id, reference) in rows {
+            let alive = reference
+                .as_deref()
+                .and_then(|r| r.strip_prefix("pid:"))
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                let _ = terminate_row(&self.pool, &id).await;
+            }
+        }
+    }
+
+    /// On shutdown, stop the local builders this process started.
+    async fn shutdown_local(&self) {
+        if self.provider.name() != "local" {
+            return;
+        }
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM machines WHERE provider = 'local' AND state NOT IN ('terminated', 'failed')",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        for id in ids {
+            if self.provider.is_alive(&id).await.unwrap_or(false) {
+                let _ = self.provider.terminate(&id).await;
+                let _ = terminate_row(&self.pool, &id).await;
+            }
+        }
+    }
+}
+
+async fn terminate_row(pool: &PgPool, machine_id: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE machines SET state = 'terminated', terminated_at = now(), active_builds = 0 WHERE id = $1 AND state <> 'terminated'")
+        .bind(machine_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE build_platforms SET state = 'pending', builder_id = NULL, assigned_at = NULL, ready_at = NULL
+         WHERE builder_id = $1 AND state IN ('assigned', 'ready')",
+    )
+    .bind(machine_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn notify_build(pool: &PgPool, build_id: &str) {
+    let _ = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::builds::BUILD_CHANNEL)
+        .bind(build_id)
+        .execute(pool)
+        .await;
+}
+
+pub async fn notify_scheduler(pool: &PgPool) {
+    let _ = sqlx::query("SELECT pg_notify($1, '')")
+        .bind(SCHEDULER_CHANNEL)
+        .execute(pool)
+        .await;
+}

@@ -1,0 +1,40 @@
+//! Where builder machines come from. Providers are idempotent by machine id: launching an
+//! id twice yields the same machine.
+
+use futures_util::future::BoxFuture;
+
+use crate::db::builds::Platform;
+use crate::error::Result;
+use crate::pki::Issued;
+
+/// What a provider needs to start one builder.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub machine_id: String,
+    pub platform: Platform,
+    pub server_name: String,
+    /// BuildKit's server certificate and the CA that client certificates chain to.
+    pub server_cert: Issued,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launched {
+    /// The provider's handle (instance id, process id).
+    pub provider_ref: String,
+    /// Where BuildKit listens, as `tcp://host:port` (the CLI requires the scheme).
+    pub endpoint: String,
+}
+
+pub trait ComputeProvider: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Starts the machine, or returns the one already started for this id.
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>>;
+
+    /// Whether the machine is still running.
+    fn is_alive(&self, machine_id: &str) -> BoxFuture<'_, Result<bool>>;
+
+    /// Stops and removes the machine; succeeds if it is already gone.
+    fn terminate(&self, machine_id: &str) -> BoxFuture<'_, Result<()>>;
+}
