@@ -55,7 +55,7 @@ pub const CHANNELS: [&str; 4] = [
 impl App {
     pub fn new(config: Config, db: PgPool) -> AppState {
         let auth = Arc::new(Authenticator::new(db.clone(), &config.auth));
-        let builds = Builds::new(db.clone(), config.builds.clone());
+        let builds = Builds::new(db.clone(), auth.clone(), config.builds.clone());
         let scheduler = Arc::new(Scheduler::new(
             db.clone(),
             config.builders.clone(),

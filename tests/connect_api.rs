@@ -280,6 +280,22 @@ async fn build_tokens_and_project_tokens_stay_in_their_lane() {
     .unwrap_err();
     assert_eq!(err["code"], "permission_denied");
 
+    let reset_other = kiln::proto::depot::cli::v1beta1::ResetProjectCacheRequest {
+        project_id: a.project.id.clone(),
+    };
+    let err = unary::<_, kiln::proto::depot::cli::v1beta1::ResetProjectCacheResponse>(
+        &router,
+        "depot.cli.v1beta1.ProjectsService/ResetProjectCache",
+        &scoped,
+        &reset_other,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err["code"], "permission_denied",
+        "a project token reset another project's cache"
+    );
+
     // The right token finishes its own build, once; a second finish changes nothing.
     let own = pb::FinishBuildRequest {
         build_id: first.build_id.clone(),

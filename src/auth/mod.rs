@@ -154,6 +154,20 @@ impl Authenticator {
         }
     }
 
+    /// Caches a token this replica just minted and committed, so its first use skips the
+    /// database (a build token is used within milliseconds of CreateBuild).
+    pub fn prime(&self, hash: [u8; 32], principal: Principal) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let entry = Arc::new(CachedPrincipal {
+            principal: Arc::new(principal),
+            loaded_at: Instant::now(),
+            last_touch: AtomicU64::new(u64::MAX),
+        });
+        self.cache.insert(hash, entry);
+    }
+
     /// Drops one cached token (by hash) or, with `None`, all of them.
     pub fn invalidate(&self, hash: Option<&[u8; 32]>) {
         match hash {

@@ -51,6 +51,7 @@ impl From<&Build> for BuildRef {
 
 pub struct Builds {
     pool: PgPool,
+    auth: Arc<crate::auth::Authenticator>,
     pub config: BuildsConfig,
     refs: quick_cache::sync::Cache<String, (Arc<BuildRef>, Instant)>,
     pub health: Arc<health::HealthTracker>,
@@ -59,7 +60,7 @@ pub struct Builds {
 const REF_TTL: Duration = Duration::from_secs(60);
 
 impl Builds {
-    pub fn new(pool: PgPool, config: BuildsConfig) -> Self {
+    pub fn new(pool: PgPool, auth: Arc<crate::auth::Authenticator>, config: BuildsConfig) -> Self {
         // Recording liveness ten times per health timeout is plenty for the reaper.
         let write_every = Duration::from_secs((config.health_timeout_seconds / 10).max(1));
         let health = Arc::new(health::HealthTracker::new(
@@ -69,6 +70,7 @@ impl Builds {
         ));
         Builds {
             pool,
+            auth,
             config,
             refs: quick_cache::sync::Cache::new(100_000),
             health,
@@ -125,8 +127,23 @@ impl Builds {
         // Outlives the build's deadline so FinishBuild still authenticates after a cancel.
         token.expires_at = Some(build.cancels_at + chrono::Duration::hours(1));
         token.created_by = principal.user_id.clone();
-        let (_, minted) = tokens::create(&mut *tx, token).await?;
+        let (info, minted) = tokens::create(&mut *tx, token).await?;
         tx.commit().await?;
+        self.auth.prime(
+            minted.hash,
+            Principal {
+                token_id: info.id,
+                kind: TokenKind::Build,
+                user_id: None,
+                organization_id: Some(project.organization_id.clone()),
+                project_id: Some(project.id.clone()),
+                build_id: Some(id.clone()),
+                machine_id: None,
+                scopes: TokenKind::Build.default_scopes(),
+                memberships: Vec::new(),
+                expires_at: info.expires_at,
+            },
+        );
         self.refs
             .insert(id, (Arc::new(BuildRef::from(&build)), Instant::now()));
         metrics::counter!("kiln_builds_created_total").increment(1);

@@ -28,10 +28,9 @@ pub async fn reset(pool: &PgPool, principal: &Principal, project: &Project) -> R
     .bind(&project.id)
     .fetch_one(&mut *tx)
     .await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &mut *tx,
-        AuditEvent::new("cache.reset", (kind, Some(actor)))
+        AuditEvent::by("cache.reset", principal)
             .org(&project.organization_id)
             .target("project", &project.id)
             .details(json!({ "generation": generation })),

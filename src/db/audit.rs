@@ -31,6 +31,12 @@ impl AuditEvent {
         }
     }
 
+    /// An event whose actor is the authenticated caller.
+    pub fn by(action: &str, principal: &crate::auth::Principal) -> Self {
+        let (kind, id) = principal.actor();
+        Self::new(action, (kind, Some(id)))
+    }
+
     pub fn org(mut self, id: impl Into<String>) -> Self {
         self.organization_id = Some(id.into());
         self

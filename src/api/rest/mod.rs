@@ -108,10 +108,9 @@ async fn create_project(
     )?;
     let mut tx = app.db.begin().await?;
     let project = projects::create(&mut *tx, &org, body.settings).await?;
-    let (kind, id) = principal.actor();
     audit::record(
         &mut *tx,
-        AuditEvent::new("project.create", (kind, Some(id)))
+        AuditEvent::by("project.create", &principal)
             .org(&org)
             .target("project", &project.id)
             .details(json!({ "name": project.name })),
@@ -142,10 +141,9 @@ async fn update_project(
     settings.validate()?;
     let before = guard::project(&app.db, &principal, &id, Action::UpdateProject).await?;
     let project = projects::update(&app.db, &id, settings).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &app.db,
-        AuditEvent::new("project.update", (kind, Some(actor)))
+        AuditEvent::by("project.update", &principal)
             .org(&project.organization_id)
             .target("project", &project.id)
             .details(json!({ "before": before, "after": project })),
@@ -161,10 +159,9 @@ async fn delete_project(
 ) -> Result<StatusCode> {
     let project = guard::project(&app.db, &principal, &id, Action::DeleteProject).await?;
     projects::delete(&app.db, &id).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &app.db,
-        AuditEvent::new("project.delete", (kind, Some(actor)))
+        AuditEvent::by("project.delete", &principal)
             .org(&project.organization_id)
             .target("project", &project.id)
             .details(json!({ "name": project.name })),
@@ -220,10 +217,9 @@ async fn create_project_token(
     new.created_by = principal.user_id.clone();
     let mut tx = app.db.begin().await?;
     let (info, minted) = tokens::create(&mut *tx, new).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &mut *tx,
-        AuditEvent::new("token.create", (kind, Some(actor)))
+        AuditEvent::by("token.create", &principal)
             .org(&project.organization_id)
             .target("token", &info.id)
             .details(json!({ "kind": "project", "project_id": project.id, "prefix": info.display_prefix })),
@@ -271,8 +267,7 @@ async fn revoke_token(
     }
     if let Some(hash) = tokens::revoke(&app.db, &id).await? {
         app.auth.invalidate(Some(&hash));
-        let (kind, actor) = principal.actor();
-        let mut event = AuditEvent::new("token.revoke", (kind, Some(actor))).target("token", &id);
+        let mut event = AuditEvent::by("token.revoke", &principal).target("token", &id);
         if let Some(org) = &info.organization_id {
             event = event.org(org);
         }
@@ -325,10 +320,9 @@ async fn cancel_build(
             .lookup(&id)
             .await?
             .ok_or_else(|| Error::not_found("build", &id))?;
-        let (kind, actor) = principal.actor();
         audit::record(
             &app.db,
-            AuditEvent::new("build.cancel", (kind, Some(actor)))
+            AuditEvent::by("build.cancel", &principal)
                 .org(&build.organization_id)
                 .target("build", &id),
         )

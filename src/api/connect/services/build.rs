@@ -30,6 +30,19 @@ pub fn register(router: &mut ConnectRouter) {
         .register(S, "GetPullToken", unary(get_pull_token));
 }
 
+/// Authenticates the call and authorizes `action` on the build it names.
+async fn authorized_build(
+    call: &Call,
+    build_id: &str,
+    action: Action,
+) -> Result<std::sync::Arc<crate::builds::BuildRef>> {
+    let principal = call.principal().await?;
+    call.app
+        .builds
+        .authorize(&principal, build_id, action)
+        .await
+}
+
 fn build_url(call: &Call, build: &Build) -> String {
     call.app.config.public_link(&format!(
         "/dashboard/projects/{}/builds/{}",
@@ -132,14 +145,9 @@ async fn report_build_health(
     call: Call,
     req: pb::ReportBuildHealthRequest,
 ) -> Result<pb::ReportBuildHealthResponse> {
-    let principal = call.principal().await?;
-    let platform = platform_from_wire(req.platform)?;
-    let build = call
-        .app
-        .builds
-        .authorize(&principal, &req.build_id, Action::WriteBuild)
-        .await?;
-    let _ = platform;
+    // Validated for the client's sake; liveness is tracked per build.
+    platform_from_wire(req.platform)?;
+    let build = authorized_build(&call, &req.build_id, Action::WriteBuild).await?;
     call.app.builds.health.report(&build.id);
     // A finished build (reaped, or canceled elsewhere) is released at once.
     let cancels_at = if build.finished {
@@ -203,12 +211,7 @@ async fn report_timings(
     call: Call,
     req: pb::ReportTimingsRequest,
 ) -> Result<pb::ReportTimingsResponse> {
-    let principal = call.principal().await?;
-    let build = call
-        .app
-        .builds
-        .authorize(&principal, &req.build_id, Action::WriteBuild)
-        .await?;
+    let build = authorized_build(&call, &req.build_id, Action::WriteBuild).await?;
     let steps: Vec<Step> = req
         .build_steps
         .iter()
@@ -239,12 +242,7 @@ async fn report_build_context(
     call: Call,
     req: pb::ReportBuildContextRequest,
 ) -> Result<pb::ReportBuildContextResponse> {
-    let principal = call.principal().await?;
-    let build = call
-        .app
-        .builds
-        .authorize(&principal, &req.build_id, Action::WriteBuild)
-        .await?;
+    let build = authorized_build(&call, &req.build_id, Action::WriteBuild).await?;
     if req.dockerfiles.len() > 100 {
         return Err(Error::invalid("dockerfiles", "at most 100 per build"));
     }

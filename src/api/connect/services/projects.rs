@@ -299,10 +299,9 @@ async fn create_project(
     }
     let mut tx = call.app.db.begin().await?;
     let project = projects::create(&mut *tx, &org, settings).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &mut *tx,
-        AuditEvent::new("project.create", (kind, Some(actor)))
+        AuditEvent::by("project.create", &principal)
             .org(&org)
             .target("project", &project.id)
             .details(json!({"name": project.name})),
@@ -330,10 +329,9 @@ async fn update_project(
         settings.builder_size = builder_size(hw)?;
     }
     let project = projects::update(&call.app.db, &before.id, settings).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &call.app.db,
-        AuditEvent::new("project.update", (kind, Some(actor)))
+        AuditEvent::by("project.update", &principal)
             .org(&project.organization_id)
             .target("project", &project.id)
             .details(json!({"before": before, "after": project})),
@@ -351,10 +349,9 @@ async fn delete_project(
     let principal = call.principal().await?;
     let project = project_for(&call, &principal, &req.project_id, Action::DeleteProject).await?;
     projects::delete(&call.app.db, &project.id).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &call.app.db,
-        AuditEvent::new("project.delete", (kind, Some(actor)))
+        AuditEvent::by("project.delete", &principal)
             .org(&project.organization_id)
             .target("project", &project.id)
             .details(json!({"name": project.name})),
@@ -474,10 +471,9 @@ async fn add_trust_policy(
     .bind(&claims)
     .fetch_one(&call.app.db)
     .await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &call.app.db,
-        AuditEvent::new("trust_policy.add", (kind, Some(actor)))
+        AuditEvent::by("trust_policy.add", &principal)
             .org(&project.organization_id)
             .target("trust_policy", &row.id)
             .details(json!({"project_id": project.id, "provider": provider, "claims": claims})),
@@ -503,10 +499,9 @@ async fn remove_trust_policy(
     if removed == 0 {
         return Err(Error::not_found("trust policy", &req.trust_policy_id));
     }
-    let (kind, actor) = principal.actor();
     audit::record(
         &call.app.db,
-        AuditEvent::new("trust_policy.remove", (kind, Some(actor)))
+        AuditEvent::by("trust_policy.remove", &principal)
             .org(&project.organization_id)
             .target("trust_policy", &req.trust_policy_id),
     )
@@ -562,10 +557,9 @@ async fn create_token(
     new.created_by = principal.user_id.clone();
     let mut tx = call.app.db.begin().await?;
     let (info, minted) = tokens::create(&mut *tx, new).await?;
-    let (kind, actor) = principal.actor();
     audit::record(
         &mut *tx,
-        AuditEvent::new("token.create", (kind, Some(actor)))
+        AuditEvent::by("token.create", &principal)
             .org(&project.organization_id)
             .target("token", &info.id)
             .details(
@@ -628,10 +622,9 @@ async fn delete_token(
     let token = project_token(&call, &project, &req.token_id).await?;
     if let Some(hash) = tokens::revoke(&call.app.db, &token.id).await? {
         call.app.auth.invalidate(Some(&hash));
-        let (kind, actor) = principal.actor();
         audit::record(
             &call.app.db,
-            AuditEvent::new("token.revoke", (kind, Some(actor)))
+            AuditEvent::by("token.revoke", &principal)
                 .org(&project.organization_id)
                 .target("token", &token.id),
         )
