@@ -584,15 +584,26 @@ async fn timings_contexts_pull_info_and_get_build() {
     let build = create_build(&router, &a.user_token, &a.project.id).await;
     let svc = "depot.cli.v1.BuildService";
 
-    let got: pb::GetBuildResponse =
-        unary(&router, &format!("{svc}/GetBuild"), &a.user_token, &pb::GetBuildRequest { build_id: build.build_id.clone() }).await.unwrap();
+    let got: pb::GetBuildResponse = unary(
+        &router,
+        &format!("{svc}/GetBuild"),
+        &a.user_token,
+        &pb::GetBuildRequest {
+            build_id: build.build_id.clone(),
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(got.project_id, a.project.id);
     assert!(got.build_url.contains(&build.build_id));
 
     let timings = pb::ReportTimingsRequest {
         build_id: build.build_id.clone(),
         build_steps: vec![pb::BuildStep {
-            start_time: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+            start_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
             duration_ms: 1500,
             name: "RUN make".into(),
             stable_digest: Some("sha256:make".into()),
@@ -600,23 +611,64 @@ async fn timings_contexts_pull_info_and_get_build() {
             ..Default::default()
         }],
     };
-    let _: pb::ReportTimingsResponse = unary(&router, &format!("{svc}/ReportTimings"), &build.build_token, &timings).await.unwrap();
-    let steps = kiln::db::builds::steps(&db.pool, &build.build_id).await.unwrap();
+    let _: pb::ReportTimingsResponse = unary(
+        &router,
+        &format!("{svc}/ReportTimings"),
+        &build.build_token,
+        &timings,
+    )
+    .await
+    .unwrap();
+    let steps = kiln::db::builds::steps(&db.pool, &build.build_id)
+        .await
+        .unwrap();
     assert_eq!(steps.len(), 1);
     assert!(steps[0].cached);
-    assert_eq!((steps[0].completed_at.unwrap() - steps[0].started_at.unwrap()).num_milliseconds(), 1500);
+    assert_eq!(
+        (steps[0].completed_at.unwrap() - steps[0].started_at.unwrap()).num_milliseconds(),
+        1500
+    );
 
     let context = pb::ReportBuildContextRequest {
         build_id: build.build_id.clone(),
-        dockerfiles: vec![pb::Dockerfile { target: "app".into(), filename: "Dockerfile".into(), contents: "FROM scratch\n".into() }],
+        dockerfiles: vec![pb::Dockerfile {
+            target: "app".into(),
+            filename: "Dockerfile".into(),
+            contents: "FROM scratch\n".into(),
+        }],
     };
-    let _: pb::ReportBuildContextResponse = unary(&router, &format!("{svc}/ReportBuildContext"), &build.build_token, &context).await.unwrap();
-    let stored: String = sqlx::query_scalar("SELECT contents FROM build_dockerfiles WHERE build_id = $1").bind(&build.build_id).fetch_one(&db.pool).await.unwrap();
+    let _: pb::ReportBuildContextResponse = unary(
+        &router,
+        &format!("{svc}/ReportBuildContext"),
+        &build.build_token,
+        &context,
+    )
+    .await
+    .unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT contents FROM build_dockerfiles WHERE build_id = $1")
+            .bind(&build.build_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(stored, "FROM scratch\n");
 
-    let info: pb::GetPullInfoResponse =
-        unary(&router, &format!("{svc}/GetPullInfo"), &a.user_token, &pb::GetPullInfoRequest { build_id: build.build_id.clone() }).await.unwrap();
-    assert!(info.reference.ends_with(&format!("/{}:{}", a.project.id, build.build_id)), "{}", info.reference);
+    let info: pb::GetPullInfoResponse = unary(
+        &router,
+        &format!("{svc}/GetPullInfo"),
+        &a.user_token,
+        &pb::GetPullInfoRequest {
+            build_id: build.build_id.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        info.reference
+            .ends_with(&format!("/{}:{}", a.project.id, build.build_id)),
+        "{}",
+        info.reference
+    );
     assert!(info.password.starts_with("kiln_pl_"));
     assert!(!info.registry_host.is_empty());
 
@@ -624,17 +676,24 @@ async fn timings_contexts_pull_info_and_get_build() {
         &router,
         &format!("{svc}/GetPullToken"),
         &a.user_token,
-        &pb::GetPullTokenRequest { project_id: Some(String::new()), build_id: Some(build.build_id.clone()) },
+        &pb::GetPullTokenRequest {
+            project_id: Some(String::new()),
+            build_id: Some(build.build_id.clone()),
+        },
     )
     .await
     .unwrap();
-    let expires: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar("SELECT expires_at FROM tokens WHERE token_hash = $1")
-        .bind(&kiln::auth::token::hash(&pull.token)[..])
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let expires: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT expires_at FROM tokens WHERE token_hash = $1")
+            .bind(&kiln::auth::token::hash(&pull.token)[..])
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     let minutes = (expires.unwrap() - chrono::Utc::now()).num_minutes();
-    assert!((55..=60).contains(&minutes), "pull tokens are short-lived: {minutes} min");
+    assert!(
+        (55..=60).contains(&minutes),
+        "pull tokens are short-lived: {minutes} min"
+    );
 }
 
 #[tokio::test]
@@ -647,33 +706,75 @@ async fn core_project_service_manages_tokens_and_trust_policies_over_json() {
         let router = router.clone();
         let path = format!("{svc}/{method}");
         let token = a.user_token.clone();
-        async move { post(&router, &path, Some(&token), "application/json", body.to_string()).await }
+        async move {
+            post(
+                &router,
+                &path,
+                Some(&token),
+                "application/json",
+                body.to_string(),
+            )
+            .await
+        }
     };
     let added = call("AddTrustPolicy", serde_json::json!({"projectId": a.project.id, "github": {"repositoryOwner": "acme", "repository": "api"}})).await;
     assert_eq!(added.status, StatusCode::OK, "{:?}", added.body);
-    let policy_id = added.json()["trustPolicy"]["trustPolicyId"].as_str().unwrap().to_string();
-    let listed = call("ListTrustPolicies", serde_json::json!({"projectId": a.project.id})).await.json();
+    let policy_id = added.json()["trustPolicy"]["trustPolicyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = call(
+        "ListTrustPolicies",
+        serde_json::json!({"projectId": a.project.id}),
+    )
+    .await
+    .json();
     assert_eq!(listed["trustPolicies"][0]["github"]["repository"], "api");
     let bad = call("AddTrustPolicy", serde_json::json!({"projectId": a.project.id, "github": {"repositoryOwner": "", "repository": "api"}})).await;
     assert_eq!(bad.json()["code"], "invalid_argument");
-    let removed = call("RemoveTrustPolicy", serde_json::json!({"projectId": a.project.id, "trustPolicyId": policy_id})).await;
+    let removed = call(
+        "RemoveTrustPolicy",
+        serde_json::json!({"projectId": a.project.id, "trustPolicyId": policy_id}),
+    )
+    .await;
     assert_eq!(removed.status, StatusCode::OK);
 
-    let created = call("CreateToken", serde_json::json!({"projectId": a.project.id, "description": "ci"})).await.json();
+    let created = call(
+        "CreateToken",
+        serde_json::json!({"projectId": a.project.id, "description": "ci"}),
+    )
+    .await
+    .json();
     let secret = created["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("kiln_p_"));
-    let tokens = call("ListTokens", serde_json::json!({"projectId": a.project.id})).await.json();
+    let tokens = call("ListTokens", serde_json::json!({"projectId": a.project.id}))
+        .await
+        .json();
     assert_eq!(tokens["tokens"][0]["description"], "ci");
     assert!(!tokens.to_string().contains(&secret));
     let token_id = created["tokenId"].as_str().unwrap().to_string();
-    let deleted = call("DeleteToken", serde_json::json!({"projectId": a.project.id, "tokenId": token_id})).await;
+    let deleted = call(
+        "DeleteToken",
+        serde_json::json!({"projectId": a.project.id, "tokenId": token_id}),
+    )
+    .await;
     assert_eq!(deleted.status, StatusCode::OK);
     let me = router
         .clone()
-        .oneshot(Request::builder().uri("/api/v1/me").header(header::AUTHORIZATION, format!("Bearer {secret}")).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::builder()
+                .uri("/api/v1/me")
+                .header(header::AUTHORIZATION, format!("Bearer {secret}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
-    assert_eq!(me.status(), StatusCode::UNAUTHORIZED, "deleted token still works");
+    assert_eq!(
+        me.status(),
+        StatusCode::UNAUTHORIZED,
+        "deleted token still works"
+    );
 
     let updated = call("UpdateProject", serde_json::json!({"projectId": a.project.id, "cachePolicy": {"keepBytes": "107374182400", "keepDays": 7}})).await.json();
     assert_eq!(updated["project"]["cachePolicy"]["keepGb"], 100);
