@@ -260,6 +260,21 @@ fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {
         let scheduler = scheduler.clone();
         async move { scheduler.launch(&job).await }
     });
+    let scheduler = app.scheduler.clone();
+    runner.register(crate::scheduler::TERMINATE_JOB, move |job| {
+        let scheduler = scheduler.clone();
+        async move { scheduler.terminate(&job).await }
+    });
+    let scheduler = app.scheduler.clone();
+    runner
+        .register(crate::scheduler::REAP_JOB, move |_job| {
+            let scheduler = scheduler.clone();
+            async move {
+                scheduler.reap().await?;
+                Ok(())
+            }
+        })
+        .every(crate::scheduler::REAP_JOB, Duration::from_secs(15));
     let app = app.clone();
     runner
         .register(crate::builds::REAP_JOB, move |_job| {

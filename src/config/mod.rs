@@ -138,6 +138,10 @@ pub struct BuildersConfig {
     pub provider: ProviderKind,
     pub server_cert_hours: u64,
     pub boot_timeout_seconds: u64,
+    pub idle_timeout_seconds: u64,
+    pub max_lifetime_hours: u64,
+    pub max_machines_total: i64,
+    pub max_machines_per_organization: i64,
     pub local: LocalBuildersConfig,
 }
 

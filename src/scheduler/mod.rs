@@ -27,6 +27,8 @@ use provider::{ComputeProvider, LaunchSpec};
 
 pub const SCHEDULER_CHANNEL: &str = "kiln_scheduler";
 pub const LAUNCH_JOB: &str = "machines.launch";
+pub const REAP_JOB: &str = "machines.reap";
+pub const TERMINATE_JOB: &str = "machines.terminate";
 
 pub struct Scheduler {
     pool: PgPool,
@@ -158,8 +160,10 @@ impl Scheduler {
                 }
                 return Ok(Assignment::Waiting);
             }
-            // The slot is empty: request a machine. A concurrent request for the same slot
-            // loses on the unique index, and the next round assigns to the winner's.
+            // The slot is empty: request a machine, within the caps. A concurrent request
+            // for the same slot loses on the unique index, and the next round assigns to
+            // the winner's.
+            self.check_caps(tx, project_id).await?;
             let machine_id = new_id();
             let inserted = sqlx::query(
                 "INSERT INTO machines (id, provider, platform, project_id) VALUES ($1, $2, $3, $4)
@@ -188,6 +192,108 @@ impl Scheduler {
         Err(Error::Unavailable(
             "could not settle a builder for this project; retry shortly".into(),
         ))
+    }
+
+    /// Refuses a new machine beyond `builders.max_machines_total` or the organization's
+    /// `builders.max_machines_per_organization`. Requests for new machines take one
+    /// transaction-scoped advisory lock, so concurrent replicas cannot both slip under a cap.
+    async fn check_caps(&self, tx: &mut Transaction<'_, Postgres>, project_id: &str) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:machine-caps'))")
+            .execute(&mut **tx)
+            .await?;
+        let (total, in_org, org): (i64, i64, String) = sqlx::query_as(
+            "SELECT count(m.id),
+                    count(m.id) FILTER (WHERE p.organization_id = me.organization_id),
+                    me.organization_id
+             FROM projects me
+             LEFT JOIN machines m ON m.state IN ('requested', 'launching', 'booting', 'ready', 'assigned', 'draining')
+             LEFT JOIN projects p ON p.id = m.project_id
+             WHERE me.id = $1
+             GROUP BY me.organization_id",
+        )
+        .bind(project_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        if in_org >= self.config.max_machines_per_organization {
+            metrics::counter!("kiln_machine_cap_refusals_total", "cap" => "organization")
+                .increment(1);
+            return Err(Error::ResourceExhausted(format!(
+                "organization {org} already runs {in_org} builder machines, its limit \
+                 (builders.max_machines_per_organization); wait for builds to finish or ask the operator to raise it"
+            )));
+        }
+        if total >= self.config.max_machines_total {
+            metrics::counter!("kiln_machine_cap_refusals_total", "cap" => "total").increment(1);
+            return Err(Error::ResourceExhausted(format!(
+                "this Kiln already runs {total} builder machines, its limit (builders.max_machines_total); \
+                 retry when builds finish or ask the operator to raise it"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drains builders idle past `builders.idle_timeout_seconds` or older than
+    /// `builders.max_lifetime_hours` (those stop taking builds; the slot frees for a new
+    /// machine), and queues termination of drained builders with no build left.
+    pub async fn reap(&self) -> Result<usize> {
+        let drained: Vec<String> = sqlx::query_scalar(
+            "UPDATE machines SET state = 'draining'
+             WHERE (state = 'ready' AND active_builds = 0
+                    AND COALESCE(last_released_at, ready_at, created_at) < now() - make_interval(secs => $1))
+                OR (state IN ('ready', 'assigned') AND launched_at < now() - make_interval(hours => $2))
+             RETURNING id",
+        )
+        .bind(self.config.idle_timeout_seconds as f64)
+        .bind(self.config.max_lifetime_hours as i32)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in &drained {
+            tracing::info!(machine_id = %id, "draining builder (idle or past its lifetime)");
+        }
+        let done: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM machines WHERE state = 'draining' AND active_builds = 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for id in &done {
+            jobs::enqueue(
+                &self.pool,
+                NewJob::new(TERMINATE_JOB, json!({ "machine_id": id })).dedupe(id.clone()),
+            )
+            .await?;
+        }
+        metrics::counter!("kiln_machines_drained_total").increment(drained.len() as u64);
+        Ok(drained.len())
+    }
+
+    /// Terminate job: stop the drained machine at the provider, then record it.
+    /// Idempotent: providers succeed on machines already gone.
+    pub async fn terminate(&self, job: &ClaimedJob) -> anyhow::Result<()> {
+        let machine_id = job.payload["machine_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM machines WHERE id = $1")
+            .bind(&machine_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if state.as_deref() != Some("draining") {
+            return Ok(());
+        }
+        self.provider.terminate(&machine_id).await?;
+        let done = sqlx::query(
+            "UPDATE machines SET state = 'terminated', terminated_at = now()
+             WHERE id = $1 AND state = 'draining' AND active_builds = 0",
+        )
+        .bind(&machine_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if done == 1 {
+            metrics::counter!("kiln_machines_terminated_total").increment(1);
+            tracing::info!(machine_id, "builder terminated");
+        }
+        Ok(())
     }
 
     /// Assigns every pending platform it can lock. Returns how many it handled.

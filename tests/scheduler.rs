@@ -1,0 +1,278 @@
+//! Builder machines with the `local` provider (the BuildKit stand-in as builder):
+//! launch, reuse, idle reaping, lifetime draining, and caps. Job handlers are driven
+//! directly so each step is observed.
+mod common;
+
+use std::time::Duration;
+
+use kiln::app::AppState;
+use kiln::db::builds::{Outcome, Platform};
+use kiln::db::jobs::{self, ClaimedJob};
+use kiln::db::projects::{self, ProjectSettings};
+use kiln::error::Error;
+use kiln::scheduler::Assignment;
+use secrecy::SecretString;
+
+use common::{TestDb, tenant};
+
+fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
+    let standin = env!("CARGO_BIN_EXE_buildkitd-standin");
+    let command = format!(
+        r#"["{standin}", "--listen", "{{listen}}", "--cert", "{{cert}}", "--key", "{{key}}", "--ca", "{{ca}}"]"#
+    );
+    let mut env: Vec<(&str, &str)> = vec![
+        ("KILN_BUILDERS__LOCAL__COMMAND", command.as_str()),
+        (
+            "KILN_SECRETS__KEY_ENCRYPTION_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        ),
+    ];
+    env.extend_from_slice(overrides);
+    let mut config = common::config(&db.url, &env);
+    config.database.url = SecretString::from(db.url.clone());
+    let app = kiln::app::App::new(config, db.pool.clone());
+    app.mark_migrated();
+    app
+}
+
+async fn new_build(app: &AppState, project_id: &str) -> String {
+    let id = kiln::db::ids::new_id();
+    kiln::db::builds::insert(
+        &app.db,
+        kiln::db::builds::NewBuild {
+            id: &id,
+            project_id,
+            organization_id: &projects::get(&app.db, project_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .organization_id,
+            command: "build",
+            options: serde_json::json!([]),
+            created_by: None,
+            timeout_minutes: 60,
+        },
+    )
+    .await
+    .unwrap();
+    kiln::db::builds::request_platform(&app.db, &id, Platform::Amd64)
+        .await
+        .unwrap();
+    id
+}
+
+async fn claim(app: &AppState, kind: &str) -> ClaimedJob {
+    let claimed = jobs::claim(&app.db, "default", "test", Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    let mut found = None;
+    for job in claimed {
+        if job.kind == kind && found.is_none() {
+            found = Some(job);
+        } else {
+            // Put back what this test does not drive.
+            sqlx::query("UPDATE jobs SET state = 'pending', locked_by = NULL WHERE id = $1")
+                .bind(job.id)
+                .execute(&app.db)
+                .await
+                .unwrap();
+        }
+    }
+    found.unwrap_or_else(|| panic!("no {kind} job queued"))
+}
+
+async fn machine(app: &AppState, project_id: &str) -> (String, String, i32) {
+    sqlx::query_as("SELECT id, state, active_builds FROM machines WHERE project_id = $1 ORDER BY created_at DESC LIMIT 1")
+        .bind(project_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_builder_launches_is_reused_and_is_reaped_when_idle() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let app = app_with(&db, &[]);
+    let s = &app.scheduler;
+
+    let first = new_build(&app, &t.project.id).await;
+    assert_eq!(
+        s.assign(&first, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    let (machine_id, state, active) = machine(&app, &t.project.id).await;
+    assert_eq!((state.as_str(), active), ("requested", 1));
+
+    // Launching twice (a retried job) starts one process.
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    s.launch(&job).await.unwrap();
+    s.launch(&job).await.unwrap();
+    assert_eq!(machine(&app, &t.project.id).await.1, "assigned");
+    assert_eq!(
+        s.assign(&first, Platform::Amd64).await.unwrap(),
+        Assignment::Ready
+    );
+    assert!(s.provider.is_alive(&machine_id).await.unwrap());
+
+    // A second build of the project shares the running builder at once.
+    let second = new_build(&app, &t.project.id).await;
+    assert_eq!(
+        s.assign(&second, Platform::Amd64).await.unwrap(),
+        Assignment::Ready
+    );
+    assert_eq!(
+        machine(&app, &t.project.id).await,
+        (machine_id.clone(), "assigned".into(), 2)
+    );
+    let machines: i64 = sqlx::query_scalar("SELECT count(*) FROM machines")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(machines, 1, "one builder per project and architecture");
+
+    kiln::db::builds::finish(&db.pool, &first, &Outcome::Success)
+        .await
+        .unwrap();
+    assert_eq!(machine(&app, &t.project.id).await.1, "assigned");
+    kiln::db::builds::finish(&db.pool, &second, &Outcome::Success)
+        .await
+        .unwrap();
+    assert_eq!(
+        machine(&app, &t.project.id).await,
+        (machine_id.clone(), "ready".into(), 0)
+    );
+
+    // Not idle long enough: kept.
+    assert_eq!(s.reap().await.unwrap(), 0);
+    // Idle past the timeout: drained, then terminated by its job.
+    sqlx::query("UPDATE machines SET last_released_at = now() - interval '11 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(s.reap().await.unwrap(), 1);
+    assert_eq!(machine(&app, &t.project.id).await.1, "draining");
+    let job = claim(&app, kiln::scheduler::TERMINATE_JOB).await;
+    s.terminate(&job).await.unwrap();
+    assert_eq!(machine(&app, &t.project.id).await.1, "terminated");
+    assert!(
+        !s.provider.is_alive(&machine_id).await.unwrap(),
+        "the builder process is still running"
+    );
+
+    // The next build gets a fresh builder.
+    let third = new_build(&app, &t.project.id).await;
+    assert_eq!(
+        s.assign(&third, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    assert_ne!(machine(&app, &t.project.id).await.0, machine_id);
+}
+
+#[tokio::test]
+async fn builders_past_their_lifetime_take_no_new_builds_and_stop_when_done() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let app = app_with(&db, &[]);
+    let s = &app.scheduler;
+    let build = new_build(&app, &t.project.id).await;
+    s.assign(&build, Platform::Amd64).await.unwrap();
+    s.launch(&claim(&app, kiln::scheduler::LAUNCH_JOB).await)
+        .await
+        .unwrap();
+    let (old, _, _) = machine(&app, &t.project.id).await;
+
+    sqlx::query("UPDATE machines SET launched_at = now() - interval '25 hours'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(s.reap().await.unwrap(), 1);
+    assert_eq!(
+        machine(&app, &t.project.id).await,
+        (old.clone(), "draining".into(), 1)
+    );
+    // Still busy: not terminated yet.
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = $1")
+        .bind(kiln::scheduler::TERMINATE_JOB)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0);
+
+    // A new build of the project gets a new machine; the old one finishes its build.
+    let next = new_build(&app, &t.project.id).await;
+    assert_eq!(
+        s.assign(&next, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    assert_ne!(machine(&app, &t.project.id).await.0, old);
+    kiln::db::builds::finish(&db.pool, &build, &Outcome::Success)
+        .await
+        .unwrap();
+    s.reap().await.unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM machines WHERE id = $1")
+        .bind(&old)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "draining");
+    let job = claim(&app, kiln::scheduler::TERMINATE_JOB).await;
+    s.terminate(&job).await.unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM machines WHERE id = $1")
+        .bind(&old)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "terminated");
+}
+
+#[tokio::test]
+async fn machine_caps_answer_with_a_clear_error() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let app = app_with(
+        &db,
+        &[("KILN_BUILDERS__MAX_MACHINES_PER_ORGANIZATION", "1")],
+    );
+    let second_project = projects::create(
+        &db.pool,
+        &t.org_id,
+        ProjectSettings {
+            name: Some("second".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let a = new_build(&app, &t.project.id).await;
+    assert_eq!(
+        app.scheduler.assign(&a, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    let b = new_build(&app, &second_project.id).await;
+    let err = app.scheduler.assign(&b, Platform::Amd64).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::ResourceExhausted(m) if m.contains("max_machines_per_organization")),
+        "{err:?}"
+    );
+    // Nothing changed for the refused build.
+    let state: String = sqlx::query_scalar("SELECT state FROM build_platforms WHERE build_id = $1")
+        .bind(&b)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending");
+    let machines: i64 = sqlx::query_scalar("SELECT count(*) FROM machines")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(machines, 1);
+
+    // Another organization is not affected by this one's cap.
+    let other = tenant(&db.pool, "b").await;
+    let c = new_build(&app, &other.project.id).await;
+    assert_eq!(
+        app.scheduler.assign(&c, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+}
