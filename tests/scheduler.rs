@@ -276,3 +276,128 @@ async fn machine_caps_answer_with_a_clear_error() {
         Assignment::Waiting
     );
 }
+
+#[tokio::test]
+async fn a_warm_standby_is_handed_to_the_first_project_and_the_pool_refills() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let app = app_with(&db, &[("KILN_BUILDERS__WARM_POOL_AMD64", "1")]);
+    let s = &app.scheduler;
+
+    assert_eq!(s.refill_pool().await.unwrap(), 1);
+    assert_eq!(
+        s.refill_pool().await.unwrap(),
+        0,
+        "the pool is already full"
+    );
+    s.launch(&claim(&app, kiln::scheduler::LAUNCH_JOB).await)
+        .await
+        .unwrap();
+    let (warm, state): (String, String) =
+        sqlx::query_as("SELECT id, state FROM machines WHERE project_id IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "ready");
+    // Idle standbys are not reaped for idleness: waiting is their job.
+    sqlx::query("UPDATE machines SET ready_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(s.reap().await.unwrap(), 0);
+
+    // The first build of a project gets the standby in the same call: no launch.
+    let build = new_build(&app, &t.project.id).await;
+    assert_eq!(
+        s.assign(&build, Platform::Amd64).await.unwrap(),
+        Assignment::Ready
+    );
+    assert_eq!(
+        machine(&app, &t.project.id).await,
+        (warm.clone(), "assigned".into(), 1)
+    );
+
+    // The adoption queued a refill, which requests a new standby.
+    let refill = claim(&app, kiln::scheduler::POOL_JOB).await;
+    assert_eq!(refill.kind, kiln::scheduler::POOL_JOB);
+    assert_eq!(s.refill_pool().await.unwrap(), 1);
+    let standbys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM machines WHERE project_id IS NULL AND state = 'requested'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(standbys, 1);
+}
+
+#[tokio::test]
+async fn replicas_racing_builds_launch_one_machine_per_slot() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let mut project_ids = vec![t.project.id.clone()];
+    for i in 0..4 {
+        let p = projects::create(
+            &db.pool,
+            &t.org_id,
+            ProjectSettings {
+                name: Some(format!("p{i}")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        project_ids.push(p.id);
+    }
+    // Three "replicas": separate apps, schedulers and pools of connections on one database.
+    let replicas: Vec<AppState> = (0..3).map(|_| app_with(&db, &[])).collect();
+    let mut builds = Vec::new();
+    for i in 0..60 {
+        builds.push((
+            new_build(&replicas[0], &project_ids[i % project_ids.len()]).await,
+            i,
+        ));
+    }
+    let mut tasks = Vec::new();
+    for (build, i) in builds.clone() {
+        let app = replicas[i % replicas.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            // Retry while another replica holds the platform row, as the CLI's next call would.
+            for _ in 0..50 {
+                match app.scheduler.assign(&build, Platform::Amd64).await.unwrap() {
+                    Assignment::Skipped => tokio::task::yield_now().await,
+                    other => return other,
+                }
+            }
+            panic!("build {build} never assigned");
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), Assignment::Waiting);
+    }
+    let per_slot: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT m.project_id, count(DISTINCT m.id), max(m.active_builds)::bigint FROM machines m GROUP BY m.project_id ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_slot.len(), 5);
+    for (project, machines, active) in per_slot {
+        assert_eq!(machines, 1, "project {project} got {machines} machines");
+        assert_eq!(active, 12, "project {project}: every build counted once");
+    }
+    // Every platform is assigned to its own project's machine.
+    let mismatched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM build_platforms bp JOIN builds b ON b.id = bp.build_id JOIN machines m ON m.id = bp.builder_id
+         WHERE m.project_id <> b.project_id OR bp.state <> 'assigned'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(mismatched, 0);
+    let launches: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = $1")
+        .bind(kiln::scheduler::LAUNCH_JOB)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(launches, 5, "one launch per machine");
+}

@@ -29,6 +29,7 @@ pub const SCHEDULER_CHANNEL: &str = "kiln_scheduler";
 pub const LAUNCH_JOB: &str = "machines.launch";
 pub const REAP_JOB: &str = "machines.reap";
 pub const TERMINATE_JOB: &str = "machines.terminate";
+pub const POOL_JOB: &str = "machines.pool";
 
 pub struct Scheduler {
     pool: PgPool,
@@ -116,7 +117,8 @@ impl Scheduler {
         platform: Platform,
         project_id: &str,
     ) -> Result<Assignment> {
-        for _ in 0..3 {
+        let mut slot_locked = false;
+        for _ in 0..4 {
             let machine: Option<(String, String)> = sqlx::query_as(
                 "SELECT id, state FROM machines
                  WHERE project_id = $1 AND platform = $2
@@ -160,10 +162,26 @@ impl Scheduler {
                 }
                 return Ok(Assignment::Waiting);
             }
-            // The slot is empty: request a machine, within the caps. A concurrent request
-            // for the same slot loses on the unique index, and the next round assigns to
-            // the winner's.
-            self.check_caps(tx, project_id).await?;
+            // The slot is empty. Serialize changes to this slot, then look again: another
+            // replica may have filled it meanwhile.
+            if !slot_locked {
+                sqlx::query(
+                    "SELECT pg_advisory_xact_lock(hashtext('kiln:slot:' || $1 || ':' || $2))",
+                )
+                .bind(project_id)
+                .bind(platform.as_str())
+                .execute(&mut **tx)
+                .await?;
+                slot_locked = true;
+                continue;
+            }
+            // A warm standby of this architecture joins the project's slot (milliseconds).
+            if let Some(adopted) = self.adopt_warm(tx, project_id, platform).await? {
+                tracing::debug!(machine_id = %adopted, project_id, "adopted a warm builder");
+                continue;
+            }
+            // Otherwise request a machine, within the caps.
+            self.check_caps(tx, project_id, true).await?;
             let machine_id = new_id();
             let inserted = sqlx::query(
                 "INSERT INTO machines (id, provider, platform, project_id) VALUES ($1, $2, $3, $4)
@@ -197,7 +215,12 @@ impl Scheduler {
     /// Refuses a new machine beyond `builders.max_machines_total` or the organization's
     /// `builders.max_machines_per_organization`. Requests for new machines take one
     /// transaction-scoped advisory lock, so concurrent replicas cannot both slip under a cap.
-    async fn check_caps(&self, tx: &mut Transaction<'_, Postgres>, project_id: &str) -> Result<()> {
+    async fn check_caps(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        project_id: &str,
+        new_machine: bool,
+    ) -> Result<()> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:machine-caps'))")
             .execute(&mut **tx)
             .await?;
@@ -222,7 +245,7 @@ impl Scheduler {
                  (builders.max_machines_per_organization); wait for builds to finish or ask the operator to raise it"
             )));
         }
-        if total >= self.config.max_machines_total {
+        if new_machine && total >= self.config.max_machines_total {
             metrics::counter!("kiln_machine_cap_refusals_total", "cap" => "total").increment(1);
             return Err(Error::ResourceExhausted(format!(
                 "this Kiln already runs {total} builder machines, its limit (builders.max_machines_total); \
@@ -232,13 +255,94 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Moves the oldest ready warm standby of `platform` into the project's slot. The
+    /// caller holds the slot's lock. A warm machine joining counts against the
+    /// organization's cap; the total is unchanged.
+    async fn adopt_warm(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        project_id: &str,
+        platform: Platform,
+    ) -> Result<Option<String>> {
+        let candidate: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM machines WHERE project_id IS NULL AND platform = $1 AND state = 'ready'
+             ORDER BY ready_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(platform.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(id) = candidate else { return Ok(None) };
+        self.check_caps(tx, project_id, false).await?;
+        sqlx::query("UPDATE machines SET project_id = $2 WHERE id = $1 AND project_id IS NULL AND state = 'ready'")
+            .bind(&id)
+            .bind(project_id)
+            .execute(&mut **tx)
+            .await?;
+        // Refill the pool soon, not at the next periodic pass.
+        jobs::enqueue(&mut **tx, NewJob::new(POOL_JOB, json!({})).dedupe("refill")).await?;
+        metrics::counter!("kiln_builder_assignments_total", "source" => "warm_pool").increment(1);
+        Ok(Some(id))
+    }
+
+    /// Keeps `builders.warm_pool_amd64` / `warm_pool_arm64` standbys (no project yet)
+    /// requested, booting or ready, within the total cap. Returns how many it requested.
+    pub async fn refill_pool(&self) -> Result<usize> {
+        let mut requested = 0;
+        for (platform, target) in [
+            (Platform::Amd64, self.config.warm_pool_amd64),
+            (Platform::Arm64, self.config.warm_pool_arm64),
+        ] {
+            if target == 0 {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:machine-caps'))")
+                .execute(&mut *tx)
+                .await?;
+            let (warm, total): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE project_id IS NULL AND platform = $1
+                                          AND state IN ('requested', 'launching', 'booting', 'ready')),
+                        count(*) FILTER (WHERE state IN ('requested', 'launching', 'booting', 'ready', 'assigned', 'draining'))
+                 FROM machines",
+            )
+            .bind(platform.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            let missing = (i64::from(target) - warm)
+                .max(0)
+                .min((self.config.max_machines_total - total).max(0));
+            for _ in 0..missing {
+                let machine_id = new_id();
+                sqlx::query("INSERT INTO machines (id, provider, platform) VALUES ($1, $2, $3)")
+                    .bind(&machine_id)
+                    .bind(self.provider.name())
+                    .bind(platform.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                jobs::enqueue(
+                    &mut *tx,
+                    NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
+                        .dedupe(machine_id.clone())
+                        .max_attempts(5),
+                )
+                .await?;
+                requested += 1;
+            }
+            tx.commit().await?;
+        }
+        if requested > 0 {
+            tracing::info!(requested, "refilling the warm builder pool");
+        }
+        Ok(requested)
+    }
+
     /// Drains builders idle past `builders.idle_timeout_seconds` or older than
     /// `builders.max_lifetime_hours` (those stop taking builds; the slot frees for a new
     /// machine), and queues termination of drained builders with no build left.
     pub async fn reap(&self) -> Result<usize> {
         let drained: Vec<String> = sqlx::query_scalar(
             "UPDATE machines SET state = 'draining'
-             WHERE (state = 'ready' AND active_builds = 0
+             WHERE (state = 'ready' AND active_builds = 0 AND project_id IS NOT NULL
                     AND COALESCE(last_released_at, ready_at, created_at) < now() - make_interval(secs => $1))
                 OR (state IN ('ready', 'assigned') AND launched_at < now() - make_interval(hours => $2))
              RETURNING id",
