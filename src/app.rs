@@ -285,6 +285,16 @@ fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {
             }
         })
         .every(crate::scheduler::POOL_JOB, Duration::from_secs(15));
+    let scheduler = app.scheduler.clone();
+    runner
+        .register(crate::scheduler::RECONCILE_JOB, move |_job| {
+            let scheduler = scheduler.clone();
+            async move {
+                scheduler.reconcile().await?;
+                Ok(())
+            }
+        })
+        .every(crate::scheduler::RECONCILE_JOB, Duration::from_secs(5));
     let app = app.clone();
     runner
         .register(crate::builds::REAP_JOB, move |_job| {

@@ -401,3 +401,72 @@ async fn replicas_racing_builds_launch_one_machine_per_slot() {
         .unwrap();
     assert_eq!(launches, 5, "one launch per machine");
 }
+
+#[tokio::test]
+async fn the_reconciler_requeues_builds_of_vanished_builders_and_reaps_orphans() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let app = app_with(&db, &[]);
+    let s = &app.scheduler;
+    let build = new_build(&app, &t.project.id).await;
+    s.assign(&build, Platform::Amd64).await.unwrap();
+    s.launch(&claim(&app, kiln::scheduler::LAUNCH_JOB).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.assign(&build, Platform::Amd64).await.unwrap(),
+        Assignment::Ready
+    );
+    let (machine_id, _, _) = machine(&app, &t.project.id).await;
+    assert_eq!(
+        s.reconcile().await.unwrap(),
+        kiln::scheduler::Reconciled::default(),
+        "nothing to do when all is well"
+    );
+
+    // The builder dies under a running build.
+    s.provider.terminate(&machine_id).await.unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.vanished, vec![machine_id.clone()]);
+    assert_eq!(machine(&app, &t.project.id).await.1, "failed");
+    let state: String = sqlx::query_scalar("SELECT state FROM build_platforms WHERE build_id = $1")
+        .bind(&build)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending", "the build waits for a new builder");
+    assert_eq!(
+        s.assign(&build, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    assert_ne!(machine(&app, &t.project.id).await.0, machine_id);
+
+    // An instance with no machine row, as after a crash between launch and the DB write.
+    let pki = s.pki().await.unwrap();
+    let orphan = "orphan0000001".to_string();
+    s.provider
+        .launch(kiln::scheduler::provider::LaunchSpec {
+            machine_id: orphan.clone(),
+            platform: Platform::Amd64,
+            server_name: "orphan.builders.kiln.internal".into(),
+            server_cert: pki
+                .server_certificate("orphan.builders.kiln.internal", time::Duration::hours(1))
+                .unwrap(),
+            ca_pem: pki.ca_pem.clone(),
+        })
+        .await
+        .unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.new_orphans, vec![orphan.clone()]);
+    assert!(
+        s.provider.is_alive(&orphan).await.unwrap(),
+        "orphans get a grace period"
+    );
+    sqlx::query("UPDATE machine_orphans SET first_seen_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.terminated_orphans, vec![orphan.clone()]);
+    assert!(!s.provider.is_alive(&orphan).await.unwrap());
+}

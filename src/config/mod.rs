@@ -142,6 +142,7 @@ pub struct BuildersConfig {
     pub max_lifetime_hours: u64,
     pub max_machines_total: i64,
     pub max_machines_per_organization: i64,
+    pub orphan_grace_seconds: u64,
     pub warm_pool_amd64: u16,
     pub warm_pool_arm64: u16,
     pub local: LocalBuildersConfig,

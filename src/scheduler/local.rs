@@ -117,7 +117,7 @@ impl LocalProvider {
             .spawn()
             .map_err(|e| Error::internal(anyhow::anyhow!("starting builder {:?}: {e}", args[0])))?;
         let launched = Launched {
-            provider_ref: format!("pid:{}", child.id().unwrap_or_default()),
+            provider_ref: format!("{}{}", self.ref_prefix(), child.id().unwrap_or_default()),
             endpoint: format!("tcp://{listen}"),
         };
         if let Ok(mut children) = self.children.lock() {
@@ -128,9 +128,43 @@ impl LocalProvider {
     }
 }
 
+impl LocalProvider {
+    /// `local:<kiln pid>:` — builders belong to the kiln process that started them.
+    fn ref_prefix(&self) -> String {
+        format!("local:{}:", std::process::id())
+    }
+
+    /// Whether the kiln process that started a builder still runs.
+    pub fn owner_alive(provider_ref: &str) -> bool {
+        provider_ref
+            .strip_prefix("local:")
+            .and_then(|rest| rest.split(':').next())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    }
+}
+
 impl ComputeProvider for LocalProvider {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<super::provider::Instance>>> {
+        Box::pin(async move {
+            let Ok(mut children) = self.children.lock() else {
+                return Ok(Vec::new());
+            };
+            Ok(children
+                .iter_mut()
+                .map(|(id, (child, _))| super::provider::Instance {
+                    machine_id: id.clone(),
+                    running: matches!(child.try_wait(), Ok(None)),
+                })
+                .collect())
+        })
+    }
+
+    fn owns(&self, provider_ref: &str) -> bool {
+        provider_ref.starts_with(&self.ref_prefix())
     }
 
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>> {

@@ -30,6 +30,20 @@ pub const LAUNCH_JOB: &str = "machines.launch";
 pub const REAP_JOB: &str = "machines.reap";
 pub const TERMINATE_JOB: &str = "machines.terminate";
 pub const POOL_JOB: &str = "machines.pool";
+pub const RECONCILE_JOB: &str = "machines.reconcile";
+
+/// What one reconciler pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Machines whose instance vanished: failed, their builds requeued.
+    pub vanished: Vec<String>,
+    /// Machines stuck booting past the deadline: terminated, failed, builds requeued.
+    pub stuck: Vec<String>,
+    /// Orphan instances seen for the first time (kept through the grace period).
+    pub new_orphans: Vec<String>,
+    /// Orphan instances terminated after the grace period.
+    pub terminated_orphans: Vec<String>,
+}
 
 pub struct Scheduler {
     pool: PgPool,
@@ -575,6 +589,133 @@ impl Scheduler {
         Ok(())
     }
 
+    /// One reconciler pass: compare the provider's instances with the database. Runs as
+    /// the periodic `machines.reconcile` job, so one replica at a time does it.
+    pub async fn reconcile(&self) -> Result<Reconciled> {
+        let mut report = Reconciled::default();
+        let instances = self.provider.list().await?;
+        let running: std::collections::HashSet<&str> = instances
+            .iter()
+            .filter(|i| i.running)
+            .map(|i| i.machine_id.as_str())
+            .collect();
+        let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT id, state, provider_ref,
+                    state = 'booting' AND launched_at < now() - make_interval(secs => $2) AS stuck
+             FROM machines WHERE provider = $1 AND state IN ('launching', 'booting', 'ready', 'assigned', 'draining')",
+        )
+        .bind(self.provider.name())
+        .bind((self.config.boot_timeout_seconds * 2) as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        let live: std::collections::HashSet<&str> =
+            rows.iter().map(|(id, ..)| id.as_str()).collect();
+
+        for (id, state, reference, stuck) in &rows {
+            let visible = reference.as_deref().is_some_and(|r| self.provider.owns(r));
+            if *stuck {
+                let _ = self.provider.terminate(id).await;
+                if self
+                    .fail_and_requeue(id, "did not finish booting before the deadline")
+                    .await?
+                {
+                    report.stuck.push(id.clone());
+                }
+            } else if visible
+                && state != "launching"
+                && !running.contains(id.as_str())
+                && self.fail_and_requeue(id, "its instance vanished").await?
+            {
+                report.vanished.push(id.clone());
+            }
+        }
+
+        // Instances no live row claims: orphans, terminated after a grace period.
+        let orphans: Vec<&str> = running
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect();
+        sqlx::query(
+            "DELETE FROM machine_orphans WHERE provider = $1 AND NOT (machine_id = ANY($2))",
+        )
+        .bind(self.provider.name())
+        .bind(&orphans)
+        .execute(&self.pool)
+        .await?;
+        for id in orphans {
+            let seen: (bool, bool) = sqlx::query_as(
+                "WITH ins AS (INSERT INTO machine_orphans (machine_id, provider) VALUES ($1, $2)
+                              ON CONFLICT DO NOTHING RETURNING first_seen_at)
+                 SELECT EXISTS (SELECT 1 FROM ins),
+                        COALESCE((SELECT first_seen_at < now() - make_interval(secs => $3)
+                                  FROM machine_orphans WHERE machine_id = $1), false)",
+            )
+            .bind(id)
+            .bind(self.provider.name())
+            .bind(self.config.orphan_grace_seconds as f64)
+            .fetch_one(&self.pool)
+            .await?;
+            match seen {
+                (true, _) => {
+                    tracing::warn!(
+                        machine_id = id,
+                        "found an instance with no machine row; terminating it after the grace period"
+                    );
+                    report.new_orphans.push(id.to_string());
+                }
+                (false, true) => {
+                    self.provider.terminate(id).await?;
+                    sqlx::query("DELETE FROM machine_orphans WHERE machine_id = $1")
+                        .bind(id)
+                        .execute(&self.pool)
+                        .await?;
+                    tracing::warn!(machine_id = id, "terminated an orphan instance");
+                    metrics::counter!("kiln_orphans_terminated_total").increment(1);
+                    report.terminated_orphans.push(id.to_string());
+                }
+                (false, false) => {}
+            }
+        }
+        if !report.vanished.is_empty() || !report.stuck.is_empty() {
+            notify_scheduler(&self.pool).await;
+        }
+        Ok(report)
+    }
+
+    /// Marks a machine failed and puts the platforms it served back to pending, so the
+    /// scheduler finds them a new builder. False if another pass got there first.
+    async fn fail_and_requeue(&self, machine_id: &str, reason: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let failed = sqlx::query(
+            "UPDATE machines SET state = 'failed', error = $2, active_builds = 0, terminated_at = now()
+             WHERE id = $1 AND state IN ('launching', 'booting', 'ready', 'assigned', 'draining')",
+        )
+        .bind(machine_id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if failed {
+            sqlx::query(
+                "UPDATE build_platforms SET state = 'pending', builder_id = NULL, assigned_at = NULL, ready_at = NULL
+                 WHERE builder_id = $1 AND state IN ('assigned', 'ready')",
+            )
+            .bind(machine_id)
+            .execute(&mut *tx)
+            .await?;
+            tracing::warn!(
+                machine_id,
+                reason,
+                "builder failed; its builds go back to the queue"
+            );
+            metrics::counter!("kiln_machines_failed_total").increment(1);
+        }
+        tx.commit().await?;
+        Ok(failed)
+    }
+
     /// Local builders die with the process that started them; forget the rows of
     /// processes that no longer exist (a previous `kiln dev`, say).
     async fn forget_dead_local_machines(&self) {
@@ -590,8 +731,7 @@ impl Scheduler {
         for (id, reference) in rows {
             let alive = reference
                 .as_deref()
-                .and_then(|r| r.strip_prefix("pid:"))
-                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                .is_some_and(local::LocalProvider::owner_alive);
             if !alive {
                 let _ = terminate_row(&self.pool, &id).await;
             }

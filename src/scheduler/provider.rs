@@ -26,8 +26,22 @@ pub struct Launched {
     pub endpoint: String,
 }
 
+/// An instance as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub machine_id: String,
+    pub running: bool,
+}
+
 pub trait ComputeProvider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+
+    /// Every instance this provider manages (for EC2: found by Kiln's ownership tags).
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>>>;
+
+    /// Whether a machine row with this `provider_ref` is within this provider's view
+    /// (the local provider sees only the processes of its own kiln).
+    fn owns(&self, provider_ref: &str) -> bool;
 
     /// Starts the machine, or returns the one already started for this id.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>>;
