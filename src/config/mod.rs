@@ -152,6 +152,8 @@ pub struct BuildersConfig {
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Local,
+    /// In-memory machines for scheduler benchmarks.
+    Sim,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -167,6 +167,35 @@ impl ComputeProvider for LocalProvider {
         provider_ref.starts_with(&self.ref_prefix())
     }
 
+    /// Ready when the process accepts TCP connections on its endpoint.
+    fn wait_ready<'a>(
+        &'a self,
+        machine_id: &'a str,
+        launched: &'a Launched,
+        deadline: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let address = launched.endpoint.trim_start_matches("tcp://");
+            loop {
+                if tokio::net::TcpStream::connect(address).await.is_ok() {
+                    return Ok(());
+                }
+                let alive = self.is_alive(machine_id).await.unwrap_or(false);
+                if !alive || tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Unavailable(format!(
+                        "builder {machine_id} did not accept connections at {address}{}",
+                        if alive {
+                            ""
+                        } else {
+                            " (its process exited; see builder.log)"
+                        }
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+    }
+
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>> {
         Box::pin(self.start(spec))
     }

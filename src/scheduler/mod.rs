@@ -8,6 +8,7 @@
 
 pub mod local;
 pub mod provider;
+pub mod sim;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,10 @@ pub const REAP_JOB: &str = "machines.reap";
 pub const TERMINATE_JOB: &str = "machines.terminate";
 pub const POOL_JOB: &str = "machines.pool";
 pub const RECONCILE_JOB: &str = "machines.reconcile";
+
+/// Within this many machines of `builders.max_machines_total`, new machines are counted
+/// under a global lock (more than the requests that can be in flight at once).
+const TOTAL_CAP_MARGIN: i64 = 64;
 
 /// What one reconciler pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -69,6 +74,7 @@ impl Scheduler {
     pub fn new(pool: PgPool, config: BuildersConfig, kek: Option<[u8; 32]>) -> Self {
         let provider: Arc<dyn ComputeProvider> = match config.provider {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(&config.local)),
+            ProviderKind::Sim => Arc::new(sim::SimProvider::default()),
         };
         Scheduler {
             pool,
@@ -226,29 +232,33 @@ impl Scheduler {
         ))
     }
 
-    /// Refuses a new machine beyond `builders.max_machines_total` or the organization's
-    /// `builders.max_machines_per_organization`. Requests for new machines take one
-    /// transaction-scoped advisory lock, so concurrent replicas cannot both slip under a cap.
+    /// Refuses a new machine beyond the organization's
+    /// `builders.max_machines_per_organization` or `builders.max_machines_total`.
+    ///
+    /// The organization's cap is exact: requests of one organization serialize on its own
+    /// advisory lock, so organizations don't wait for each other. The total is counted
+    /// without a global lock while far from the cap, and under one once within
+    /// `TOTAL_CAP_MARGIN` of it, so it is exact where it matters and free elsewhere.
     async fn check_caps(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         project_id: &str,
         new_machine: bool,
     ) -> Result<()> {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:machine-caps'))")
+        const LIVE: &str = "('requested', 'launching', 'booting', 'ready', 'assigned', 'draining')";
+        let org: String = sqlx::query_scalar("SELECT organization_id FROM projects WHERE id = $1")
+            .bind(project_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:org-machines:' || $1))")
+            .bind(&org)
             .execute(&mut **tx)
             .await?;
-        let (total, in_org, org): (i64, i64, String) = sqlx::query_as(
-            "SELECT count(m.id),
-                    count(m.id) FILTER (WHERE p.organization_id = me.organization_id),
-                    me.organization_id
-             FROM projects me
-             LEFT JOIN machines m ON m.state IN ('requested', 'launching', 'booting', 'ready', 'assigned', 'draining')
-             LEFT JOIN projects p ON p.id = m.project_id
-             WHERE me.id = $1
-             GROUP BY me.organization_id",
-        )
-        .bind(project_id)
+        let in_org: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM machines m JOIN projects p ON p.id = m.project_id
+             WHERE p.organization_id = $1 AND m.state IN {LIVE}"
+        ))
+        .bind(&org)
         .fetch_one(&mut **tx)
         .await?;
         if in_org >= self.config.max_machines_per_organization {
@@ -259,7 +269,22 @@ impl Scheduler {
                  (builders.max_machines_per_organization); wait for builds to finish or ask the operator to raise it"
             )));
         }
-        if new_machine && total >= self.config.max_machines_total {
+        if !new_machine {
+            return Ok(());
+        }
+        let count_total = format!("SELECT count(*) FROM machines WHERE state IN {LIVE}");
+        let mut total: i64 = sqlx::query_scalar(&count_total)
+            .fetch_one(&mut **tx)
+            .await?;
+        if total >= self.config.max_machines_total - TOTAL_CAP_MARGIN {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:machine-caps'))")
+                .execute(&mut **tx)
+                .await?;
+            total = sqlx::query_scalar(&count_total)
+                .fetch_one(&mut **tx)
+                .await?;
+        }
+        if total >= self.config.max_machines_total {
             metrics::counter!("kiln_machine_cap_refusals_total", "cap" => "total").increment(1);
             return Err(Error::ResourceExhausted(format!(
                 "this Kiln already runs {total} builder machines, its limit (builders.max_machines_total); \
@@ -507,20 +532,15 @@ impl Scheduler {
         .bind(&launched.provider_ref)
         .execute(&self.pool)
         .await?;
-        let address = launched.endpoint.trim_start_matches("tcp://").to_string();
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_seconds);
-        loop {
-            if tokio::net::TcpStream::connect(&address).await.is_ok() {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline
-                || !self.provider.is_alive(machine_id).await.unwrap_or(false)
-            {
-                let _ = self.provider.terminate(machine_id).await;
-                anyhow::bail!("builder {machine_id} did not accept connections at {address}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(err) = self
+            .provider
+            .wait_ready(machine_id, &launched, deadline)
+            .await
+        {
+            let _ = self.provider.terminate(machine_id).await;
+            return Err(err.into());
         }
         self.mark_ready(machine_id).await?;
         Ok(())

@@ -46,6 +46,14 @@ pub trait ComputeProvider: Send + Sync + 'static {
     /// Starts the machine, or returns the one already started for this id.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>>;
 
+    /// Waits until the launched machine serves BuildKit, or fails at `deadline`.
+    fn wait_ready<'a>(
+        &'a self,
+        machine_id: &'a str,
+        launched: &'a Launched,
+        deadline: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<()>>;
+
     /// Whether the machine is still running.
     fn is_alive(&self, machine_id: &str) -> BoxFuture<'_, Result<bool>>;
 
