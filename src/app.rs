@@ -255,54 +255,11 @@ pub async fn serve(
 }
 
 fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {
-    let scheduler = app.scheduler.clone();
-    runner.register(crate::scheduler::LAUNCH_JOB, move |job| {
-        let scheduler = scheduler.clone();
-        async move { scheduler.launch(&job).await }
-    });
-    let scheduler = app.scheduler.clone();
-    runner.register(crate::scheduler::TERMINATE_JOB, move |job| {
-        let scheduler = scheduler.clone();
-        async move { scheduler.terminate(&job).await }
-    });
-    let scheduler = app.scheduler.clone();
+    crate::scheduler::register_jobs(runner, app.scheduler.clone());
     runner
-        .register(crate::scheduler::REAP_JOB, move |_job| {
-            let scheduler = scheduler.clone();
-            async move {
-                scheduler.reap().await?;
-                Ok(())
-            }
-        })
-        .every(crate::scheduler::REAP_JOB, Duration::from_secs(15));
-    let scheduler = app.scheduler.clone();
-    runner
-        .register(crate::scheduler::POOL_JOB, move |_job| {
-            let scheduler = scheduler.clone();
-            async move {
-                scheduler.refill_pool().await?;
-                Ok(())
-            }
-        })
-        .every(crate::scheduler::POOL_JOB, Duration::from_secs(15));
-    let scheduler = app.scheduler.clone();
-    runner
-        .register(crate::scheduler::RECONCILE_JOB, move |_job| {
-            let scheduler = scheduler.clone();
-            async move {
-                scheduler.reconcile().await?;
-                Ok(())
-            }
-        })
-        .every(crate::scheduler::RECONCILE_JOB, Duration::from_secs(5));
-    let app = app.clone();
-    runner
-        .register(crate::builds::REAP_JOB, move |_job| {
-            let app = app.clone();
-            async move {
-                app.builds.reap_stale().await?;
-                Ok(())
-            }
+        .register_with(crate::builds::REAP_JOB, app.clone(), |app, _| async move {
+            app.builds.reap_stale().await?;
+            Ok(())
         })
         .every(crate::builds::REAP_JOB, Duration::from_secs(30));
 }

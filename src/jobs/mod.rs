@@ -56,6 +56,21 @@ impl JobRunner {
         self
     }
 
+    /// Like [`JobRunner::register`], handing the handler a clone of shared `state`.
+    pub fn register_with<S, F, Fut>(
+        &mut self,
+        kind: &'static str,
+        state: Arc<S>,
+        handler: F,
+    ) -> &mut Self
+    where
+        S: Send + Sync + 'static,
+        F: Fn(Arc<S>, ClaimedJob) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.register(kind, move |job| handler(state.clone(), job))
+    }
+
     pub fn every(&mut self, kind: &'static str, every: Duration) -> &mut Self {
         self.periodic.push(Periodic { kind, every });
         self

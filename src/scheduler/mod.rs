@@ -778,6 +778,33 @@ impl Scheduler {
     }
 }
 
+/// The scheduler's background jobs: per-machine launch and terminate, and the periodic
+/// reaper, pool refill and reconciler.
+pub fn register_jobs(runner: &mut crate::jobs::JobRunner, scheduler: Arc<Scheduler>) {
+    runner
+        .register_with(LAUNCH_JOB, scheduler.clone(), |s, job| async move {
+            s.launch(&job).await
+        })
+        .register_with(TERMINATE_JOB, scheduler.clone(), |s, job| async move {
+            s.terminate(&job).await
+        })
+        .register_with(REAP_JOB, scheduler.clone(), |s, _| async move {
+            s.reap().await?;
+            Ok(())
+        })
+        .every(REAP_JOB, Duration::from_secs(15))
+        .register_with(POOL_JOB, scheduler.clone(), |s, _| async move {
+            s.refill_pool().await?;
+            Ok(())
+        })
+        .every(POOL_JOB, Duration::from_secs(15))
+        .register_with(RECONCILE_JOB, scheduler, |s, _| async move {
+            s.reconcile().await?;
+            Ok(())
+        })
+        .every(RECONCILE_JOB, Duration::from_secs(5));
+}
+
 async fn terminate_row(pool: &PgPool, machine_id: &str) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("UPDATE machines SET state = 'terminated', terminated_at = now(), active_builds = 0 WHERE id = $1 AND state <> 'terminated'")
