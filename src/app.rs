@@ -31,6 +31,8 @@ pub struct App {
     /// Every LISTEN/NOTIFY notification, for in-process waiters (logins, connections).
     pub events: broadcast::Sender<Arc<Notification>>,
     pub metrics: PrometheusHandle,
+    /// Failed password sign-ins, for throttling guessing.
+    pub sign_ins: crate::auth::login::SignInThrottle,
     /// Set once the database was reached and is fully migrated.
     migrated: AtomicBool,
 }
@@ -71,6 +73,7 @@ impl App {
             connect: crate::api::connect::services::router(),
             events,
             metrics: crate::telemetry::metrics_handle(),
+            sign_ins: Default::default(),
             migrated: AtomicBool::new(false),
         })
     }

@@ -429,3 +429,54 @@ async fn readyz_is_false_when_the_database_is_unreachable() {
     let me = call(&router, "GET", "/api/v1/me", Some("kiln_u_whatever"), None).await;
     assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", me.body);
 }
+
+#[tokio::test]
+async fn the_login_page_throttles_password_guessing() {
+    let db = TestDb::new().await;
+    let a = tenant(&db.pool, "a").await;
+    kiln::auth::login::set_password(&db.pool, &a.user_id, "the right password")
+        .await
+        .unwrap();
+    let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(&a.user_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let request = kiln::auth::login::start(&db.pool, std::time::Duration::from_secs(600))
+        .await
+        .unwrap();
+    let router = kiln::api::router(app(&db));
+    let post = |password: &'static str| {
+        let router = router.clone();
+        let body = format!(
+            "email={}&password={}&decision=approve",
+            email.replace('@', "%40"),
+            password.replace(' ', "+")
+        );
+        let path = format!("/login/{}", request.id);
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))
+                .unwrap();
+            router.oneshot(req).await.unwrap().status()
+        }
+    };
+    for _ in 0..kiln::auth::login::MAX_FAILED_SIGN_INS {
+        assert_eq!(post("wrong guess").await, StatusCode::UNAUTHORIZED);
+    }
+    // Locked out: even the right password is not checked now.
+    assert_eq!(
+        post("the right password").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let approved: Option<String> =
+        sqlx::query_scalar("SELECT approved_by FROM login_requests WHERE id = $1")
+            .bind(&request.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(approved.is_none());
+}

@@ -184,3 +184,57 @@ pub async fn claim(pool: &PgPool, id: &str) -> Result<Claim> {
     tx.commit().await?;
     Ok(Claim::Token(minted.secret))
 }
+
+/// Failed sign-ins allowed per email within `THROTTLE_WINDOW`, per replica.
+pub const MAX_FAILED_SIGN_INS: u32 = 10;
+pub const THROTTLE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// Slows password guessing (and argon2 CPU burn) on the sign-in page: after
+/// `MAX_FAILED_SIGN_INS` failures for an email within the window, further attempts are
+/// refused without checking the password until the window passes.
+#[derive(Default)]
+pub struct SignInThrottle {
+    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+}
+
+impl SignInThrottle {
+    fn key(email: &str) -> String {
+        email.trim().to_ascii_lowercase()
+    }
+
+    /// `Err` with the wait left when the email is locked out.
+    pub fn check(&self, email: &str) -> std::result::Result<(), Duration> {
+        let Ok(mut failures) = self.failures.lock() else {
+            return Ok(());
+        };
+        let key = Self::key(email);
+        match failures.get(&key) {
+            Some((_, since)) if since.elapsed() >= THROTTLE_WINDOW => {
+                failures.remove(&key);
+                Ok(())
+            }
+            Some((count, since)) if *count >= MAX_FAILED_SIGN_INS => {
+                Err(THROTTLE_WINDOW.saturating_sub(since.elapsed()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&self, email: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            if failures.len() > 100_000 {
+                failures.retain(|_, (_, since)| since.elapsed() < THROTTLE_WINDOW);
+            }
+            let entry = failures
+                .entry(Self::key(email))
+                .or_insert((0, std::time::Instant::now()));
+            entry.0 += 1;
+        }
+    }
+
+    pub fn succeeded(&self, email: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(&Self::key(email));
+        }
+    }
+}

@@ -120,9 +120,20 @@ async fn login_decide(
     Form(form_data): Form<Decision>,
 ) -> Response {
     let approve = form_data.decision == "approve";
+    if let Err(wait) = app.sign_ins.check(&form_data.email) {
+        let msg = format!(
+            "Too many failed sign-ins for this email; try again in {} minutes.",
+            wait.as_secs().div_ceil(60)
+        );
+        return (StatusCode::TOO_MANY_REQUESTS, Html(form(&id, Some(&msg)))).into_response();
+    }
     let user = match login::sign_in(&app.db, &form_data.email, &form_data.password).await {
-        Ok(user) => user,
+        Ok(user) => {
+            app.sign_ins.succeeded(&form_data.email);
+            user
+        }
         Err(Error::Unauthenticated(msg)) => {
+            app.sign_ins.failed(&form_data.email);
             return (StatusCode::UNAUTHORIZED, Html(form(&id, Some(&msg)))).into_response();
         }
         Err(err) => return err.into_response(),
