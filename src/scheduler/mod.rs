@@ -33,6 +33,8 @@ pub const TERMINATE_JOB: &str = "machines.terminate";
 pub const POOL_JOB: &str = "machines.pool";
 pub const RECONCILE_JOB: &str = "machines.reconcile";
 
+const LIVE_STATES: &str = "('requested', 'launching', 'booting', 'ready', 'assigned', 'draining')";
+
 /// Within this many machines of `builders.max_machines_total`, new machines are counted
 /// under a global lock (more than the requests that can be in flight at once).
 const TOTAL_CAP_MARGIN: i64 = 64;
@@ -159,22 +161,7 @@ impl Scheduler {
                 .bind(&machine_id)
                 .execute(&mut **tx)
                 .await?;
-                sqlx::query(
-                    "UPDATE build_platforms SET builder_id = $3, assigned_at = now(),
-                         state = CASE WHEN $4 THEN 'ready' ELSE 'assigned' END,
-                         ready_at = CASE WHEN $4 THEN now() END
-                     WHERE build_id = $1 AND platform = $2 AND state = 'pending'",
-                )
-                .bind(build_id)
-                .bind(platform.as_str())
-                .bind(&machine_id)
-                .bind(ready)
-                .execute(&mut **tx)
-                .await?;
-                sqlx::query("UPDATE builds SET state = 'running', started_at = now() WHERE id = $1 AND state = 'queued'")
-                    .bind(build_id)
-                    .execute(&mut **tx)
-                    .await?;
+                attach_platform(tx, build_id, platform, &machine_id, ready).await?;
                 if ready {
                     metrics::counter!("kiln_builder_assignments_total", "source" => "idle")
                         .increment(1);
@@ -195,13 +182,16 @@ impl Scheduler {
                 slot_locked = true;
                 continue;
             }
+            // The project gains a machine either way: its organization's cap applies.
+            self.check_org_cap(tx, project_id).await?;
             // A warm standby of this architecture joins the project's slot (milliseconds).
             if let Some(adopted) = self.adopt_warm(tx, project_id, platform).await? {
                 tracing::debug!(machine_id = %adopted, project_id, "adopted a warm builder");
-                continue;
+                attach_platform(tx, build_id, platform, &adopted, true).await?;
+                return Ok(Assignment::Ready);
             }
-            // Otherwise request a machine, within the caps.
-            self.check_caps(tx, project_id, true).await?;
+            // Otherwise request a new machine, within the total cap too.
+            self.check_total_cap(tx).await?;
             let machine_id = new_id();
             let inserted = sqlx::query(
                 "INSERT INTO machines (id, provider, platform, project_id) VALUES ($1, $2, $3, $4)
@@ -232,31 +222,25 @@ impl Scheduler {
         ))
     }
 
-    /// Refuses a new machine beyond the organization's
-    /// `builders.max_machines_per_organization` or `builders.max_machines_total`.
-    ///
-    /// The organization's cap is exact: requests of one organization serialize on its own
-    /// advisory lock, so organizations don't wait for each other. The total is counted
-    /// without a global lock while far from the cap, and under one once within
-    /// `TOTAL_CAP_MARGIN` of it, so it is exact where it matters and free elsewhere.
-    async fn check_caps(
+    /// Refuses a machine for the project beyond its organization's
+    /// `builders.max_machines_per_organization`. Exact: requests of one organization
+    /// serialize on its own advisory lock, so organizations don't wait for each other.
+    async fn check_org_cap(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         project_id: &str,
-        new_machine: bool,
     ) -> Result<()> {
-        const LIVE: &str = "('requested', 'launching', 'booting', 'ready', 'assigned', 'draining')";
-        let org: String = sqlx::query_scalar("SELECT organization_id FROM projects WHERE id = $1")
-            .bind(project_id)
-            .fetch_one(&mut **tx)
-            .await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:org-machines:' || $1))")
-            .bind(&org)
-            .execute(&mut **tx)
-            .await?;
+        let org: String = sqlx::query_scalar(
+            "SELECT p.organization_id FROM projects p
+             CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('kiln:org-machines:' || p.organization_id))) AS lock
+             WHERE p.id = $1",
+        )
+        .bind(project_id)
+        .fetch_one(&mut **tx)
+        .await?;
         let in_org: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM machines m JOIN projects p ON p.id = m.project_id
-             WHERE p.organization_id = $1 AND m.state IN {LIVE}"
+             WHERE p.organization_id = $1 AND m.state IN {LIVE_STATES}"
         ))
         .bind(&org)
         .fetch_one(&mut **tx)
@@ -269,10 +253,14 @@ impl Scheduler {
                  (builders.max_machines_per_organization); wait for builds to finish or ask the operator to raise it"
             )));
         }
-        if !new_machine {
-            return Ok(());
-        }
-        let count_total = format!("SELECT count(*) FROM machines WHERE state IN {LIVE}");
+        Ok(())
+    }
+
+    /// Refuses a new machine beyond `builders.max_machines_total`. Counted without a global
+    /// lock while far from the cap, and under one within `TOTAL_CAP_MARGIN` of it, so it is
+    /// exact where it matters and free elsewhere.
+    async fn check_total_cap(&self, tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+        let count_total = format!("SELECT count(*) FROM machines WHERE state IN {LIVE_STATES}");
         let mut total: i64 = sqlx::query_scalar(&count_total)
             .fetch_one(&mut **tx)
             .await?;
@@ -294,8 +282,8 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Moves the oldest ready warm standby of `platform` into the project's slot. The
-    /// caller holds the slot's lock. A warm machine joining counts against the
+    /// Moves the oldest ready warm standby of `platform` into the project's slot and
+    /// assigns it, in one statement. The caller holds the slot's lock and checked the
     /// organization's cap; the total is unchanged.
     async fn adopt_warm(
         &self,
@@ -303,24 +291,24 @@ impl Scheduler {
         project_id: &str,
         platform: Platform,
     ) -> Result<Option<String>> {
-        let candidate: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM machines WHERE project_id IS NULL AND platform = $1 AND state = 'ready'
-             ORDER BY ready_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+        let adopted: Option<String> = sqlx::query_scalar(
+            "UPDATE machines SET project_id = $2, state = 'assigned', active_builds = 1, last_assigned_at = now()
+             WHERE id = (SELECT id FROM machines
+                         WHERE project_id IS NULL AND platform = $1 AND state = 'ready'
+                         ORDER BY ready_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING id",
         )
         .bind(platform.as_str())
+        .bind(project_id)
         .fetch_optional(&mut **tx)
         .await?;
-        let Some(id) = candidate else { return Ok(None) };
-        self.check_caps(tx, project_id, false).await?;
-        sqlx::query("UPDATE machines SET project_id = $2 WHERE id = $1 AND project_id IS NULL AND state = 'ready'")
-            .bind(&id)
-            .bind(project_id)
-            .execute(&mut **tx)
-            .await?;
-        // Refill the pool soon, not at the next periodic pass.
-        jobs::enqueue(&mut **tx, NewJob::new(POOL_JOB, json!({})).dedupe("refill")).await?;
-        metrics::counter!("kiln_builder_assignments_total", "source" => "warm_pool").increment(1);
-        Ok(Some(id))
+        if adopted.is_some() {
+            // Refill the pool soon, not at the next periodic pass.
+            jobs::enqueue(&mut **tx, NewJob::new(POOL_JOB, json!({})).dedupe("refill")).await?;
+            metrics::counter!("kiln_builder_assignments_total", "source" => "warm_pool")
+                .increment(1);
+        }
+        Ok(adopted)
     }
 
     /// Keeps `builders.warm_pool_amd64` / `warm_pool_arm64` standbys (no project yet)
@@ -776,6 +764,34 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Points a pending platform at its machine: `ready` when the machine serves, else
+/// `assigned` until it does; the build is running from its first assignment.
+async fn attach_platform(
+    tx: &mut Transaction<'_, Postgres>,
+    build_id: &str,
+    platform: Platform,
+    machine_id: &str,
+    ready: bool,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE build_platforms SET builder_id = $3, assigned_at = now(),
+             state = CASE WHEN $4 THEN 'ready' ELSE 'assigned' END,
+             ready_at = CASE WHEN $4 THEN now() END
+         WHERE build_id = $1 AND platform = $2 AND state = 'pending'",
+    )
+    .bind(build_id)
+    .bind(platform.as_str())
+    .bind(machine_id)
+    .bind(ready)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE builds SET state = 'running', started_at = now() WHERE id = $1 AND state = 'queued'")
+        .bind(build_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// The scheduler's background jobs: per-machine launch and terminate, and the periodic
