@@ -323,3 +323,32 @@ async fn kiln_dev_boots_from_nothing_and_reuses_its_data() {
     assert!(second.terminate().success());
     assert!(!postgres_running(&data));
 }
+
+#[tokio::test]
+async fn admin_lists_and_drains_machines() {
+    let db = TestDb::new().await;
+    let t = common::tenant(&db.pool, "a").await;
+    sqlx::query("INSERT INTO machines (id, provider, platform, project_id, state) VALUES ('m1', 'local', 'amd64', $1, 'ready')")
+        .bind(&t.project.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let env = [("KILN_DATABASE__URL", db.url.as_str())];
+    let (ok, out, err) = run(&["admin", "--json", "machines", "list"], &env);
+    assert!(ok, "{err}");
+    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (row["id"].as_str(), row["state"].as_str()),
+        (Some("m1"), Some("ready"))
+    );
+
+    let (ok, _, err) = run(&["admin", "machines", "drain", "m1"], &env);
+    assert!(ok, "{err}");
+    let state: String = sqlx::query_scalar("SELECT state FROM machines WHERE id = 'm1'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "draining");
+    let (ok, _, err) = run(&["admin", "machines", "drain", "m1"], &env);
+    assert!(!ok && err.contains("not ready or assigned"), "{err}");
+}

@@ -43,6 +43,9 @@ pub enum AdminCommand {
     /// Background jobs
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Builder machines
+    #[command(subcommand)]
+    Machines(MachinesCommand),
     /// The audit log
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -176,6 +179,17 @@ pub enum JobsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum MachinesCommand {
+    /// List builder machines (live ones unless --state is given)
+    List {
+        #[arg(long, value_parser = ["requested", "launching", "booting", "ready", "assigned", "draining", "terminated", "failed"])]
+        state: Option<String>,
+    },
+    /// Stop giving builds to a machine; it is terminated once its builds finish
+    Drain { id: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Show recent audit events
     List {
@@ -205,6 +219,23 @@ pub async fn run(config: Config, args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Token(cmd) => token(&pool, &out, cmd).await,
         AdminCommand::Jobs(JobsCommand::List { state }) => {
             out.rows(&db::jobs::list(&pool, state.as_deref()).await?);
+            Ok(())
+        }
+        AdminCommand::Machines(MachinesCommand::List { state }) => {
+            out.rows(&db::machines::list(&pool, state.as_deref()).await?);
+            Ok(())
+        }
+        AdminCommand::Machines(MachinesCommand::Drain { id }) => {
+            anyhow::ensure!(
+                db::machines::drain(&pool, &id).await?,
+                "machine {id:?} is not ready or assigned (see `kiln admin machines list`)"
+            );
+            audit::record(
+                &pool,
+                AuditEvent::new("machine.drain", actor()).target("machine", &id),
+            )
+            .await?;
+            eprintln!("machine {id} is draining; it is terminated once its builds finish");
             Ok(())
         }
         AdminCommand::Audit(AuditCommand::List { org, limit }) => {

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod builds;
 pub mod ids;
 pub mod jobs;
+pub mod machines;
 pub mod notify;
 pub mod orgs;
 pub mod projects;
