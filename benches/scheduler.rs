@@ -170,7 +170,7 @@ async fn main() {
         ),
         (
             "KILN_BUILDERS__WARM_POOL_AMD64".to_string(),
-            "500".to_string(),
+            "1000".to_string(),
         ),
         (
             "KILN_SECRETS__KEY_ENCRYPTION_KEY".to_string(),
@@ -232,7 +232,7 @@ async fn main() {
         used,
     );
 
-    // Warm pool: 500 standbys; 500 builds of fresh projects adopt them.
+    // Warm pool: 1,000 standbys; 500 builds of fresh projects adopt them, 16 at once.
     let requested = app.scheduler.refill_pool().await.unwrap();
     let (launched, _) = launch_all(&app).await;
     println!("warm pool: {requested} standbys requested, {launched} launched");
@@ -250,7 +250,7 @@ async fn main() {
     // The same, one assignment at a time: the latency of a single warm-pool assignment.
     app.scheduler.refill_pool().await.unwrap();
     launch_all(&app).await;
-    let builds = make_builds(&pool, "pool1", 6_000, 300).await;
+    let builds = make_builds(&pool, "pool1", 6_000, 1_000).await;
     let before = statements(&pool).await;
     let (elapsed, latencies) = assign_with(&app, builds, Assignment::Ready, 1).await;
     let used = statements(&pool).await.zip(before).map(|(a, b)| a - b);
