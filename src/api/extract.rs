@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
@@ -19,16 +18,9 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
-        let first = values.next();
-        if values.next().is_some() {
-            return Err(Error::Unauthenticated(
-                "more than one Authorization header; send exactly one `Bearer <token>`".into(),
-            ));
-        }
         state
             .auth
-            .authenticate(first.map(|v| v.as_bytes()))
+            .authenticate_headers(&parts.headers)
             .await
             .map(Auth)
     }

@@ -92,6 +92,18 @@ impl Authenticator {
         }
     }
 
+    /// Resolves a request's `Authorization` header (exactly one) to a principal.
+    pub async fn authenticate_headers(&self, headers: &http::HeaderMap) -> Result<Arc<Principal>> {
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(Error::Unauthenticated(
+                "more than one Authorization header; send exactly one `Bearer <token>`".into(),
+            ));
+        }
+        self.authenticate(first.map(|v| v.as_bytes())).await
+    }
+
     /// Resolves an `Authorization` header value to a principal, or a 401 that says why.
     pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Arc<Principal>> {
         let token = bearer_token(header)?;

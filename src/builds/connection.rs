@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::auth::{Action, Principal};
+use crate::builds::BuildRef;
 use crate::db::builds::{self, Platform};
 use crate::error::{Error, Result};
 use crate::proto::depot::cli::v1 as pb;
@@ -35,7 +36,7 @@ pub async fn get(
         + Duration::from_secs(app.config.builds.connection_wait_seconds);
     loop {
         if app.scheduler.assign(&build.id, platform).await? == Assignment::Ready
-            && let Some(active) = active(app, &build.id, platform).await?
+            && let Some(active) = active(app, &build, platform).await?
         {
             return Ok(pb::GetBuildKitConnectionResponse {
                 connection: Some(Connection::Active(active)),
@@ -67,9 +68,10 @@ pub async fn get(
 
 async fn active(
     app: &App,
-    build_id: &str,
+    build: &BuildRef,
     platform: Platform,
 ) -> Result<Option<conn::ActiveConnection>> {
+    let build_id = build.id.as_str();
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT m.endpoint, m.server_name FROM build_platforms bp JOIN machines m ON m.id = bp.builder_id
          WHERE bp.build_id = $1 AND bp.platform = $2 AND bp.state = 'ready' AND m.endpoint IS NOT NULL",
@@ -83,11 +85,6 @@ async fn active(
     };
     let pki = app.scheduler.pki().await?;
     // Valid for the longest a build may run, plus slack for the final calls.
-    let build = app
-        .builds
-        .lookup(build_id)
-        .await?
-        .ok_or_else(|| Error::not_found("build", build_id))?;
     let remaining = (build.cancels_at - chrono::Utc::now()).num_seconds().max(0) + 3600;
     let client = pki.client_certificate(build_id, time::Duration::seconds(remaining))?;
     metrics::counter!("kiln_buildkit_connections_total").increment(1);

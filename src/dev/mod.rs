@@ -67,17 +67,12 @@ fn load_or_create_secrets(path: &Path) -> anyhow::Result<DevSecrets> {
     Ok(secrets)
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Where the cluster lives: `<data_dir>/postgres`, unless Kiln runs as root and the
 /// `postgres` user cannot traverse that path (a checkout under /root, say). Then a
 /// stable directory under /var/tmp, derived from the data dir, so data is reused.
 async fn cluster_dir(data_dir: &Path) -> PathBuf {
     let preferred = data_dir.join("postgres");
-    if !is_root() {
+    if !postgres::is_root() {
         return preferred;
     }
     let reachable = tokio::process::Command::new("runuser")

@@ -50,7 +50,7 @@ pub fn find_bin_dir(configured: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }

@@ -39,17 +39,7 @@ pub struct Call {
 impl Call {
     /// Authenticates the bearer token of this call.
     pub async fn principal(&self) -> Result<Arc<Principal>> {
-        let mut values = self.headers.get_all(header::AUTHORIZATION).iter();
-        let first = values.next();
-        if values.next().is_some() {
-            return Err(Error::Unauthenticated(
-                "more than one Authorization header".into(),
-            ));
-        }
-        self.app
-            .auth
-            .authenticate(first.map(|v| v.as_bytes()))
-            .await
+        self.app.auth.authenticate_headers(&self.headers).await
     }
 }
 

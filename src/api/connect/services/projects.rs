@@ -574,30 +574,31 @@ async fn create_token(
     })
 }
 
+/// Authenticates the call, authorizes token management on the project, and loads one
+/// of its project tokens.
 async fn project_token(
     call: &Call,
-    project: &Project,
+    project_id: &str,
     token_id: &str,
-) -> Result<tokens::TokenInfo> {
-    tokens::get(&call.app.db, token_id)
+) -> Result<(
+    std::sync::Arc<crate::auth::Principal>,
+    Project,
+    tokens::TokenInfo,
+)> {
+    let principal = call.principal().await?;
+    let project = project_for(call, &principal, project_id, Action::ManageProjectTokens).await?;
+    let token = tokens::get(&call.app.db, token_id)
         .await?
         .filter(|t| t.project_id.as_deref() == Some(project.id.as_str()) && t.kind == "project")
-        .ok_or_else(|| Error::not_found("token", token_id))
+        .ok_or_else(|| Error::not_found("token", token_id))?;
+    Ok((principal, project, token))
 }
 
 async fn update_token(
     call: Call,
     req: core::UpdateTokenRequest,
 ) -> Result<core::UpdateTokenResponse> {
-    let principal = call.principal().await?;
-    let project = project_for(
-        &call,
-        &principal,
-        &req.project_id,
-        Action::ManageProjectTokens,
-    )
-    .await?;
-    let token = project_token(&call, &project, &req.token_id).await?;
+    let (_, _, token) = project_token(&call, &req.project_id, &req.token_id).await?;
     let name: String = req.description.trim().chars().take(100).collect();
     sqlx::query("UPDATE tokens SET name = $2 WHERE id = $1")
         .bind(&token.id)
@@ -611,15 +612,7 @@ async fn delete_token(
     call: Call,
     req: core::DeleteTokenRequest,
 ) -> Result<core::DeleteTokenResponse> {
-    let principal = call.principal().await?;
-    let project = project_for(
-        &call,
-        &principal,
-        &req.project_id,
-        Action::ManageProjectTokens,
-    )
-    .await?;
-    let token = project_token(&call, &project, &req.token_id).await?;
+    let (principal, project, token) = project_token(&call, &req.project_id, &req.token_id).await?;
     if let Some(hash) = tokens::revoke(&call.app.db, &token.id).await? {
         call.app.auth.invalidate(Some(&hash));
         audit::record(
