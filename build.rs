@@ -14,10 +14,15 @@ const PROTOS: &[&str] = &[
     "moby/buildkit/v1/status.proto",
     "moby/buildkit/v1/control.proto",
     "moby/buildkit/v1/frontend/gateway.proto",
+    "kiln/agent/v1/agent.proto",
 ];
 
-/// Proto packages whose services are spoken over gRPC (BuildKit's API).
-const GRPC_PACKAGES: &[&str] = &["moby.buildkit.v1", "moby.buildkit.v1.frontend"];
+/// Proto packages whose services are spoken over gRPC (BuildKit's API, the machine agent).
+const GRPC_PACKAGES: &[&str] = &[
+    "moby.buildkit.v1",
+    "moby.buildkit.v1.frontend",
+    "kiln.agent.v1",
+];
 
 /// Delegates to tonic's generator for gRPC packages only.
 struct GrpcOnly(Box<dyn prost_build::ServiceGenerator>);

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# Runs every test. Installs what the tests need (PostgreSQL's server binaries, the pinned
-# depot CLI from npm), starts a throwaway PostgreSQL cluster for them, runs the whole
-# suite, and cleans up.
+# Runs every test of the workspace. Installs what the tests need (PostgreSQL's server
+# binaries, the pinned depot CLI from npm, moto from PyPI into a venv), starts a throwaway
+# PostgreSQL cluster and a moto_server for them, runs the whole suite, and cleans up.
 #   bash scripts/test.sh            # all tests
 #   bash scripts/test.sh jobs       # extra args go to the test runner (a filter here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/postgres.sh
 source scripts/lib/depot-cli.sh
+source scripts/lib/moto.sh
+
+cleanup() {
+  stop_moto
+  stop_throwaway_postgres
+}
 
 ensure_postgres_binaries
 ensure_depot_cli
+ensure_moto
 start_throwaway_postgres
-trap stop_throwaway_postgres EXIT
+trap cleanup EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"
+# kiln-ec2's tests (crates/kiln-ec2/tests/moto.rs) find it through TEST_MOTO_URL.
+start_moto
+echo "==> moto_server for tests at $TEST_MOTO_URL"
 
 # Tests create one database each from this server.
 export TEST_PG_ADMIN_URL="$PG_URL"
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --lib --bins --tests --no-fail-fast "$@"
+  cargo nextest run --workspace --lib --bins --tests --no-fail-fast "$@"
 else
-  cargo test --lib --bins --tests --no-fail-fast "$@"
+  cargo test --workspace --lib --bins --tests --no-fail-fast "$@"
 fi

@@ -33,6 +33,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Failed password sign-ins, for throttling guessing.
     pub sign_ins: crate::auth::login::SignInThrottle,
+    /// Cancelled when the server starts shutting down; long-lived streams end on it.
+    pub stopping: CancellationToken,
     /// Set once the database was reached and is fully migrated.
     migrated: AtomicBool,
 }
@@ -47,8 +49,9 @@ pub struct Notification {
 }
 
 /// Channels every replica listens on.
-pub const CHANNELS: [&str; 4] = [
+pub const CHANNELS: [&str; 5] = [
     INVALIDATION_CHANNEL,
+    crate::scheduler::MACHINE_CHANNEL,
     db::jobs::NOTIFY_CHANNEL,
     crate::builds::BUILD_CHANNEL,
     crate::auth::login::LOGIN_CHANNEL,
@@ -74,6 +77,7 @@ impl App {
             events,
             metrics: crate::telemetry::metrics_handle(),
             sign_ins: Default::default(),
+            stopping: CancellationToken::new(),
             migrated: AtomicBool::new(false),
         })
     }
@@ -227,24 +231,63 @@ pub async fn serve(
             format!("cannot listen on {listen} (server.listen); is another process using it?")
         })?;
     let tls = crate::api::server::tls_config(&app.config.server.tls)?;
+    let address = listener.local_addr()?;
     tracing::info!(
-        address = %listener.local_addr()?,
+        %address,
         tls = tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "kiln listening"
     );
-    let router = crate::api::router(app.clone());
+    let agent_listener = match app.config.server.agent_listen {
+        Some(agent_listen) => {
+            let listener = tokio::net::TcpListener::bind(agent_listen).await.with_context(|| {
+                format!("cannot listen on {agent_listen} (server.agent_listen); is another process using it?")
+            })?;
+            tracing::info!(address = %listener.local_addr()?, "machine-agent API listening");
+            Some(listener)
+        }
+        None => None,
+    };
+    let agent_address = match &agent_listener {
+        Some(l) => l.local_addr()?,
+        None => address,
+    };
+    app.scheduler
+        .set_agent_api_url(agent_api_url(&app.config, agent_address, tls.is_some()));
+
+    // One shutdown signal for every listener and the long-lived streams.
+    let stopping = app.stopping.clone();
+    tokio::spawn({
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.cancel();
+        }
+    });
     let grace = Duration::from_secs(app.config.server.shutdown_grace_seconds);
-    let result = crate::api::server::serve(
-        listener,
-        router,
-        tls,
-        crate::api::server::ServeOptions {
-            grace,
-            h2_max_concurrent_streams: app.config.server.http2_max_concurrent_streams,
-        },
-        shutdown,
-    )
+    let options = crate::api::server::ServeOptions {
+        grace,
+        h2_max_concurrent_streams: app.config.server.http2_max_concurrent_streams,
+    };
+    if let Some(agent_listener) = agent_listener {
+        let router = crate::api::agent::routes(app.clone()).with_state(app.clone());
+        let stopping = stopping.clone();
+        let tls = tls.clone();
+        background.spawn(async move {
+            if let Err(err) =
+                crate::api::server::serve(agent_listener, router, tls, options, async move {
+                    stopping.cancelled().await
+                })
+                .await
+            {
+                tracing::error!(error = %format!("{err:#}"), "machine-agent listener failed");
+            }
+        });
+    }
+    let router = crate::api::router(app.clone());
+    let result = crate::api::server::serve(listener, router, tls, options, async move {
+        stopping.cancelled().await
+    })
     .await;
 
     cancel.cancel();
@@ -255,6 +298,32 @@ pub async fn serve(
     pool.close().await;
     tracing::info!("kiln stopped");
     result
+}
+
+/// The URL agents reach this server at: `builders.agent_api_url`, else for the local
+/// provider the address served on, else `server.public_url`.
+fn agent_api_url(config: &Config, address: std::net::SocketAddr, tls: bool) -> String {
+    if !config.builders.agent_api_url.is_empty() {
+        return config.builders.agent_api_url.clone();
+    }
+    if config.builders.provider == crate::config::ProviderKind::Local {
+        let host = if address.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            address.ip()
+        };
+        let scheme = if tls { "https" } else { "http" };
+        return format!(
+            "{scheme}://{}",
+            std::net::SocketAddr::new(host, address.port())
+        );
+    }
+    config
+        .server
+        .public_url
+        .as_str()
+        .trim_end_matches('/')
+        .to_string()
 }
 
 fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {

@@ -34,11 +34,22 @@ pub enum Command {
     /// Run Kiln on this machine with no setup: starts a throwaway PostgreSQL under
     /// ./.kiln, migrates, creates a dev organization, project and token, then serves.
     Dev(crate::dev::DevArgs),
+    /// Supervise BuildKit on a builder machine: register with Kiln, follow its
+    /// directives, report health. Started by the machine's launch (user data).
+    Agent(crate::agent::AgentArgs),
     /// Create and list organizations, users, memberships, projects and tokens.
     Admin(crate::admin::AdminArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // The agent runs on builder machines and takes only its own flags (KILN_AGENT_*).
+    if let Command::Agent(args) = cli.command {
+        crate::telemetry::init_tracing(&crate::config::LogConfig {
+            format: crate::config::LogFormat::Text,
+            filter: "info".into(),
+        });
+        return crate::agent::run(args).await;
+    }
     let config = Config::load(cli.config.as_deref())?;
     crate::telemetry::init_tracing(&config.log);
     match cli.command {
@@ -56,5 +67,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dev(args) => crate::dev::run(config, args).await,
         Command::Admin(args) => crate::admin::run(config, args).await,
+        Command::Agent(_) => unreachable!("handled above"),
     }
 }

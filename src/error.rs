@@ -207,6 +207,28 @@ impl<T> ConstraintExt<T> for std::result::Result<T, sqlx::Error> {
     }
 }
 
+impl From<Error> for tonic::Status {
+    /// gRPC status for the agent API; same codes and public messages as Connect.
+    fn from(err: Error) -> Self {
+        err.log();
+        let code = match err.code() {
+            Code::Canceled => tonic::Code::Cancelled,
+            Code::InvalidArgument => tonic::Code::InvalidArgument,
+            Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            Code::NotFound => tonic::Code::NotFound,
+            Code::AlreadyExists => tonic::Code::AlreadyExists,
+            Code::PermissionDenied => tonic::Code::PermissionDenied,
+            Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Code::Unimplemented => tonic::Code::Unimplemented,
+            Code::Internal => tonic::Code::Internal,
+            Code::Unavailable => tonic::Code::Unavailable,
+            Code::Unauthenticated => tonic::Code::Unauthenticated,
+        };
+        tonic::Status::new(code, err.public_message())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

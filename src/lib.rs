@@ -2,6 +2,7 @@
 //! See docs/ARCHITECTURE.md for the map of this crate.
 
 pub mod admin;
+pub mod agent;
 pub mod api;
 pub mod app;
 pub mod auth;

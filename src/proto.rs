@@ -36,6 +36,15 @@ pub mod moby {
     }
 }
 
+/// Kiln's machine-agent protocol (tonic server and client).
+pub mod kiln {
+    pub mod agent {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/kiln.agent.v1.rs"));
+        }
+    }
+}
+
 /// BuildKit's LLB types (proto package `pb`), as far as the control API embeds them.
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/pb.rs"));

@@ -91,6 +91,11 @@ async fn setup(tls: bool) -> Setup {
             "KILN_SERVER__TLS__KEY_PATH".into(),
             key.display().to_string(),
         ));
+        // Local builder agents call this server over TLS and must trust its CA.
+        env.push((
+            "KILN_BUILDERS__AGENT_API_CA_FILE".into(),
+            ca.display().to_string(),
+        ));
         (format!("https://localhost:{port}"), Some(ca), Some(dir))
     } else {
         (format!("http://127.0.0.1:{port}"), None, None)

@@ -22,6 +22,8 @@ fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
     );
     let mut env: Vec<(&str, &str)> = vec![
         ("KILN_BUILDERS__LOCAL__COMMAND", command.as_str()),
+        // Machine handlers are driven directly here; agents are covered in tests/agent.rs.
+        ("KILN_BUILDERS__LOCAL__AGENT", "false"),
         (
             "KILN_SECRETS__KEY_ENCRYPTION_KEY",
             "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
@@ -453,6 +455,7 @@ async fn the_reconciler_requeues_builds_of_vanished_builders_and_reaps_orphans()
                 .server_certificate("orphan.builders.kiln.internal", time::Duration::hours(1))
                 .unwrap(),
             ca_pem: pki.ca_pem.clone(),
+            agent: None,
         })
         .await
         .unwrap();

@@ -166,7 +166,8 @@ impl Standin {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let port = self.port;
-        Endpoint::from_static("https://buildkitd.standin")
+        // The connector does TLS itself; an https URI would make tonic want its own.
+        Endpoint::from_static("http://buildkitd.standin")
             .connect_with_connector(tower::service_fn(move |_| {
                 let connector = connector.clone();
                 async move {

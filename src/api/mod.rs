@@ -1,5 +1,6 @@
 //! Transport only: routing, middleware, and the mapping of requests onto the domain.
 
+pub mod agent;
 pub mod connect;
 pub mod dashboard;
 pub mod extract;
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::routes())
         .nest("/api/v1", rest::routes())
         .merge(dashboard::routes())
+        .merge(agent::routes(state.clone()))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))

@@ -16,6 +16,7 @@ use tower::ServiceExt;
 
 use crate::config::TlsConfig;
 
+#[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
     /// How long in-flight requests may run after shutdown begins.
     pub grace: Duration,

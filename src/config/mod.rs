@@ -39,7 +39,24 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub shutdown_grace_seconds: u64,
     pub http2_max_concurrent_streams: u32,
+    /// A second port serving only the machine-agent gRPC API; `None`: the main port.
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    pub agent_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
+}
+
+/// An empty string means "not set", so the key can live in default.toml.
+fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,13 +162,48 @@ pub struct BuildersConfig {
     pub orphan_grace_seconds: u64,
     pub warm_pool_amd64: u16,
     pub warm_pool_arm64: u16,
+    /// The URL agents call; empty: `server.public_url` (the local provider uses the
+    /// address it serves on).
+    pub agent_api_url: String,
+    /// PEM bundle agents trust for that URL (a private CA); empty: public roots.
+    pub agent_api_ca_file: PathBuf,
+    pub agent_health_interval_seconds: u32,
+    pub agent_health_timeout_seconds: u64,
+    pub max_parallelism: u32,
     pub local: LocalBuildersConfig,
+    pub ec2: Ec2BuildersConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2BuildersConfig {
+    pub region: String,
+    pub endpoint_url: String,
+    pub access_key_id: String,
+    pub secret_access_key: SecretString,
+    pub cluster_id: String,
+    pub amd64_launch_template: String,
+    pub amd64_image_id: String,
+    pub amd64_instance_types: Vec<String>,
+    pub arm64_launch_template: String,
+    pub arm64_image_id: String,
+    pub arm64_instance_types: Vec<String>,
+    pub subnets: Vec<String>,
+    pub security_group_ids: Vec<String>,
+    pub buildkit_port: u16,
+    pub agent_command: String,
+    pub throttle_max_retries: u32,
+    pub throttle_base_delay_millis: u64,
+    pub capacity_cooldown_seconds: u64,
+    pub call_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Local,
+    /// EC2 instances running `kiln agent` (crates/kiln-ec2).
+    Ec2,
     /// In-memory machines for scheduler benchmarks.
     Sim,
 }
@@ -161,6 +213,10 @@ pub enum ProviderKind {
 pub struct LocalBuildersConfig {
     pub command: Vec<String>,
     pub state_dir: PathBuf,
+    /// Run each builder under `kiln agent` (registration, directives, health), as on EC2.
+    pub agent: bool,
+    /// The kiln binary that runs agents; empty: this executable.
+    pub kiln_binary: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,6 +412,35 @@ impl Config {
                 &format!("{err:#}; generate one with `openssl rand -base64 32`"),
             );
         }
+        let e = &self.builders.ec2;
+        if self.builders.provider == ProviderKind::Ec2 {
+            check(
+                !e.amd64_launch_template.is_empty() || !e.arm64_launch_template.is_empty(),
+                "builders.ec2.amd64_launch_template",
+                e.amd64_launch_template.clone(),
+                "the ec2 provider needs a launch template for amd64, arm64 or both",
+            );
+            check(
+                !e.cluster_id.is_empty() && e.cluster_id.len() <= 128,
+                "builders.ec2.cluster_id",
+                e.cluster_id.clone(),
+                "must be 1 to 128 characters",
+            );
+            check(
+                e.access_key_id.is_empty() == e.secret_access_key.expose_secret().is_empty(),
+                "builders.ec2.access_key_id",
+                e.access_key_id.clone(),
+                "set both access_key_id and secret_access_key, or neither",
+            );
+        }
+        check(
+            self.builders.agent_health_interval_seconds >= 1
+                && u64::from(self.builders.agent_health_interval_seconds)
+                    < self.builders.agent_health_timeout_seconds,
+            "builders.agent_health_interval_seconds",
+            self.builders.agent_health_interval_seconds.to_string(),
+            "must be at least 1 and below builders.agent_health_timeout_seconds",
+        );
         let j = &self.jobs;
         check(
             j.workers >= 1,
@@ -510,7 +595,7 @@ fn insert_path(dict: &mut Dict, path: &[&str], value: Value) {
 }
 
 fn is_secret_key(key: &str) -> bool {
-    key == "database.url" || key.starts_with("secrets.")
+    key == "database.url" || key.starts_with("secrets.") || key.ends_with("secret_access_key")
 }
 
 /// "key `a.b` = value (from <where>): problem", never echoing secret values.
@@ -520,7 +605,9 @@ fn describe_figment_error(figment: &Figment, err: figment::Error) -> String {
     } else {
         err.path.join(".")
     };
-    let value = if err.path.is_empty() {
+    // An unknown key may be a misplaced secret: never echo its value.
+    let unknown = matches!(err.kind, figment::error::Kind::UnknownField(..));
+    let value = if err.path.is_empty() || unknown {
         String::new()
     } else if is_secret_key(&key) {
         " = <redacted>".to_string()

@@ -1,5 +1,7 @@
 //! The `local` provider: each builder is a process on 127.0.0.1 serving BuildKit's API
 //! over mTLS (a real buildkitd, or the test stand-in). For `kiln dev` and the tests.
+//! With `builders.local.agent` (the default) the process is `kiln agent`, which
+//! registers with this server and supervises the BuildKit command, as on EC2.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,6 +18,8 @@ use crate::error::{Error, Result};
 pub struct LocalProvider {
     command: Vec<String>,
     state_dir: PathBuf,
+    /// `Some(kiln binary)` when builders run under `kiln agent`.
+    agent_binary: Option<PathBuf>,
     children: Mutex<HashMap<String, (Child, Launched)>>,
 }
 
@@ -47,9 +51,17 @@ impl LocalProvider {
         } else {
             config.state_dir.clone()
         };
+        let agent_binary = config.agent.then(|| {
+            if config.kiln_binary.as_os_str().is_empty() {
+                std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kiln"))
+            } else {
+                config.kiln_binary.clone()
+            }
+        });
         LocalProvider {
             command,
             state_dir,
+            agent_binary,
             children: Mutex::new(HashMap::new()),
         }
     }
@@ -80,33 +92,57 @@ impl LocalProvider {
         let dir = self.state_dir.join(&spec.machine_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal(anyhow::anyhow!("creating {dir:?}: {e}")))?;
-        let (cert, key, ca) = (
-            dir.join("server.pem"),
-            dir.join("server.key"),
-            dir.join("ca.pem"),
-        );
-        Self::write_private(&cert, &spec.server_cert.cert_pem)?;
-        Self::write_private(&key, &spec.server_cert.key_pem)?;
-        Self::write_private(&ca, &spec.ca_pem)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| Error::internal(anyhow::anyhow!("finding a port: {e}")))?
             .port();
         let listen = format!("127.0.0.1:{port}");
-        let args: Vec<String> = self
-            .command
-            .iter()
-            .map(|a| {
-                a.replace("{listen}", &listen)
-                    .replace("{cert}", &cert.display().to_string())
-                    .replace("{key}", &key.display().to_string())
-                    .replace("{ca}", &ca.display().to_string())
-            })
-            .collect();
+        let mut command = match (&self.agent_binary, &spec.agent) {
+            (Some(kiln), Some(bootstrap)) => {
+                let mut command = Command::new(kiln);
+                command
+                    .arg("agent")
+                    .arg("--api-url")
+                    .arg(&bootstrap.api_url)
+                    .arg("--machine-id")
+                    .arg(&spec.machine_id)
+                    .arg("--state-dir")
+                    .arg(&dir)
+                    .arg("--buildkit-listen")
+                    .arg(&listen);
+                if let Some(pem) = &bootstrap.api_ca_pem {
+                    let path = dir.join("api-ca.pem");
+                    Self::write_private(&path, pem)?;
+                    command.arg("--api-ca-file").arg(path);
+                }
+                command.arg("--").args(&self.command).env(
+                    "KILN_AGENT_REGISTRATION_TOKEN",
+                    &bootstrap.registration_token,
+                );
+                // The agent gets nothing of this server's configuration (database URL,
+                // key-encryption key): on EC2 it would not have it either.
+                for (name, _) in std::env::vars_os() {
+                    if name.to_string_lossy().starts_with("KILN_")
+                        && name != "KILN_AGENT_REGISTRATION_TOKEN"
+                    {
+                        command.env_remove(&name);
+                    }
+                }
+                command
+            }
+            _ => self.direct_command(&spec, &dir, &listen)?,
+        };
         let log = std::fs::File::create(dir.join("builder.log"))
             .map_err(|e| Error::internal(anyhow::anyhow!("creating builder log: {e}")))?;
-        let child = Command::new(&args[0])
-            .args(&args[1..])
+        // SAFETY: prctl is async-signal-safe; local builders must not outlive this kiln
+        // (a killed test server, say), since nothing else would ever stop them.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
@@ -115,7 +151,7 @@ impl LocalProvider {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| Error::internal(anyhow::anyhow!("starting builder {:?}: {e}", args[0])))?;
+            .map_err(|e| Error::internal(anyhow::anyhow!("starting builder: {e}")))?;
         let launched = Launched {
             provider_ref: format!("{}{}", self.ref_prefix(), child.id().unwrap_or_default()),
             endpoint: format!("tcp://{listen}"),
@@ -123,8 +159,43 @@ impl LocalProvider {
         if let Ok(mut children) = self.children.lock() {
             children.insert(spec.machine_id.clone(), (child, launched.clone()));
         }
-        tracing::info!(machine_id = %spec.machine_id, endpoint = %launched.endpoint, "local builder started");
+        tracing::info!(machine_id = %spec.machine_id, endpoint = %launched.endpoint, agent = spec.agent.is_some(), "local builder started");
         Ok(launched)
+    }
+
+    /// BuildKit started directly, with the certificates written here.
+    fn direct_command(
+        &self,
+        spec: &LaunchSpec,
+        dir: &std::path::Path,
+        listen: &str,
+    ) -> Result<Command> {
+        let (cert, key, ca) = (
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            dir.join("ca.pem"),
+        );
+        Self::write_private(&cert, &spec.server_cert.cert_pem)?;
+        Self::write_private(&key, &spec.server_cert.key_pem)?;
+        Self::write_private(&ca, &spec.ca_pem)?;
+        let args: Vec<String> = self
+            .command
+            .iter()
+            .map(|a| {
+                a.replace("{listen}", listen)
+                    .replace("{cert}", &cert.display().to_string())
+                    .replace("{key}", &key.display().to_string())
+                    .replace("{ca}", &ca.display().to_string())
+            })
+            .collect();
+        let Some((program, rest)) = args.split_first() else {
+            return Err(Error::FailedPrecondition(
+                "builders.local.command is empty".into(),
+            ));
+        };
+        let mut command = Command::new(program);
+        command.args(rest);
+        Ok(command)
     }
 }
 
@@ -146,6 +217,10 @@ impl LocalProvider {
 impl ComputeProvider for LocalProvider {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn uses_agent(&self) -> bool {
+        self.agent_binary.is_some()
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<super::provider::Instance>>> {
@@ -222,7 +297,19 @@ impl ComputeProvider for LocalProvider {
                 .ok()
                 .and_then(|mut c| c.remove(&machine_id));
             if let Some((mut child, _)) = child {
-                let _ = child.kill().await;
+                // SIGTERM first: an agent stops its BuildKit and reports its shutdown.
+                if let Some(pid) = child.id() {
+                    // SAFETY: signalling our own child by pid.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                    }
+                }
+                if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
             }
             let _ = std::fs::remove_dir_all(self.state_dir.join(&machine_id));
             Ok(())

@@ -6,6 +6,8 @@
 //! live machines per (project, platform) makes a second launch for a slot impossible,
 //! whichever replica asks. Launches run as deduplicated jobs keyed by machine id.
 
+pub mod agents;
+pub mod ec2;
 pub mod local;
 pub mod provider;
 pub mod sim;
@@ -24,9 +26,11 @@ use crate::db::ids::new_id;
 use crate::db::jobs::{self, ClaimedJob, NewJob};
 use crate::error::{Error, Result};
 use crate::pki::Pki;
-use provider::{ComputeProvider, LaunchSpec};
+use provider::{AgentBootstrap, ComputeProvider, LaunchSpec};
 
 pub const SCHEDULER_CHANNEL: &str = "kiln_scheduler";
+/// Payload: a machine id whose directive changed (sent by a trigger, see migration 0006).
+pub const MACHINE_CHANNEL: &str = "kiln_machines";
 pub const LAUNCH_JOB: &str = "machines.launch";
 pub const REAP_JOB: &str = "machines.reap";
 pub const TERMINATE_JOB: &str = "machines.terminate";
@@ -50,6 +54,8 @@ pub struct Reconciled {
     pub new_orphans: Vec<String>,
     /// Orphan instances terminated after the grace period.
     pub terminated_orphans: Vec<String>,
+    /// Machines whose agent stopped reporting: failed, builds requeued, terminated.
+    pub silent: Vec<String>,
 }
 
 pub struct Scheduler {
@@ -59,6 +65,8 @@ pub struct Scheduler {
     kek: Option<[u8; 32]>,
     pki: OnceCell<Arc<Pki>>,
     wake: Arc<Notify>,
+    /// Where agents call; set by `serve` once it knows its address.
+    agent_api_url: std::sync::OnceLock<String>,
 }
 
 /// Where a platform stands after an assignment attempt.
@@ -76,6 +84,7 @@ impl Scheduler {
     pub fn new(pool: PgPool, config: BuildersConfig, kek: Option<[u8; 32]>) -> Self {
         let provider: Arc<dyn ComputeProvider> = match config.provider {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(&config.local)),
+            ProviderKind::Ec2 => Arc::new(ec2::Ec2Provider::new(&config.ec2)),
             ProviderKind::Sim => Arc::new(sim::SimProvider::default()),
         };
         Scheduler {
@@ -85,7 +94,39 @@ impl Scheduler {
             kek,
             pki: OnceCell::new(),
             wake: Arc::new(Notify::new()),
+            agent_api_url: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The URL agents use: `builders.agent_api_url`, else what `serve` reported (the
+    /// address it listens on for the local provider, its public URL otherwise).
+    pub fn set_agent_api_url(&self, url: String) {
+        let _ = self.agent_api_url.set(url);
+    }
+
+    fn agent_api_ca_pem(&self) -> Result<Option<String>> {
+        let path = &self.config.agent_api_ca_file;
+        if path.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        std::fs::read_to_string(path).map(Some).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "cannot read builders.agent_api_ca_file {}: {e}",
+                path.display()
+            ))
+        })
+    }
+
+    fn agent_api_url(&self) -> Result<String> {
+        if !self.config.agent_api_url.is_empty() {
+            return Ok(self.config.agent_api_url.clone());
+        }
+        self.agent_api_url.get().cloned().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "builder agents need an API URL: set builders.agent_api_url or run kiln serve"
+                    .into(),
+            )
+        })
     }
 
     /// The BuildKit CA, loaded (or created) on first use.
@@ -141,8 +182,8 @@ impl Scheduler {
     ) -> Result<Assignment> {
         let mut slot_locked = false;
         for _ in 0..4 {
-            let machine: Option<(String, String)> = sqlx::query_as(
-                "SELECT id, state FROM machines
+            let machine: Option<(String, String, bool)> = sqlx::query_as(
+                "SELECT id, state, serving FROM machines
                  WHERE project_id = $1 AND platform = $2
                    AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
                  FOR UPDATE",
@@ -151,8 +192,8 @@ impl Scheduler {
             .bind(platform.as_str())
             .fetch_optional(&mut **tx)
             .await?;
-            if let Some((machine_id, state)) = machine {
-                let ready = state == "ready" || state == "assigned";
+            if let Some((machine_id, state, serving)) = machine {
+                let ready = (state == "ready" || state == "assigned") && serving;
                 sqlx::query(
                     "UPDATE machines SET active_builds = active_builds + 1, last_assigned_at = now(),
                          state = CASE WHEN state = 'ready' THEN 'assigned' ELSE state END
@@ -185,16 +226,23 @@ impl Scheduler {
             // The project gains a machine either way: its organization's cap applies.
             self.check_org_cap(tx, project_id).await?;
             // A warm standby of this architecture joins the project's slot (milliseconds).
-            if let Some(adopted) = self.adopt_warm(tx, project_id, platform).await? {
+            if let Some((adopted, serving)) = self.adopt_warm(tx, project_id, platform).await? {
                 tracing::debug!(machine_id = %adopted, project_id, "adopted a warm builder");
-                attach_platform(tx, build_id, platform, &adopted, true).await?;
-                return Ok(Assignment::Ready);
+                attach_platform(tx, build_id, platform, &adopted, serving).await?;
+                // An agent first receives the project (certificates, cache) and starts
+                // BuildKit for it; the build waits for its health report.
+                return Ok(if serving {
+                    Assignment::Ready
+                } else {
+                    Assignment::Waiting
+                });
             }
             // Otherwise request a new machine, within the total cap too.
             self.check_total_cap(tx).await?;
             let machine_id = new_id();
             let inserted = sqlx::query(
-                "INSERT INTO machines (id, provider, platform, project_id) VALUES ($1, $2, $3, $4)
+                "INSERT INTO machines (id, provider, platform, project_id, managed_by_agent)
+                 VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (project_id, platform)
                      WHERE state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
                  DO NOTHING",
@@ -203,6 +251,7 @@ impl Scheduler {
             .bind(self.provider.name())
             .bind(platform.as_str())
             .bind(project_id)
+            .bind(self.provider.uses_agent())
             .execute(&mut **tx)
             .await?
             .rows_affected();
@@ -290,13 +339,14 @@ impl Scheduler {
         tx: &mut Transaction<'_, Postgres>,
         project_id: &str,
         platform: Platform,
-    ) -> Result<Option<String>> {
-        let adopted: Option<String> = sqlx::query_scalar(
-            "UPDATE machines SET project_id = $2, state = 'assigned', active_builds = 1, last_assigned_at = now()
+    ) -> Result<Option<(String, bool)>> {
+        let adopted: Option<(String, bool)> = sqlx::query_as(
+            "UPDATE machines SET project_id = $2, state = 'assigned', active_builds = 1, last_assigned_at = now(),
+                 serving = NOT managed_by_agent
              WHERE id = (SELECT id FROM machines
                          WHERE project_id IS NULL AND platform = $1 AND state = 'ready'
                          ORDER BY ready_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING id",
+             RETURNING id, serving",
         )
         .bind(platform.as_str())
         .bind(project_id)
@@ -340,10 +390,11 @@ impl Scheduler {
                 .min((self.config.max_machines_total - total).max(0));
             for _ in 0..missing {
                 let machine_id = new_id();
-                sqlx::query("INSERT INTO machines (id, provider, platform) VALUES ($1, $2, $3)")
+                sqlx::query("INSERT INTO machines (id, provider, platform, managed_by_agent) VALUES ($1, $2, $3, $4)")
                     .bind(&machine_id)
                     .bind(self.provider.name())
                     .bind(platform.as_str())
+                    .bind(self.provider.uses_agent())
                     .execute(&mut *tx)
                     .await?;
                 jobs::enqueue(
@@ -408,8 +459,15 @@ impl Scheduler {
             .bind(&machine_id)
             .fetch_optional(&self.pool)
             .await?;
-        if state.as_deref() != Some("draining") {
-            return Ok(());
+        match state.as_deref() {
+            Some("draining") => {}
+            // Finished some other way (an agent shut down, a failed boot): make sure the
+            // instance is gone too. Providers succeed on instances already gone.
+            Some("failed" | "terminated") => {
+                self.provider.terminate(&machine_id).await?;
+                return Ok(());
+            }
+            _ => return Ok(()),
         }
         self.provider.terminate(&machine_id).await?;
         let done = sqlx::query(
@@ -500,14 +558,24 @@ impl Scheduler {
 
     async fn boot(&self, machine_id: &str, platform: &str) -> anyhow::Result<()> {
         let pki = self.pki().await?;
-        let server_name = format!("{machine_id}.builders.kiln.internal");
+        let server_name = server_name_for(machine_id);
         let lifetime = time::Duration::hours(self.config.server_cert_hours as i64);
+        let agent = if self.provider.uses_agent() {
+            Some(AgentBootstrap {
+                api_url: self.agent_api_url()?,
+                registration_token: self.registration_token_for(machine_id).await?,
+                api_ca_pem: self.agent_api_ca_pem()?,
+            })
+        } else {
+            None
+        };
         let spec = LaunchSpec {
             machine_id: machine_id.to_string(),
             platform: Platform::parse(platform).unwrap_or(Platform::Amd64),
             server_cert: pki.server_certificate(&server_name, lifetime)?,
             server_name: server_name.clone(),
             ca_pem: pki.ca_pem.clone(),
+            agent,
         };
         let launched = self.provider.launch(spec).await?;
         sqlx::query(
@@ -520,6 +588,10 @@ impl Scheduler {
         .bind(&launched.provider_ref)
         .execute(&self.pool)
         .await?;
+        if self.provider.uses_agent() {
+            // The agent registers and reports; the reconciler fails it past the deadline.
+            return Ok(());
+        }
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_seconds);
         if let Err(err) = self
@@ -537,13 +609,23 @@ impl Scheduler {
     /// booting → ready (or assigned, when builds already wait for it); their platforms
     /// become ready and their GetBuildKitConnection waiters wake.
     pub async fn mark_ready(&self, machine_id: &str) -> Result<()> {
+        self.mark_serving(machine_id, None).await
+    }
+
+    /// BuildKit serves the machine's directive (`generation`, when an agent says so):
+    /// a booting machine becomes ready (or assigned, when builds wait for it), and the
+    /// platforms assigned to it become ready and their GetBuildKitConnection waiters wake.
+    pub async fn mark_serving(&self, machine_id: &str, generation: Option<i64>) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE machines SET ready_at = now(),
-                 state = CASE WHEN active_builds > 0 THEN 'assigned' ELSE 'ready' END
-             WHERE id = $1 AND state = 'booting'",
+            "UPDATE machines SET serving = true, ready_at = COALESCE(ready_at, now()),
+                 state = CASE WHEN state <> 'booting' THEN state
+                              WHEN active_builds > 0 THEN 'assigned' ELSE 'ready' END
+             WHERE id = $1 AND NOT serving AND state IN ('booting', 'ready', 'assigned')
+               AND ($2::bigint IS NULL OR directive_generation = $2)",
         )
         .bind(machine_id)
+        .bind(generation)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -638,6 +720,26 @@ impl Scheduler {
             }
         }
 
+        // Agents that stopped reporting: their BuildKit can no longer be trusted to serve.
+        let silent: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM machines
+             WHERE managed_by_agent AND state IN ('ready', 'assigned', 'draining') AND provider = $1
+               AND last_health_at < now() - make_interval(secs => $2)",
+        )
+        .bind(self.provider.name())
+        .bind(self.config.agent_health_timeout_seconds as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in silent {
+            if self
+                .fail_and_requeue(&id, "its agent stopped reporting health")
+                .await?
+            {
+                queue_termination(&self.pool, &id).await?;
+                report.silent.push(id);
+            }
+        }
+
         // Instances no live row claims: orphans, terminated after a grace period.
         let orphans: Vec<&str> = running
             .iter()
@@ -685,7 +787,7 @@ impl Scheduler {
                 (false, false) => {}
             }
         }
-        if !report.vanished.is_empty() || !report.stuck.is_empty() {
+        if !report.vanished.is_empty() || !report.stuck.is_empty() || !report.silent.is_empty() {
             notify_scheduler(&self.pool).await;
         }
         Ok(report)
@@ -819,6 +921,22 @@ pub fn register_jobs(runner: &mut crate::jobs::JobRunner, scheduler: Arc<Schedul
             Ok(())
         })
         .every(RECONCILE_JOB, Duration::from_secs(5));
+}
+
+/// The name in a machine's BuildKit server certificate.
+pub fn server_name_for(machine_id: &str) -> String {
+    format!("{machine_id}.builders.kiln.internal")
+}
+
+/// Queues the terminate job of a machine (deduplicated per machine).
+pub(crate) async fn queue_termination(pool: &PgPool, machine_id: &str) -> Result<()> {
+    jobs::enqueue(
+        pool,
+        NewJob::new(TERMINATE_JOB, json!({ "machine_id": machine_id }))
+            .dedupe(machine_id.to_string()),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn terminate_row(pool: &PgPool, machine_id: &str) -> Result<()> {

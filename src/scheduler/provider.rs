@@ -13,9 +13,30 @@ pub struct LaunchSpec {
     pub machine_id: String,
     pub platform: Platform,
     pub server_name: String,
-    /// BuildKit's server certificate and the CA that client certificates chain to.
+    /// BuildKit's server certificate and the CA that client certificates chain to, for
+    /// providers that start BuildKit themselves. Agents get theirs in their directive.
     pub server_cert: Issued,
     pub ca_pem: String,
+    /// Set when the provider runs `kiln agent` on the machine (`uses_agent`).
+    pub agent: Option<AgentBootstrap>,
+}
+
+/// What `kiln agent` needs to find and join Kiln. The token is a secret: it goes into
+/// user data or the agent's environment, never into logs or tags.
+#[derive(Clone)]
+pub struct AgentBootstrap {
+    pub api_url: String,
+    pub registration_token: String,
+    /// PEM CA bundle for `api_url`, when it is not publicly trusted.
+    pub api_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for AgentBootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentBootstrap")
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +57,12 @@ pub struct Instance {
 pub trait ComputeProvider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
+    /// Whether machines run `kiln agent`, which registers and reports when BuildKit
+    /// serves. Otherwise `wait_ready` decides.
+    fn uses_agent(&self) -> bool {
+        false
+    }
+
     /// Every instance this provider manages (for EC2: found by Kiln's ownership tags).
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>>>;
 
@@ -46,7 +73,8 @@ pub trait ComputeProvider: Send + Sync + 'static {
     /// Starts the machine, or returns the one already started for this id.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched>>;
 
-    /// Waits until the launched machine serves BuildKit, or fails at `deadline`.
+    /// Waits until the launched machine serves BuildKit, or fails at `deadline`. Not
+    /// called for agent-managed machines.
     fn wait_ready<'a>(
         &'a self,
         machine_id: &'a str,

@@ -2,6 +2,8 @@
 //! and helpers to build the app and seed tenants.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

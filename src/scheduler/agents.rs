@@ -1,0 +1,434 @@
+//! The control side of `kiln agent`: one-time registration, the directive each machine
+//! should follow, health reports and shutdown. Transport-free; `api::agent` serves it
+//! over gRPC.
+//!
+//! Registration tokens are HMAC-SHA256(key-encryption key, machine id ‖ nonce). Only the
+//! nonce is stored; registering clears it in a conditional UPDATE, so a token works
+//! exactly once, on one replica, and a replayed or forged one is refused and audited.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use sqlx::PgPool;
+
+use super::Scheduler;
+use crate::auth::Principal;
+use crate::auth::authz::{Action, Target, authorize};
+use crate::auth::token::TokenKind;
+use crate::db::audit::{self, AuditEvent};
+use crate::db::tokens::{self, NewToken};
+use crate::error::{Error, Result};
+
+const REGISTRATION_PURPOSE: &[u8] = b"kiln/agent-registration/v1";
+const MAX_FIELD_LEN: usize = 512;
+
+/// What the agent should be doing now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DirectiveAction {
+    /// A warm standby: no project yet.
+    Standby,
+    Serve(Box<BuildKitTask>),
+    Drain {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildKitTask {
+    pub project_id: String,
+    pub platform: String,
+    pub server_name: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub ca_cert_pem: String,
+    pub gc_keep_bytes: u64,
+    pub max_parallelism: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Directive {
+    pub generation: u64,
+    pub action: DirectiveAction,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HealthReport {
+    pub generation: u64,
+    pub buildkit_up: bool,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthAnswer {
+    pub should_terminate: bool,
+    pub generation: u64,
+}
+
+/// state, project, platform, generation, server name, active builds, cache size (GB).
+type DirectiveRow = (
+    String,
+    Option<String>,
+    String,
+    i64,
+    Option<String>,
+    i32,
+    Option<i32>,
+);
+
+/// The registration token for a machine and nonce.
+pub fn registration_token(kek: &[u8; 32], machine_id: &str, nonce: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(kek).expect("HMAC accepts any key length");
+    mac.update(REGISTRATION_PURPOSE);
+    mac.update(machine_id.as_bytes());
+    mac.update(b"\0");
+    mac.update(nonce.as_bytes());
+    format!("kilnreg_{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn token_matches(kek: &[u8; 32], machine_id: &str, nonce: &str, presented: &str) -> bool {
+    let Some(hex_part) = presented.strip_prefix("kilnreg_") else {
+        return false;
+    };
+    let Ok(bytes) = hex::decode(hex_part) else {
+        return false;
+    };
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(kek).expect("HMAC accepts any key length");
+    mac.update(REGISTRATION_PURPOSE);
+    mac.update(machine_id.as_bytes());
+    mac.update(b"\0");
+    mac.update(nonce.as_bytes());
+    mac.verify_slice(&bytes).is_ok()
+}
+
+/// A refusal that is recorded in the audit log before the caller sees it.
+async fn refuse(pool: &PgPool, action: &str, machine_id: &str, reason: &str, err: Error) -> Error {
+    tracing::warn!(machine_id, reason, "refused a machine agent call");
+    metrics::counter!("kiln_agent_refusals_total", "action" => action.to_string()).increment(1);
+    let event = AuditEvent::new(action, ("agent", None))
+        .target("machine", truncate(machine_id))
+        .details(serde_json::json!({ "reason": reason }));
+    if let Err(audit_err) = audit::record(pool, event).await {
+        tracing::error!(error = %audit_err, "could not audit a refused agent call");
+    }
+    err
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(MAX_FIELD_LEN).collect()
+}
+
+fn check_len(field: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_FIELD_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {MAX_FIELD_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+impl Scheduler {
+    fn kek(&self) -> Result<[u8; 32]> {
+        self.kek.ok_or_else(|| {
+            Error::FailedPrecondition(
+                "builder agents need secrets.key_encryption_key; ask the operator to set it".into(),
+            )
+        })
+    }
+
+    /// The machine's registration token, creating its nonce on first use. A retried
+    /// launch gets the same token, so an instance launched before a crash can still
+    /// register.
+    pub(super) async fn registration_token_for(&self, machine_id: &str) -> Result<String> {
+        let kek = self.kek()?;
+        let fresh = crate::db::ids::random_alphanumeric(32);
+        let nonce: Option<String> = sqlx::query_scalar(
+            "UPDATE machines SET registration_nonce = COALESCE(registration_nonce, $2),
+                 registration_expires_at = COALESCE(registration_expires_at, now() + make_interval(secs => $3))
+             WHERE id = $1 AND registered_at IS NULL RETURNING registration_nonce",
+        )
+        .bind(machine_id)
+        .bind(&fresh)
+        .bind((self.config.boot_timeout_seconds * 2) as f64)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        let nonce = nonce.ok_or_else(|| {
+            Error::FailedPrecondition(format!("machine {machine_id} has already registered"))
+        })?;
+        Ok(registration_token(&kek, machine_id, &nonce))
+    }
+
+    /// Exchanges a registration token for the machine's token. Works once per machine.
+    pub async fn register_agent(
+        &self,
+        machine_id: &str,
+        presented: &str,
+        agent_version: &str,
+        buildkit_address: &str,
+    ) -> Result<String> {
+        check_len("machine_id", machine_id)?;
+        check_len("registration_token", presented)?;
+        check_len("agent_version", agent_version)?;
+        check_len("buildkit_address", buildkit_address)?;
+        let kek = self.kek()?;
+        let refused = || {
+            Error::Unauthenticated(
+                "the registration token is invalid, expired or already used; relaunch the machine"
+                    .into(),
+            )
+        };
+        let row: Option<(Option<String>, bool, String)> = sqlx::query_as(
+            "SELECT registration_nonce, registration_expires_at > now(), state
+             FROM machines WHERE id = $1 AND managed_by_agent",
+        )
+        .bind(machine_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let reason = match &row {
+            None => Some("unknown machine"),
+            Some((None, _, _)) => Some("registration token already used"),
+            Some((Some(nonce), _, _)) if !token_matches(&kek, machine_id, nonce, presented) => {
+                Some("wrong registration token")
+            }
+            Some((_, false, _)) => Some("registration token expired"),
+            Some((_, _, state)) if state != "launching" && state != "booting" => {
+                Some("machine is not starting")
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            return Err(refuse(
+                &self.pool,
+                "machine.registration_refused",
+                machine_id,
+                reason,
+                refused(),
+            )
+            .await);
+        }
+        let Some((Some(nonce), ..)) = row else {
+            return Err(refused());
+        };
+        let address = buildkit_address.trim();
+        let endpoint = (!address.is_empty()).then(|| {
+            if address.contains("://") {
+                address.to_string()
+            } else {
+                format!("tcp://{address}")
+            }
+        });
+        let mut tx = self.pool.begin().await?;
+        // The nonce in the WHERE clause makes this the single winner among concurrent
+        // or replayed registrations.
+        let won = sqlx::query(
+            "UPDATE machines SET registration_nonce = NULL, registered_at = now(), agent_version = $3,
+                 endpoint = COALESCE($4, endpoint), last_health_at = now()
+             WHERE id = $1 AND registration_nonce = $2",
+        )
+        .bind(machine_id)
+        .bind(&nonce)
+        .bind(agent_version)
+        .bind(&endpoint)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !won {
+            drop(tx);
+            return Err(refuse(
+                &self.pool,
+                "machine.registration_refused",
+                machine_id,
+                "registration token already used",
+                refused(),
+            )
+            .await);
+        }
+        let mut new = NewToken::new(TokenKind::Machine, "builder agent");
+        new.machine_id = Some(machine_id.to_string());
+        new.expires_at = Some(
+            chrono::Utc::now() + chrono::Duration::hours(self.config.max_lifetime_hours as i64 + 1),
+        );
+        let (info, minted) = tokens::create(&mut *tx, new).await?;
+        audit::record(
+            &mut *tx,
+            AuditEvent::new("machine.registered", ("agent", Some(info.id.clone())))
+                .target("machine", machine_id)
+                .details(
+                    serde_json::json!({ "agent_version": agent_version, "endpoint": endpoint }),
+                ),
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("kiln_agents_registered_total").increment(1);
+        tracing::info!(machine_id, agent_version, "builder agent registered");
+        Ok(minted.secret)
+    }
+
+    /// Checks that an authenticated caller is this machine's agent; anything else is
+    /// refused and audited (a stolen or confused token reporting for another machine).
+    pub async fn authorize_agent(&self, principal: &Principal, machine_id: &str) -> Result<()> {
+        check_len("machine_id", machine_id)?;
+        if let Err(err) = authorize(
+            principal,
+            Action::ActAsMachine,
+            Target::Machine { id: machine_id },
+        ) {
+            let reason = if principal.kind == TokenKind::Machine {
+                "agent token belongs to another machine"
+            } else {
+                "not a machine token"
+            };
+            let event = AuditEvent::by("machine.impersonation_refused", principal)
+                .target("machine", truncate(machine_id))
+                .details(serde_json::json!({ "reason": reason }));
+            if let Err(audit_err) = audit::record(&self.pool, event).await {
+                tracing::error!(error = %audit_err, "could not audit a refused agent call");
+            }
+            metrics::counter!("kiln_agent_refusals_total", "action" => "impersonation")
+                .increment(1);
+            tracing::warn!(machine_id, reason, "refused a machine agent call");
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// The machine's current directive.
+    pub async fn directive(&self, machine_id: &str) -> Result<Directive> {
+        let row: Option<DirectiveRow> =
+            sqlx::query_as(
+                "SELECT m.state, m.project_id, m.platform, m.directive_generation, m.server_name,
+                        m.active_builds,
+                        CASE m.platform WHEN 'arm64' THEN p.cache_size_gb_arm64 ELSE p.cache_size_gb_amd64 END
+                 FROM machines m LEFT JOIN projects p ON p.id = m.project_id WHERE m.id = $1",
+            )
+            .bind(machine_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some((state, project_id, platform, generation, server_name, active, cache_gb)) = row
+        else {
+            return Err(Error::not_found("machine", machine_id));
+        };
+        let generation = generation.max(0) as u64;
+        let action = match (state.as_str(), project_id) {
+            ("terminated" | "failed", _) => DirectiveAction::Drain {
+                reason: format!("the machine is {state}"),
+            },
+            ("draining", _) if active == 0 => DirectiveAction::Drain {
+                reason: "the machine is draining".into(),
+            },
+            (_, None) => DirectiveAction::Standby,
+            (_, Some(project_id)) => {
+                let pki = self.pki().await?;
+                let server_name = server_name.unwrap_or_else(|| super::server_name_for(machine_id));
+                let cert = pki.server_certificate(
+                    &server_name,
+                    time::Duration::hours(self.config.server_cert_hours as i64),
+                )?;
+                DirectiveAction::Serve(Box::new(BuildKitTask {
+                    project_id,
+                    platform,
+                    server_name,
+                    server_cert_pem: cert.cert_pem,
+                    server_key_pem: cert.key_pem,
+                    ca_cert_pem: pki.ca_pem.clone(),
+                    gc_keep_bytes: cache_gb.unwrap_or(50).max(1) as u64 * 1024 * 1024 * 1024,
+                    max_parallelism: self.config.max_parallelism,
+                }))
+            }
+        };
+        Ok(Directive { generation, action })
+    }
+
+    /// Records a health report. When the agent has applied the current directive and
+    /// BuildKit serves it (or it stands by), the machine starts serving and the builds
+    /// waiting for it wake.
+    pub async fn report_health(
+        &self,
+        machine_id: &str,
+        report: &HealthReport,
+    ) -> Result<HealthAnswer> {
+        let row: Option<(String, i64, bool, bool, i32)> = sqlx::query_as(
+            "UPDATE machines SET last_health_at = now(), buildkit_up = $2, applied_generation = $3,
+                 disk_free_bytes = $4, disk_total_bytes = $5
+             WHERE id = $1
+             RETURNING state, directive_generation, project_id IS NULL, serving, active_builds",
+        )
+        .bind(machine_id)
+        .bind(report.buildkit_up)
+        .bind(report.generation.min(i64::MAX as u64) as i64)
+        .bind(report.disk_free_bytes.min(i64::MAX as u64) as i64)
+        .bind(report.disk_total_bytes.min(i64::MAX as u64) as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((state, generation, standby, serving, active)) = row else {
+            return Err(Error::not_found("machine", machine_id));
+        };
+        let applied = report.generation == generation.max(0) as u64;
+        let live = matches!(state.as_str(), "booting" | "ready" | "assigned");
+        if live && applied && !serving && (report.buildkit_up || standby) {
+            self.mark_serving(machine_id, Some(generation)).await?;
+        } else if live && applied && serving && !standby && !report.buildkit_up {
+            // BuildKit died under a serving machine; the agent restarts it. New builds
+            // wait until it serves again.
+            sqlx::query(
+                "UPDATE machines SET serving = false WHERE id = $1 AND directive_generation = $2",
+            )
+            .bind(machine_id)
+            .bind(generation)
+            .execute(&self.pool)
+            .await?;
+            tracing::warn!(machine_id, "BuildKit is down on a serving builder");
+        }
+        let should_terminate = matches!(state.as_str(), "terminated" | "failed")
+            || (state == "draining" && active == 0);
+        Ok(HealthAnswer {
+            should_terminate,
+            generation: generation.max(0) as u64,
+        })
+    }
+
+    /// The agent stopped (drained, or its machine is shutting down). The machine is
+    /// finished: its builds go back to the queue and the instance is terminated.
+    pub async fn agent_shutdown(&self, machine_id: &str, reason: &str) -> Result<()> {
+        check_len("reason", reason)?;
+        sqlx::query(
+            "UPDATE machines SET agent_stopped_at = now(), buildkit_up = false, serving = false WHERE id = $1",
+        )
+        .bind(machine_id)
+        .execute(&self.pool)
+        .await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM machines WHERE id = $1")
+            .bind(machine_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if matches!(state.as_deref(), Some("booting" | "ready" | "assigned")) {
+            self.fail_and_requeue(
+                machine_id,
+                &format!("its agent shut down: {}", truncate(reason)),
+            )
+            .await?;
+        }
+        super::queue_termination(&self.pool, machine_id).await?;
+        tracing::info!(machine_id, reason, "builder agent shut down");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_tokens_bind_machine_and_nonce() {
+        let kek = [7u8; 32];
+        let token = registration_token(&kek, "m1", "n1");
+        assert!(token_matches(&kek, "m1", "n1", &token));
+        assert!(!token_matches(&kek, "m2", "n1", &token));
+        assert!(!token_matches(&kek, "m1", "n2", &token));
+        assert!(!token_matches(&[8u8; 32], "m1", "n1", &token));
+        assert!(!token_matches(&kek, "m1", "n1", "kilnreg_zz"));
+        assert!(!token_matches(&kek, "m1", "n1", ""));
+    }
+}

@@ -1,0 +1,800 @@
+//! The `ec2` provider end to end, against moto_server (started by scripts/test.sh) through
+//! our fault-injecting proxy: launch from zero, warm-pool adoption, idle reaping, orphans,
+//! capacity fall-through, and three `kiln serve` replicas racing 200 builds.
+//!
+//! moto runs no agents, so the tests play the agent: they read each instance's user data
+//! back from moto, register with the one-time token in it and report health, exactly as
+//! `kiln agent` would. Nothing relies on moto honouring ClientToken or transitional states.
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use kiln::app::AppState;
+use kiln::db::builds::{NewBuild, Outcome, Platform};
+use kiln::db::jobs::{self, ClaimedJob};
+use kiln::proto::depot::cli::v1 as depot;
+use kiln::proto::kiln::agent::v1 as pb;
+use kiln::proto::kiln::agent::v1::machine_agent_service_client::MachineAgentServiceClient;
+use kiln::scheduler::Assignment;
+use kiln::scheduler::agents::HealthReport;
+use kiln_ec2::aws_sdk_ec2::types::{Filter, InstanceType, RequestLaunchTemplateData};
+use kiln_ec2::{Arch, Fleet, FleetConfig};
+use prost::Message;
+use secrecy::SecretString;
+
+use common::fault_proxy::{Fault, FaultProxy};
+use common::{Kiln, TestDb, free_port, project_token, tenant};
+
+const KEK_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn moto_url() -> String {
+    std::env::var("TEST_MOTO_URL").ok().filter(|u| !u.is_empty()).expect(
+        "TEST_MOTO_URL is not set: run the tests through `bash scripts/test.sh`, which starts moto_server",
+    )
+}
+
+/// One test's EC2 world in moto: its own cluster id, AMI, VPC, two subnets and a launch
+/// template, and a fault proxy in front of moto.
+struct World {
+    proxy: FaultProxy,
+    direct: Fleet,
+    cluster: String,
+    template: String,
+    subnets: [String; 2],
+}
+
+impl World {
+    async fn new() -> World {
+        let moto = moto_url();
+        let proxy = FaultProxy::start(&moto).await;
+        let id = kiln::db::ids::random_alphanumeric(10).to_lowercase();
+        let mut setup = FleetConfig::new("us-east-1", format!("cluster-{id}"));
+        setup.endpoint_url = Some(moto.clone());
+        setup.static_credentials = Some(("testing".into(), "testing".into()));
+        let direct = Fleet::new(setup).await;
+        let ec2 = direct.client();
+        let ami = ec2
+            .register_image()
+            .name(format!("kiln-builder-{id}"))
+            .architecture("x86_64".into())
+            .send()
+            .await
+            .expect("RegisterImage")
+            .image_id()
+            .unwrap()
+            .to_string();
+        let vpc = ec2
+            .create_vpc()
+            .cidr_block("10.0.0.0/16")
+            .send()
+            .await
+            .expect("CreateVpc");
+        let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_string();
+        let mut subnets = Vec::new();
+        for (cidr, az) in [("10.0.1.0/24", "us-east-1a"), ("10.0.2.0/24", "us-east-1b")] {
+            let subnet = ec2
+                .create_subnet()
+                .vpc_id(&vpc_id)
+                .cidr_block(cidr)
+                .availability_zone(az)
+                .send()
+                .await
+                .expect("CreateSubnet");
+            subnets.push(subnet.subnet().unwrap().subnet_id().unwrap().to_string());
+        }
+        let template = format!("kiln-amd64-{id}");
+        ec2.create_launch_template()
+            .launch_template_name(&template)
+            .launch_template_data(
+                RequestLaunchTemplateData::builder()
+                    .image_id(&ami)
+                    .instance_type(InstanceType::from("c6i.large"))
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("CreateLaunchTemplate");
+        World {
+            proxy,
+            direct,
+            cluster: format!("cluster-{id}"),
+            template,
+            subnets: [subnets[0].clone(), subnets[1].clone()],
+        }
+    }
+
+    /// Kiln's configuration for this world, as environment overrides.
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KILN_BUILDERS__PROVIDER".into(), "ec2".into()),
+            (
+                "KILN_BUILDERS__EC2__ENDPOINT_URL".into(),
+                self.proxy.url.clone(),
+            ),
+            ("KILN_BUILDERS__EC2__ACCESS_KEY_ID".into(), "testing".into()),
+            (
+                "KILN_BUILDERS__EC2__SECRET_ACCESS_KEY".into(),
+                "testing".into(),
+            ),
+            (
+                "KILN_BUILDERS__EC2__CLUSTER_ID".into(),
+                self.cluster.clone(),
+            ),
+            (
+                "KILN_BUILDERS__EC2__AMD64_LAUNCH_TEMPLATE".into(),
+                self.template.clone(),
+            ),
+            (
+                "KILN_BUILDERS__EC2__AMD64_INSTANCE_TYPES".into(),
+                r#"["c6i.large", "c6a.large"]"#.into(),
+            ),
+            (
+                "KILN_BUILDERS__EC2__SUBNETS".into(),
+                format!(r#"["{}", "{}"]"#, self.subnets[0], self.subnets[1]),
+            ),
+            (
+                "KILN_BUILDERS__EC2__THROTTLE_BASE_DELAY_MILLIS".into(),
+                "20".into(),
+            ),
+            ("KILN_SECRETS__KEY_ENCRYPTION_KEY".into(), KEK_B64.into()),
+        ]
+    }
+
+    /// Non-terminated instances of this cluster by machine id, read from moto directly.
+    async fn instances(&self) -> HashMap<String, Vec<(String, String)>> {
+        let mut by_machine: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for instance in self.direct.list().await.unwrap() {
+            by_machine
+                .entry(instance.machine_id.clone().unwrap_or_default())
+                .or_default()
+                .push((
+                    instance.instance_id.clone(),
+                    instance.instance_type.clone().unwrap_or_default(),
+                ));
+        }
+        by_machine
+    }
+
+    /// Every instance of the cluster ever launched, terminated ones included.
+    async fn all_instances(&self) -> Vec<(String, String, String)> {
+        let out = self
+            .direct
+            .client()
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:kiln:cluster")
+                    .values(&self.cluster)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                let machine = i
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some("kiln:machine-id"))
+                    .and_then(|t| t.value())
+                    .unwrap_or_default()
+                    .to_string();
+                let state = i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default();
+                (
+                    i.instance_id().unwrap_or_default().to_string(),
+                    machine,
+                    state,
+                )
+            })
+            .collect()
+    }
+
+    /// The registration token in a machine's user data, as the agent would read it.
+    async fn registration_token(&self, machine_id: &str) -> Option<String> {
+        let instance = self.direct.find(machine_id).await.unwrap()?;
+        let attr = self
+            .direct
+            .client()
+            .describe_instance_attribute()
+            .instance_id(&instance.instance_id)
+            .attribute("userData".into())
+            .send()
+            .await
+            .unwrap();
+        let encoded = attr.user_data()?.value()?.to_string();
+        let script = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .unwrap(),
+        )
+        .unwrap();
+        script
+            .lines()
+            .find_map(|l| l.strip_prefix("KILN_AGENT_REGISTRATION_TOKEN="))
+            .map(str::to_string)
+    }
+}
+
+fn app_with(db: &TestDb, world: &World, extra: &[(&str, &str)]) -> AppState {
+    let owned = world.env();
+    let mut env: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    env.push(("KILN_BUILDERS__AGENT_API_URL", "http://127.0.0.1:1"));
+    env.extend_from_slice(extra);
+    let mut config = common::config(&db.url, &env);
+    config.database.url = SecretString::from(db.url.clone());
+    let app = kiln::app::App::new(config, db.pool.clone());
+    app.mark_migrated();
+    app
+}
+
+async fn new_build(app: &AppState, project_id: &str, org_id: &str) -> String {
+    let id = kiln::db::ids::new_id();
+    kiln::db::builds::insert(
+        &app.db,
+        NewBuild {
+            id: &id,
+            project_id,
+            organization_id: org_id,
+            command: "build",
+            options: serde_json::json!([]),
+            created_by: None,
+            timeout_minutes: 60,
+        },
+    )
+    .await
+    .unwrap();
+    kiln::db::builds::request_platform(&app.db, &id, Platform::Amd64)
+        .await
+        .unwrap();
+    id
+}
+
+async fn claim(app: &AppState, kind: &str) -> ClaimedJob {
+    let claimed = jobs::claim(&app.db, "default", "test", Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    let mut found = None;
+    for job in claimed {
+        if job.kind == kind && found.is_none() {
+            found = Some(job);
+        } else {
+            sqlx::query("UPDATE jobs SET state = 'pending', locked_by = NULL WHERE id = $1")
+                .bind(job.id)
+                .execute(&app.db)
+                .await
+                .unwrap();
+        }
+    }
+    found.unwrap_or_else(|| panic!("no {kind} job queued"))
+}
+
+/// Plays `kiln agent` for a launched machine, in process: registers with the token from
+/// its user data and reports BuildKit serving its current directive.
+async fn agent_comes_up(app: &AppState, world: &World, machine_id: &str) {
+    let token = world
+        .registration_token(machine_id)
+        .await
+        .expect("the user data carries a registration token");
+    app.scheduler
+        .register_agent(machine_id, &token, "test", "127.0.0.1:1")
+        .await
+        .unwrap();
+    agent_reports(app, machine_id).await;
+}
+
+async fn agent_reports(app: &AppState, machine_id: &str) {
+    let directive = app.scheduler.directive(machine_id).await.unwrap();
+    app.scheduler
+        .report_health(
+            machine_id,
+            &HealthReport {
+                generation: directive.generation,
+                buildkit_up: true,
+                disk_free_bytes: 1 << 30,
+                disk_total_bytes: 2 << 30,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+async fn machine_of(app: &AppState, project_id: &str) -> (String, String) {
+    sqlx::query_as(
+        "SELECT id, state FROM machines WHERE project_id = $1 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(project_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn ec2_builders_launch_serve_get_adopted_and_are_reaped() {
+    let db = TestDb::new().await;
+    let world = World::new().await;
+    let app = app_with(&db, &world, &[("KILN_BUILDERS__WARM_POOL_AMD64", "1")]);
+    let s = &app.scheduler;
+    let a = tenant(&db.pool, "a").await;
+    let b = tenant(&db.pool, "b").await;
+
+    // Launch from zero: the build waits until the instance's agent reports.
+    let build = new_build(&app, &a.project.id, &a.org_id).await;
+    assert_eq!(
+        s.assign(&build, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    s.launch(&job).await.unwrap();
+    // A retried launch job (a crash after RunInstances, say) finds the instance by tag.
+    s.launch(&job).await.unwrap();
+    let (machine, state) = machine_of(&app, &a.project.id).await;
+    assert_eq!(state, "booting");
+    let instances = world.instances().await;
+    assert_eq!(instances[&machine].len(), 1, "launched exactly once");
+    assert_eq!(instances[&machine][0].1, "c6i.large");
+    assert_eq!(world.proxy.count("RunInstances"), 1);
+    let endpoint: String = sqlx::query_scalar("SELECT endpoint FROM machines WHERE id = $1")
+        .bind(&machine)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        endpoint.starts_with("tcp://10.0."),
+        "private address: {endpoint}"
+    );
+    agent_comes_up(&app, &world, &machine).await;
+    assert_eq!(
+        s.assign(&build, Platform::Amd64).await.unwrap(),
+        Assignment::Ready
+    );
+    assert_eq!(machine_of(&app, &a.project.id).await.1, "assigned");
+
+    // The warm pool: a standby launches with no project and stands by.
+    assert_eq!(s.refill_pool().await.unwrap(), 1);
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    s.launch(&job).await.unwrap();
+    let standby: String = sqlx::query_scalar("SELECT id FROM machines WHERE project_id IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    agent_comes_up(&app, &world, &standby).await;
+    let standby_state: (String, bool) =
+        sqlx::query_as("SELECT state, serving FROM machines WHERE id = $1")
+            .bind(&standby)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(standby_state, ("ready".to_string(), true));
+    // Project b adopts it without a launch; its build waits for the agent to serve b.
+    let runs = world.proxy.count("RunInstances");
+    let build_b = new_build(&app, &b.project.id, &b.org_id).await;
+    assert_eq!(
+        s.assign(&build_b, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    assert_eq!(machine_of(&app, &b.project.id).await.0, standby);
+    assert_eq!(
+        world.proxy.count("RunInstances"),
+        runs,
+        "adoption launches nothing"
+    );
+    agent_reports(&app, &standby).await;
+    assert_eq!(
+        s.assign(&build_b, Platform::Amd64).await.unwrap(),
+        Assignment::Ready
+    );
+
+    // Idle reaping: once a's build is done and the idle timeout passed, its instance is
+    // terminated in EC2.
+    kiln::db::builds::finish(&db.pool, &build, &Outcome::Success)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE machines SET last_released_at = now() - interval '1 day' WHERE id = $1")
+        .bind(&machine)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(s.reap().await.unwrap(), 1);
+    let job = claim(&app, kiln::scheduler::TERMINATE_JOB).await;
+    s.terminate(&job).await.unwrap();
+    assert_eq!(machine_of(&app, &a.project.id).await.1, "terminated");
+    assert!(
+        !world.instances().await.contains_key(&machine),
+        "instance terminated"
+    );
+    assert!(
+        world
+            .all_instances()
+            .await
+            .iter()
+            .any(|(_, m, state)| m == &machine && state == "terminated")
+    );
+}
+
+#[tokio::test]
+async fn an_orphan_from_a_crash_between_run_instances_and_the_database_is_terminated() {
+    let db = TestDb::new().await;
+    let world = World::new().await;
+    let app = app_with(&db, &world, &[]);
+    let s = &app.scheduler;
+
+    // RunInstances happened, then the process died before writing the machine row: an
+    // instance with this cluster's tags and a machine id no row has.
+    let fleet = Fleet::new(kiln::scheduler::ec2::Ec2Provider::fleet_config(
+        &app.config.builders.ec2,
+    ))
+    .await;
+    let orphan = fleet
+        .launch("orphan0000001", Arch::Amd64, "")
+        .await
+        .unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.new_orphans, vec!["orphan0000001".to_string()]);
+    assert!(
+        world.instances().await.contains_key("orphan0000001"),
+        "orphans get a grace period"
+    );
+    sqlx::query("UPDATE machine_orphans SET first_seen_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.terminated_orphans, vec!["orphan0000001".to_string()]);
+    assert!(!world.instances().await.contains_key("orphan0000001"));
+    assert!(
+        world
+            .all_instances()
+            .await
+            .iter()
+            .any(|(id, _, state)| id == &orphan.instance_id && state == "terminated")
+    );
+
+    // A machine whose instance vanished (terminated outside Kiln) is failed, and its
+    // build goes back to the queue.
+    let t = tenant(&db.pool, "vanish").await;
+    let build = new_build(&app, &t.project.id, &t.org_id).await;
+    s.assign(&build, Platform::Amd64).await.unwrap();
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    s.launch(&job).await.unwrap();
+    let (machine, _) = machine_of(&app, &t.project.id).await;
+    agent_comes_up(&app, &world, &machine).await;
+    let instance = world.direct.find(&machine).await.unwrap().unwrap();
+    world.direct.terminate(&instance.instance_id).await.unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.vanished, vec![machine.clone()]);
+    let state: String = sqlx::query_scalar("SELECT state FROM build_platforms WHERE build_id = $1")
+        .bind(&build)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending");
+}
+
+#[tokio::test]
+async fn without_capacity_for_the_first_type_kiln_launches_the_second() {
+    let db = TestDb::new().await;
+    let world = World::new().await;
+    let app = app_with(&db, &world, &[]);
+    let s = &app.scheduler;
+    let t = tenant(&db.pool, "ice").await;
+
+    // c6i.large has no capacity in either subnet; the first subnet also lacks c6a.large.
+    world.proxy.inject(
+        Fault::error("RunInstances", "InsufficientInstanceCapacity", 500)
+            .only_if("InstanceType", "c6i.large")
+            .always(),
+    );
+    world.proxy.inject(
+        Fault::error("RunInstances", "InsufficientInstanceCapacity", 500)
+            .only_if("SubnetId", &world.subnets[0])
+            .always(),
+    );
+    let build = new_build(&app, &t.project.id, &t.org_id).await;
+    s.assign(&build, Platform::Amd64).await.unwrap();
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    s.launch(&job).await.unwrap();
+    let (machine, _) = machine_of(&app, &t.project.id).await;
+    let instance = world.direct.find(&machine).await.unwrap().unwrap();
+    assert_eq!(instance.instance_type.as_deref(), Some("c6a.large"));
+    assert_eq!(
+        instance.subnet_id.as_deref(),
+        Some(world.subnets[1].as_str())
+    );
+    // Each refused combination was asked once: SDK retries are off for RunInstances.
+    let runs = world.proxy.requests_for("RunInstances");
+    let tried: Vec<(String, String)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r.instance_type().unwrap_or_default().to_string(),
+                r.subnet_id().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(tried.len(), 4, "{tried:?}");
+    assert_eq!(
+        tried.iter().collect::<HashSet<_>>().len(),
+        4,
+        "no combination retried: {tried:?}"
+    );
+}
+
+/// Three `kiln serve` processes on one database, each scheduling against EC2 (moto),
+/// race 200 builds of 40 projects through the Connect API. Agents are played over gRPC
+/// against random replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_race_200_builds_without_double_launch_or_assignment() {
+    const PROJECTS: usize = 40;
+    const BUILDS_PER_PROJECT: usize = 5;
+    let db = TestDb::new().await;
+    let world = World::new().await;
+
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let mut env = world.env();
+    env.extend([
+        ("KILN_DATABASE__URL".to_string(), db.url.clone()),
+        ("KILN_BUILDERS__AGENT_API_URL".to_string(), urls[0].clone()),
+        (
+            "KILN_BUILDERS__MAX_MACHINES_TOTAL".to_string(),
+            "500".into(),
+        ),
+        (
+            "KILN_BUILDS__CONNECTION_WAIT_SECONDS".to_string(),
+            "2".into(),
+        ),
+        ("KILN_LOG__FILTER".to_string(), "warn".into()),
+    ]);
+    let mut replicas = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let mut env_i = env.clone();
+        env_i.push(("KILN_SERVER__PUBLIC_URL".into(), urls[i].clone()));
+        let refs: Vec<(&str, &str)> = env_i
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut kiln = Kiln::spawn(&["serve"], &refs, *port);
+        kiln.wait_ready().await;
+        replicas.push(kiln);
+    }
+
+    let mut projects = Vec::new();
+    for i in 0..PROJECTS {
+        let t = tenant(&db.pool, &format!("race{i}")).await;
+        let token = project_token(&db.pool, &t.project, kiln::auth::TokenKind::Project).await;
+        projects.push((t.project.id.clone(), token));
+    }
+
+    // Agents: each booting machine registers (with the token from its user data) and
+    // reports serving, on a random replica.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let agents = {
+        let pool = db.pool.clone();
+        let urls = urls.clone();
+        let world = Arc::new(world);
+        let w = world.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut done: HashSet<String> = HashSet::new();
+            loop {
+                let booting: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM machines WHERE state = 'booting' AND registered_at IS NULL",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                let fresh: Vec<String> =
+                    booting.into_iter().filter(|m| !done.contains(m)).collect();
+                for machine in fresh {
+                    let Some(token) = w.registration_token(&machine).await else {
+                        continue;
+                    };
+                    let url = &urls[rand::random_range(0..urls.len())];
+                    let mut client = MachineAgentServiceClient::connect(url.clone())
+                        .await
+                        .unwrap();
+                    let registered = client
+                        .register(pb::RegisterRequest {
+                            machine_id: machine.clone(),
+                            registration_token: token,
+                            agent_version: "race".into(),
+                            buildkit_address: String::new(),
+                            identity: None,
+                        })
+                        .await
+                        .expect("registration succeeds once")
+                        .into_inner();
+                    let bearer = format!("Bearer {}", registered.machine_token);
+                    let mut watch = tonic::Request::new(pb::WatchDirectivesRequest {
+                        machine_id: machine.clone(),
+                    });
+                    watch
+                        .metadata_mut()
+                        .insert("authorization", bearer.parse().unwrap());
+                    let mut stream = client.watch_directives(watch).await.unwrap().into_inner();
+                    let directive = stream.message().await.unwrap().unwrap();
+                    assert!(matches!(
+                        directive.action,
+                        Some(pb::directive::Action::Buildkit(_))
+                    ));
+                    let mut health = tonic::Request::new(pb::ReportHealthRequest {
+                        machine_id: machine.clone(),
+                        generation: directive.generation,
+                        buildkit_up: true,
+                        disk_free_bytes: 1,
+                        disk_total_bytes: 2,
+                    });
+                    health
+                        .metadata_mut()
+                        .insert("authorization", bearer.parse().unwrap());
+                    client.report_health(health).await.unwrap();
+                    done.insert(machine);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stop.notified() => return (done, w),
+                }
+            }
+        })
+    };
+
+    // 200 builds: CreateBuild, then GetBuildKitConnection until active, each call on a
+    // random replica.
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..BUILDS_PER_PROJECT {
+        for (project_id, token) in &projects {
+            let (http, urls) = (http.clone(), urls.clone());
+            let (project_id, token) = (project_id.clone(), token.clone());
+            tasks.spawn(async move {
+                let created: depot::CreateBuildResponse = call(
+                    &http,
+                    &urls[rand::random_range(0..urls.len())],
+                    "depot.cli.v1.BuildService/CreateBuild",
+                    &token,
+                    &depot::CreateBuildRequest {
+                        project_id: Some(project_id.clone()),
+                        options: vec![],
+                        required_engine: None,
+                    },
+                )
+                .await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                loop {
+                    let answer: depot::GetBuildKitConnectionResponse = call(
+                        &http,
+                        &urls[rand::random_range(0..urls.len())],
+                        "depot.cli.v1.BuildService/GetBuildKitConnection",
+                        &created.build_token,
+                        &depot::GetBuildKitConnectionRequest {
+                            build_id: created.build_id.clone(),
+                            platform: depot::BuilderPlatform::Amd64 as i32,
+                        },
+                    )
+                    .await;
+                    if let Some(depot::get_build_kit_connection_response::Connection::Active(a)) =
+                        answer.connection
+                    {
+                        return (created.build_id, project_id, a.endpoint);
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "build never got a builder"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    }
+    let mut connected = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        connected.push(result.unwrap());
+    }
+    stop.notify_one();
+    let (registered, world) = agents.await.unwrap();
+    assert_eq!(connected.len(), PROJECTS * BUILDS_PER_PROJECT);
+
+    // One machine per project, each launched exactly once, none shared.
+    let machines: Vec<(String, Option<String>, String)> =
+        sqlx::query_as("SELECT id, project_id, state FROM machines")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(machines.len(), PROJECTS, "{machines:?}");
+    assert_eq!(registered.len(), PROJECTS, "every machine registered once");
+    let projects_of: HashMap<&str, &str> = machines
+        .iter()
+        .map(|(id, project, _)| (id.as_str(), project.as_deref().unwrap()))
+        .collect();
+    assert_eq!(
+        projects_of.values().collect::<HashSet<_>>().len(),
+        PROJECTS,
+        "one machine per project"
+    );
+    let instances = world.all_instances().await;
+    assert_eq!(
+        instances.len(),
+        PROJECTS,
+        "no machine launched twice: {instances:?}"
+    );
+    let launched: HashSet<&str> = instances.iter().map(|(_, m, _)| m.as_str()).collect();
+    assert_eq!(launched.len(), PROJECTS);
+    assert!(launched.iter().all(|m| projects_of.contains_key(m)));
+    for (machine, _, _) in &machines {
+        let runs = world
+            .proxy
+            .requests_for("RunInstances")
+            .iter()
+            .filter(|r| r.params.iter().any(|(_, v)| v == machine))
+            .count();
+        assert_eq!(runs, 1, "machine {machine} launched once");
+    }
+    // Every build ran on its own project's machine.
+    let placements: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT bp.build_id, b.project_id, m.project_id FROM build_platforms bp
+         JOIN builds b ON b.id = bp.build_id JOIN machines m ON m.id = bp.builder_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(placements.len(), PROJECTS * BUILDS_PER_PROJECT);
+    for (build, build_project, machine_project) in &placements {
+        assert_eq!(
+            build_project, machine_project,
+            "build {build} on another project's machine"
+        );
+    }
+    let active: i64 = sqlx::query_scalar("SELECT sum(active_builds) FROM machines")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        active as usize,
+        PROJECTS * BUILDS_PER_PROJECT,
+        "every build counted once"
+    );
+    drop(replicas);
+}
+
+async fn call<Req: Message, Resp: Message + Default>(
+    http: &reqwest::Client,
+    base: &str,
+    method: &str,
+    token: &str,
+    request: &Req,
+) -> Resp {
+    let response = http
+        .post(format!("{base}/{method}"))
+        .header("content-type", "application/proto")
+        .header("authorization", format!("Bearer {token}"))
+        .body(request.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.bytes().await.unwrap();
+    assert!(
+        status.is_success(),
+        "{method}: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    Resp::decode(body).unwrap()
+}
