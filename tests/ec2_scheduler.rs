@@ -200,7 +200,18 @@ impl World {
 
     /// The registration token in a machine's user data, as the agent would read it.
     async fn registration_token(&self, machine_id: &str) -> Option<String> {
-        let instance = self.direct.find(machine_id).await.unwrap()?;
+        self.user_data(machine_id)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("KILN_AGENT_REGISTRATION_TOKEN="))
+            .map(str::to_string)
+    }
+
+    /// A machine's user data script, read back from EC2 (moto).
+    async fn user_data(&self, machine_id: &str) -> String {
+        let Some(instance) = self.direct.find(machine_id).await.unwrap() else {
+            return String::new();
+        };
         let attr = self
             .direct
             .client()
@@ -210,17 +221,15 @@ impl World {
             .send()
             .await
             .unwrap();
-        let encoded = attr.user_data()?.value()?.to_string();
-        let script = String::from_utf8(
+        let Some(encoded) = attr.user_data().and_then(|u| u.value()) else {
+            return String::new();
+        };
+        String::from_utf8(
             base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .unwrap(),
         )
-        .unwrap();
-        script
-            .lines()
-            .find_map(|l| l.strip_prefix("KILN_AGENT_REGISTRATION_TOKEN="))
-            .map(str::to_string)
+        .unwrap()
     }
 }
 
@@ -288,7 +297,7 @@ async fn agent_comes_up(app: &AppState, world: &World, machine_id: &str) {
         .await
         .expect("the user data carries a registration token");
     app.scheduler
-        .register_agent(machine_id, &token, "test", "127.0.0.1:1")
+        .register_agent(machine_id, &token, "test", "127.0.0.1:1", None)
         .await
         .unwrap();
     agent_reports(app, machine_id).await;
@@ -797,4 +806,118 @@ async fn call<Req: Message, Resp: Message + Default>(
         String::from_utf8_lossy(&body)
     );
     Resp::decode(body).unwrap()
+}
+
+/// Signs an identity document with the test stand-in for AWS's key.
+fn signed_identity(document: &str) -> kiln::scheduler::agents::InstanceIdentity {
+    use base64::Engine;
+    let pem = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ec2-identity/key.pem"
+    ))
+    .unwrap();
+    let der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .unwrap()
+        .unwrap();
+    let key = ring::signature::RsaKeyPair::from_pkcs8(der.secret_der()).unwrap();
+    let mut signature = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        document.as_bytes(),
+        &mut signature,
+    )
+    .unwrap();
+    kiln::scheduler::agents::InstanceIdentity {
+        document: document.to_string(),
+        signature: base64::engine::general_purpose::STANDARD.encode(signature),
+    }
+}
+
+#[tokio::test]
+async fn where_required_agents_prove_their_instance_with_a_signed_identity_document() {
+    let db = TestDb::new().await;
+    let world = World::new().await;
+    let cert = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ec2-identity/cert.pem"
+    );
+    let app = app_with(
+        &db,
+        &world,
+        &[
+            ("KILN_BUILDERS__EC2__IDENTITY_CERTIFICATE_FILE", cert),
+            ("KILN_BUILDERS__EC2__IDENTITY_ACCOUNT_ID", "123456789012"),
+        ],
+    );
+    let s = &app.scheduler;
+    let t = tenant(&db.pool, "identity").await;
+    let build = new_build(&app, &t.project.id, &t.org_id).await;
+    s.assign(&build, Platform::Amd64).await.unwrap();
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    s.launch(&job).await.unwrap();
+    let (machine, _) = machine_of(&app, &t.project.id).await;
+    let token = world.registration_token(&machine).await.unwrap();
+    let instance = world.direct.find(&machine).await.unwrap().unwrap();
+    let document = |instance_id: &str, account: &str| {
+        format!(
+            r#"{{"accountId":"{account}","architecture":"x86_64","instanceId":"{instance_id}","region":"us-east-1","instanceType":"c6i.large"}}"#
+        )
+    };
+    let register = |identity: Option<kiln::scheduler::agents::InstanceIdentity>| {
+        let token = token.clone();
+        let machine = machine.clone();
+        async move {
+            s.register_agent(&machine, &token, "test", "", identity.as_ref())
+                .await
+        }
+    };
+    let refused = |reason: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM audit_events WHERE action = 'machine.registration_refused' AND details->>'reason' = $1",
+            )
+            .bind(reason)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n
+        }
+    };
+
+    assert!(register(None).await.is_err());
+    assert_eq!(refused("instance identity document missing").await, 1);
+    // Signed, but for another instance, or another account.
+    assert!(
+        register(Some(signed_identity(&document("i-0other", "123456789012"))))
+            .await
+            .is_err()
+    );
+    assert!(
+        register(Some(signed_identity(&document(
+            &instance.instance_id,
+            "999999999999"
+        ))))
+        .await
+        .is_err()
+    );
+    assert_eq!(refused("instance identity names another instance").await, 2);
+    // The right document with a signature that is not AWS's (a tampered document).
+    let mut forged = signed_identity(&document(&instance.instance_id, "123456789012"));
+    forged.document = forged.document.replace("c6i.large", "c6i.metal");
+    assert!(register(Some(forged)).await.is_err());
+    assert_eq!(
+        refused("instance identity signature does not verify").await,
+        1
+    );
+    // The genuine one is accepted, and the user data told the agent to send it.
+    register(Some(signed_identity(&document(
+        &instance.instance_id,
+        "123456789012",
+    ))))
+    .await
+    .expect("a genuine identity registers");
+    let script = world.user_data(&machine).await;
+    assert!(script.contains("KILN_AGENT_EC2_IDENTITY=true"));
 }

@@ -8,6 +8,7 @@
 //! cloud provider: Kiln terminates the instance after the agent's Shutdown.
 
 mod buildkitd;
+mod imds;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,10 @@ pub struct AgentArgs {
     /// the public web roots.
     #[arg(long, env = "KILN_AGENT_API_CA_FILE")]
     pub api_ca_file: Option<PathBuf>,
+    /// Also present the signed EC2 instance identity document (from IMDSv2) when
+    /// registering; Kiln requires it when builders.ec2.identity_certificate_file is set.
+    #[arg(long, env = "KILN_AGENT_EC2_IDENTITY")]
+    pub ec2_identity: bool,
     /// How often to report health.
     #[arg(long, env = "KILN_AGENT_HEALTH_INTERVAL_SECONDS", default_value_t = 5)]
     pub health_interval_seconds: u64,
@@ -169,6 +174,15 @@ async fn registered_token(args: &AgentArgs, channel: Channel) -> anyhow::Result<
     }
     let registration = std::env::var("KILN_AGENT_REGISTRATION_TOKEN")
         .context("KILN_AGENT_REGISTRATION_TOKEN is not set and the agent has not registered")?;
+    let identity = if args.ec2_identity {
+        Some(
+            imds::instance_identity(&imds::endpoint())
+                .await
+                .context("reading the instance identity document from IMDS")?,
+        )
+    } else {
+        None
+    };
     let mut client = MachineAgentServiceClient::new(channel);
     let mut backoff = Duration::from_millis(200);
     let response = loop {
@@ -177,7 +191,7 @@ async fn registered_token(args: &AgentArgs, channel: Channel) -> anyhow::Result<
             registration_token: registration.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             buildkit_address: args.buildkit_address.clone(),
-            identity: None,
+            identity: identity.clone(),
         };
         match client.register(request).await {
             Ok(response) => break response.into_inner(),

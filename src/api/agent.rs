@@ -155,6 +155,12 @@ impl MachineAgentService for AgentApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = request.into_inner();
+        let identity = req
+            .identity
+            .map(|i| crate::scheduler::agents::InstanceIdentity {
+                document: i.document,
+                signature: i.signature,
+            });
         let token = self
             .app
             .scheduler
@@ -163,6 +169,7 @@ impl MachineAgentService for AgentApi {
                 &req.registration_token,
                 &req.agent_version,
                 &req.buildkit_address,
+                identity.as_ref(),
             )
             .await?;
         Ok(Response::new(pb::RegisterResponse {

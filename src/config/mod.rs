@@ -196,6 +196,26 @@ pub struct Ec2BuildersConfig {
     pub throttle_base_delay_millis: u64,
     pub capacity_cooldown_seconds: u64,
     pub call_timeout_seconds: u64,
+    pub identity_certificate_file: PathBuf,
+    /// Digits only, so `KILN_…=123456789012` arrives as a number; accept both (AWS
+    /// account ids are 12 digits, so a number is zero-padded back to 12).
+    #[serde(deserialize_with = "aws_account_id")]
+    pub identity_account_id: String,
+}
+
+fn aws_account_id<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        String(String),
+        Number(u64),
+    }
+    Ok(match Text::deserialize(deserializer)? {
+        Text::String(s) => s,
+        Text::Number(n) => format!("{n:012}"),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -20,6 +20,16 @@ use crate::error::{Error, Result};
 
 const REGISTRATION_PURPOSE: &[u8] = b"kiln/agent-registration/v1";
 const MAX_FIELD_LEN: usize = 512;
+/// An instance identity document is about half a kilobyte.
+const MAX_IDENTITY_LEN: usize = 8 * 1024;
+
+/// The signed EC2 instance identity document an agent read from IMDS.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceIdentity {
+    pub document: String,
+    /// Base64 RSA-SHA256 signature (IMDS `dynamic/instance-identity/signature`).
+    pub signature: String,
+}
 
 /// What the agent should be doing now.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,8 +176,18 @@ impl Scheduler {
         presented: &str,
         agent_version: &str,
         buildkit_address: &str,
+        identity: Option<&InstanceIdentity>,
     ) -> Result<String> {
         check_len("machine_id", machine_id)?;
+        if let Some(identity) = identity
+            && (identity.document.len() > MAX_IDENTITY_LEN
+                || identity.signature.len() > MAX_IDENTITY_LEN)
+        {
+            return Err(Error::invalid(
+                "identity",
+                format!("document and signature must be at most {MAX_IDENTITY_LEN} bytes"),
+            ));
+        }
         check_len("registration_token", presented)?;
         check_len("agent_version", agent_version)?;
         check_len("buildkit_address", buildkit_address)?;
@@ -178,8 +198,8 @@ impl Scheduler {
                     .into(),
             )
         };
-        let row: Option<(Option<String>, bool, String)> = sqlx::query_as(
-            "SELECT registration_nonce, registration_expires_at > now(), state
+        let row: Option<(Option<String>, bool, String, Option<String>)> = sqlx::query_as(
+            "SELECT registration_nonce, registration_expires_at > now(), state, provider_ref
              FROM machines WHERE id = $1 AND managed_by_agent",
         )
         .bind(machine_id)
@@ -187,15 +207,15 @@ impl Scheduler {
         .await?;
         let reason = match &row {
             None => Some("unknown machine"),
-            Some((None, _, _)) => Some("registration token already used"),
-            Some((Some(nonce), _, _)) if !token_matches(&kek, machine_id, nonce, presented) => {
+            Some((None, ..)) => Some("registration token already used"),
+            Some((Some(nonce), ..)) if !token_matches(&kek, machine_id, nonce, presented) => {
                 Some("wrong registration token")
             }
-            Some((_, false, _)) => Some("registration token expired"),
-            Some((_, _, state)) if state != "launching" && state != "booting" => {
+            Some((_, false, ..)) => Some("registration token expired"),
+            Some((_, _, state, _)) if state != "launching" && state != "booting" => {
                 Some("machine is not starting")
             }
-            _ => None,
+            Some((.., provider_ref)) => self.check_identity(provider_ref.as_deref(), identity)?,
         };
         if let Some(reason) = reason {
             return Err(refuse(
@@ -264,6 +284,53 @@ impl Scheduler {
         metrics::counter!("kiln_agents_registered_total").increment(1);
         tracing::info!(machine_id, agent_version, "builder agent registered");
         Ok(minted.secret)
+    }
+
+    /// Where `builders.ec2.identity_certificate_file` is set, the agent must prove it runs
+    /// on the machine's own instance with a document signed by AWS. Returns the refusal
+    /// reason, if any.
+    fn check_identity(
+        &self,
+        provider_ref: Option<&str>,
+        identity: Option<&InstanceIdentity>,
+    ) -> Result<Option<&'static str>> {
+        let Some(certificate) = self.identity_certificate()? else {
+            return Ok(None);
+        };
+        let Some(identity) = identity else {
+            return Ok(Some("instance identity document missing"));
+        };
+        Ok(verify_identity(
+            &certificate,
+            identity,
+            provider_ref.and_then(|r| r.strip_prefix("ec2:")),
+            &self.config.ec2.region,
+            &self.config.ec2.identity_account_id,
+        )
+        .err())
+    }
+
+    fn identity_certificate(&self) -> Result<Option<Vec<u8>>> {
+        let path = &self.config.ec2.identity_certificate_file;
+        if path.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "cannot read builders.ec2.identity_certificate_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let der = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .and_then(|c| c.ok())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "builders.ec2.identity_certificate_file {} holds no PEM certificate",
+                    path.display()
+                ))
+            })?;
+        Ok(Some(der.to_vec()))
     }
 
     /// Checks that an authenticated caller is this machine's agent; anything else is
@@ -414,6 +481,47 @@ impl Scheduler {
         tracing::info!(machine_id, reason, "builder agent shut down");
         Ok(())
     }
+}
+
+/// Verifies the document's RSA-SHA256 signature under `certificate` (DER), then that it
+/// names `instance_id`, `region` and, if not empty, `account_id`.
+pub fn verify_identity(
+    certificate: &[u8],
+    identity: &InstanceIdentity,
+    instance_id: Option<&str>,
+    region: &str,
+    account_id: &str,
+) -> std::result::Result<(), &'static str> {
+    use base64::Engine;
+    let signature: String = identity.signature.split_whitespace().collect();
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|_| "instance identity signature is not base64")?;
+    let der = rustls::pki_types::CertificateDer::from(certificate);
+    let cert = webpki::EndEntityCert::try_from(&der)
+        .map_err(|_| "the configured identity certificate is unusable")?;
+    cert.verify_signature(
+        webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+        identity.document.as_bytes(),
+        &signature,
+    )
+    .map_err(|_| "instance identity signature does not verify")?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Document {
+        instance_id: String,
+        region: String,
+        account_id: String,
+    }
+    let document: Document = serde_json::from_str(&identity.document)
+        .map_err(|_| "instance identity document is malformed")?;
+    if Some(document.instance_id.as_str()) != instance_id
+        || document.region != region
+        || (!account_id.is_empty() && document.account_id != account_id)
+    {
+        return Err("instance identity names another instance");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

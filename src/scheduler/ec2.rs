@@ -74,6 +74,9 @@ impl Ec2Provider {
             "KILN_AGENT_API_URL={}\nKILN_AGENT_MACHINE_ID={machine_id}\nKILN_AGENT_REGISTRATION_TOKEN={}\nKILN_AGENT_BUILDKIT_LISTEN=0.0.0.0:{}\n",
             bootstrap.api_url, bootstrap.registration_token, self.config.buildkit_port
         );
+        if !self.config.identity_certificate_file.as_os_str().is_empty() {
+            env.push_str("KILN_AGENT_EC2_IDENTITY=true\n");
+        }
         let mut script = String::from(
             "#!/bin/sh\n# Written by Kiln. Contains a one-time secret; readable by root only.\nset -eu\numask 077\ninstall -d -m 0700 /etc/kiln\n",
         );
