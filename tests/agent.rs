@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use kiln::db::builds::{NewBuild, Outcome, Platform};
+use kiln::db::builds::Outcome;
 use kiln::proto::kiln::agent::v1 as pb;
 use kiln::proto::kiln::agent::v1::machine_agent_service_client::MachineAgentServiceClient;
 use tokio::sync::oneshot;
@@ -93,24 +93,7 @@ fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
 }
 
 async fn new_build(db: &TestDb, project_id: &str, org_id: &str) -> String {
-    let id = kiln::db::ids::new_id();
-    kiln::db::builds::insert(
-        &db.pool,
-        NewBuild {
-            id: &id,
-            project_id,
-            organization_id: org_id,
-            command: "build",
-            options: serde_json::json!([]),
-            created_by: None,
-            timeout_minutes: 60,
-        },
-    )
-    .await
-    .unwrap();
-    kiln::db::builds::request_platform(&db.pool, &id, Platform::Amd64)
-        .await
-        .unwrap();
+    let id = common::new_build(&db.pool, project_id, org_id).await;
     kiln::scheduler::notify_scheduler(&db.pool).await;
     id
 }

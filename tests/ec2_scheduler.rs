@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use kiln::app::AppState;
-use kiln::db::builds::{NewBuild, Outcome, Platform};
-use kiln::db::jobs::{self, ClaimedJob};
+use kiln::db::builds::{Outcome, Platform};
+use kiln::db::jobs::ClaimedJob;
 use kiln::proto::depot::cli::v1 as depot;
 use kiln::proto::kiln::agent::v1 as pb;
 use kiln::proto::kiln::agent::v1::machine_agent_service_client::MachineAgentServiceClient;
@@ -249,44 +249,11 @@ fn app_with(db: &TestDb, world: &World, extra: &[(&str, &str)]) -> AppState {
 }
 
 async fn new_build(app: &AppState, project_id: &str, org_id: &str) -> String {
-    let id = kiln::db::ids::new_id();
-    kiln::db::builds::insert(
-        &app.db,
-        NewBuild {
-            id: &id,
-            project_id,
-            organization_id: org_id,
-            command: "build",
-            options: serde_json::json!([]),
-            created_by: None,
-            timeout_minutes: 60,
-        },
-    )
-    .await
-    .unwrap();
-    kiln::db::builds::request_platform(&app.db, &id, Platform::Amd64)
-        .await
-        .unwrap();
-    id
+    common::new_build(&app.db, project_id, org_id).await
 }
 
 async fn claim(app: &AppState, kind: &str) -> ClaimedJob {
-    let claimed = jobs::claim(&app.db, "default", "test", Duration::from_secs(60), 10)
-        .await
-        .unwrap();
-    let mut found = None;
-    for job in claimed {
-        if job.kind == kind && found.is_none() {
-            found = Some(job);
-        } else {
-            sqlx::query("UPDATE jobs SET state = 'pending', locked_by = NULL WHERE id = $1")
-                .bind(job.id)
-                .execute(&app.db)
-                .await
-                .unwrap();
-        }
-    }
-    found.unwrap_or_else(|| panic!("no {kind} job queued"))
+    common::claim_job(&app.db, kind).await
 }
 
 /// Plays `kiln agent` for a launched machine, in process: registers with the token from

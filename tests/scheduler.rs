@@ -3,11 +3,9 @@
 //! directly so each step is observed.
 mod common;
 
-use std::time::Duration;
-
 use kiln::app::AppState;
 use kiln::db::builds::{Outcome, Platform};
-use kiln::db::jobs::{self, ClaimedJob};
+use kiln::db::jobs::ClaimedJob;
 use kiln::db::projects::{self, ProjectSettings};
 use kiln::error::Error;
 use kiln::scheduler::Assignment;
@@ -38,49 +36,12 @@ fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
 }
 
 async fn new_build(app: &AppState, project_id: &str) -> String {
-    let id = kiln::db::ids::new_id();
-    kiln::db::builds::insert(
-        &app.db,
-        kiln::db::builds::NewBuild {
-            id: &id,
-            project_id,
-            organization_id: &projects::get(&app.db, project_id)
-                .await
-                .unwrap()
-                .unwrap()
-                .organization_id,
-            command: "build",
-            options: serde_json::json!([]),
-            created_by: None,
-            timeout_minutes: 60,
-        },
-    )
-    .await
-    .unwrap();
-    kiln::db::builds::request_platform(&app.db, &id, Platform::Amd64)
-        .await
-        .unwrap();
-    id
+    let project = projects::get(&app.db, project_id).await.unwrap().unwrap();
+    common::new_build(&app.db, project_id, &project.organization_id).await
 }
 
 async fn claim(app: &AppState, kind: &str) -> ClaimedJob {
-    let claimed = jobs::claim(&app.db, "default", "test", Duration::from_secs(60), 10)
-        .await
-        .unwrap();
-    let mut found = None;
-    for job in claimed {
-        if job.kind == kind && found.is_none() {
-            found = Some(job);
-        } else {
-            // Put back what this test does not drive.
-            sqlx::query("UPDATE jobs SET state = 'pending', locked_by = NULL WHERE id = $1")
-                .bind(job.id)
-                .execute(&app.db)
-                .await
-                .unwrap();
-        }
-    }
-    found.unwrap_or_else(|| panic!("no {kind} job queued"))
+    common::claim_job(&app.db, kind).await
 }
 
 async fn machine(app: &AppState, project_id: &str) -> (String, String, i32) {

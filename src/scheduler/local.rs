@@ -67,17 +67,7 @@ impl LocalProvider {
     }
 
     fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::internal(anyhow::anyhow!("writing {path:?}: {e}")))?;
-        file.write_all(contents.as_bytes())
-            .map_err(|e| Error::internal(anyhow::anyhow!("writing {path:?}: {e}")))
+        crate::agent::write_private(path, contents).map_err(Error::internal)
     }
 
     async fn start(&self, spec: LaunchSpec) -> Result<Launched> {

@@ -328,3 +328,47 @@ impl Drop for Kiln {
         let _ = self.child.wait();
     }
 }
+
+/// A queued build of `project_id` with an amd64 builder request.
+pub async fn new_build(pool: &PgPool, project_id: &str, organization_id: &str) -> String {
+    let id = kiln::db::ids::new_id();
+    kiln::db::builds::insert(
+        pool,
+        kiln::db::builds::NewBuild {
+            id: &id,
+            project_id,
+            organization_id,
+            command: "build",
+            options: serde_json::json!([]),
+            created_by: None,
+            timeout_minutes: 60,
+        },
+    )
+    .await
+    .unwrap();
+    kiln::db::builds::request_platform(pool, &id, kiln::db::builds::Platform::Amd64)
+        .await
+        .unwrap();
+    id
+}
+
+/// Claims the first queued job of `kind`, putting back the others it claimed, so a test
+/// drives that one handler by hand.
+pub async fn claim_job(pool: &PgPool, kind: &str) -> kiln::db::jobs::ClaimedJob {
+    let claimed = kiln::db::jobs::claim(pool, "default", "test", Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    let mut found = None;
+    for job in claimed {
+        if job.kind == kind && found.is_none() {
+            found = Some(job);
+        } else {
+            sqlx::query("UPDATE jobs SET state = 'pending', locked_by = NULL WHERE id = $1")
+                .bind(job.id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    found.unwrap_or_else(|| panic!("no {kind} job queued"))
+}
