@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build-path benchmarks (see benches/builds.rs): time to builder with an idle builder;
-# time to builder when the builder must boot, long-poll vs pending/wait_ms; and
+# time to builder when the builder must boot, long-poll vs pending/wait_ms; when a warm
+# standby is adopted (its agent then starts BuildKit for the project); and
 # ReportBuildHealth from 5,000 concurrent builds at 10x the CLI's real rate.
 #   bash scripts/bench-builds.sh
 # Everything runs on 127.0.0.1: PostgreSQL, kiln serve (release), local builders (the
@@ -36,6 +37,7 @@ new_project() { "$KILN" admin --json project create --org "$ORG" --name "$1" | s
 export BENCH_PROJECT=$(new_project warm)
 COLD_LONG=$(for i in $(seq 1 20); do new_project "long-$i"; done | paste -sd, -)
 COLD_POLL=$(for i in $(seq 1 20); do new_project "poll-$i"; done | paste -sd, -)
+WARM_POOL=$(for i in $(seq 1 20); do new_project "pool-$i"; done | paste -sd, -)
 
 start_kiln() {
   "$KILN" serve &
@@ -58,6 +60,16 @@ stop_kiln
 echo "== time to builder, builder boots: pending/wait_ms=1000 (builds.connection_wait_seconds=0)"
 KILN_BUILDS__CONNECTION_WAIT_SECONDS=0 start_kiln
 BENCH_MODE=cold BENCH_PROJECTS="$COLD_POLL" BENCH_LABEL="pending wait_ms=1000" "$BENCH_BIN"
+stop_kiln
+
+echo "== time to builder, a warm standby is adopted (builders.warm_pool_amd64=20; kiln agent starts BuildKit for the project)"
+KILN_BUILDERS__WARM_POOL_AMD64=20 start_kiln
+for _ in $(seq 1 600); do
+  READY=$(psql -tA "$KILN_DATABASE__URL" -c "SELECT count(*) FROM machines WHERE project_id IS NULL AND state = 'ready' AND serving")
+  [ "$READY" -ge 20 ] && break; sleep 0.1
+done
+echo "standbys ready: $READY"
+BENCH_MODE=cold BENCH_PROJECTS="$WARM_POOL" BENCH_LABEL="warm standby adopted" "$BENCH_BIN"
 stop_kiln
 
 echo "== ReportBuildHealth: 5000 builds, 10000 calls/s (10x one call per 5 s per build)"

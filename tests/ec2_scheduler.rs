@@ -448,6 +448,11 @@ async fn an_orphan_from_a_crash_between_run_instances_and_the_database_is_termin
     agent_comes_up(&app, &world, &machine).await;
     let instance = world.direct.find(&machine).await.unwrap().unwrap();
     world.direct.terminate(&instance.instance_id).await.unwrap();
+    sqlx::query("UPDATE machines SET launched_at = now() - interval '2 minutes' WHERE id = $1")
+        .bind(&machine)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let report = s.reconcile().await.unwrap();
     assert_eq!(report.vanished, vec![machine.clone()]);
     let state: String = sqlx::query_scalar("SELECT state FROM build_platforms WHERE build_id = $1")

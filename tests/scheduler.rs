@@ -387,8 +387,14 @@ async fn the_reconciler_requeues_builds_of_vanished_builders_and_reaps_orphans()
         "nothing to do when all is well"
     );
 
-    // The builder dies under a running build.
+    // The builder dies under a running build. A machine launched moments ago may just
+    // not be listed yet (EC2 is eventually consistent): it is left alone at first.
     s.provider.terminate(&machine_id).await.unwrap();
+    assert!(s.reconcile().await.unwrap().vanished.is_empty());
+    sqlx::query("UPDATE machines SET launched_at = now() - interval '2 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let report = s.reconcile().await.unwrap();
     assert_eq!(report.vanished, vec![machine_id.clone()]);
     assert_eq!(machine(&app, &t.project.id).await.1, "failed");

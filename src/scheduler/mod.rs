@@ -689,9 +689,12 @@ impl Scheduler {
             .filter(|i| i.running)
             .map(|i| i.machine_id.as_str())
             .collect();
-        let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(
+        // EC2's DescribeInstances is eventually consistent: an instance launched moments
+        // ago may not be listed yet, so young machines are never taken for vanished.
+        let rows: Vec<(String, String, Option<String>, bool, bool)> = sqlx::query_as(
             "SELECT id, state, provider_ref,
-                    state = 'booting' AND launched_at < now() - make_interval(secs => $2) AS stuck
+                    state = 'booting' AND launched_at < now() - make_interval(secs => $2) AS stuck,
+                    COALESCE(launched_at > now() - interval '60 seconds', true) AS young
              FROM machines WHERE provider = $1 AND state IN ('launching', 'booting', 'ready', 'assigned', 'draining')",
         )
         .bind(self.provider.name())
@@ -701,7 +704,7 @@ impl Scheduler {
         let live: std::collections::HashSet<&str> =
             rows.iter().map(|(id, ..)| id.as_str()).collect();
 
-        for (id, state, reference, stuck) in &rows {
+        for (id, state, reference, stuck, young) in &rows {
             let visible = reference.as_deref().is_some_and(|r| self.provider.owns(r));
             if *stuck {
                 let _ = self.provider.terminate(id).await;
@@ -713,6 +716,7 @@ impl Scheduler {
                 }
             } else if visible
                 && state != "launching"
+                && !young
                 && !running.contains(id.as_str())
                 && self.fail_and_requeue(id, "its instance vanished").await?
             {
