@@ -270,7 +270,7 @@ pub async fn serve(
         h2_max_concurrent_streams: app.config.server.http2_max_concurrent_streams,
     };
     if let Some(agent_listener) = agent_listener {
-        let router = crate::api::agent::routes(app.clone()).with_state(app.clone());
+        let router = crate::api::agent::routes(app.clone());
         let stopping = stopping.clone();
         let tls = tls.clone();
         background.spawn(async move {

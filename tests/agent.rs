@@ -524,3 +524,37 @@ async fn an_agent_whose_token_is_revoked_stops_serving() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn agents_can_use_a_listener_of_their_own() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "port").await;
+    let agent_port = free_port();
+    let agent_listen = format!("127.0.0.1:{agent_port}");
+    let server = Server::start(&db, &[("KILN_SERVER__AGENT_LISTEN", &agent_listen)]).await;
+    let build = new_build(&db, &t.project.id, &t.org_id).await;
+    wait_for("the builder to serve", Duration::from_secs(30), || async {
+        platform_state(&db, &build).await == "ready"
+    })
+    .await;
+    // The agent was pointed at the agent listener, not the main port.
+    let row = agent_row(&db, &t.project.id).await;
+    let pid = row_pid(&db, &row.id).await;
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.contains(&format!("http://{agent_listen}")),
+        "{cmdline:?}"
+    );
+    // That listener serves the agent API only: anything else is an unknown gRPC method.
+    let response = reqwest::get(format!("http://{agent_listen}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("12")
+    );
+    server.stop().await;
+}

@@ -21,17 +21,42 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Directives are re-read this often even without a notification (missed NOTIFY).
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
-pub const PATH_PREFIX: &str = "/kiln.agent.v1.MachineAgentService/";
-
 pub fn service(app: AppState) -> MachineAgentServiceServer<AgentApi> {
     MachineAgentServiceServer::new(AgentApi { app }).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// An axum router serving only the agent API, for the main router and the second port.
-pub fn routes(app: AppState) -> axum::Router<AppState> {
+/// A router serving only the agent API: every request goes to the gRPC service (which
+/// answers unknown paths `unimplemented`). The second port serves it as is; the main port
+/// sends it the requests that carry a gRPC content type.
+pub fn routes(app: AppState) -> axum::Router {
     axum::Router::new()
-        .route_service(&format!("{PATH_PREFIX}{{method}}"), service(app.clone()))
+        .fallback_service(service(app.clone()))
         .layer(axum::middleware::from_fn_with_state(app, audit_malformed))
+}
+
+/// gRPC requests (`content-type: application/grpc…`): the agent API. Nothing else on the
+/// main port speaks gRPC (the depot CLI uses Connect).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Middleware for the main router: routes gRPC requests by content type.
+pub async fn dispatch(
+    axum::extract::State(agent): axum::extract::State<axum::Router>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if is_grpc(req.headers()) {
+        use tower::ServiceExt;
+        return match agent.oneshot(req).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+    }
+    next.run(req).await
 }
 
 /// Requests tonic rejects before our handlers see them (undecodable or oversized

@@ -36,8 +36,11 @@ pub fn router(state: AppState) -> Router {
         .merge(health::routes())
         .nest("/api/v1", rest::routes())
         .merge(dashboard::routes())
-        .merge(agent::routes(state.clone()))
         .fallback(fallback)
+        .layer(middleware::from_fn_with_state(
+            agent::routes(state.clone()),
+            agent::dispatch,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))
         .layer(middleware::from_fn(record_metrics))
