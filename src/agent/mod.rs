@@ -326,35 +326,45 @@ async fn health_loop(
     report_now: Arc<tokio::sync::Notify>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    // What Kiln last heard: (generation, BuildKit up), and when.
+    let mut told: Option<((u64, bool), tokio::time::Instant)> = None;
     loop {
         let report = {
             let mut supervisor = supervisor.lock().await;
             supervisor.keep_alive().await;
             supervisor.report().await
         };
-        let request = pb::ReportHealthRequest {
-            machine_id: machine_id.clone(),
-            generation: report.generation,
-            buildkit_up: report.buildkit_up,
-            disk_free_bytes: report.disk_free_bytes,
-            disk_total_bytes: report.disk_total_bytes,
+        let state = (report.generation, report.buildkit_up);
+        let due = match told {
+            None => true,
+            Some((last, at)) => last != state || at.elapsed() >= interval,
         };
-        match client.report_health(request).await {
-            Ok(answer) if answer.get_ref().should_terminate => {
-                tracing::info!("Kiln asked this machine to stop");
-                stop.cancel();
-                return;
+        if due {
+            let request = pb::ReportHealthRequest {
+                machine_id: machine_id.clone(),
+                generation: report.generation,
+                buildkit_up: report.buildkit_up,
+                disk_free_bytes: report.disk_free_bytes,
+                disk_total_bytes: report.disk_total_bytes,
+            };
+            match client.report_health(request).await {
+                Ok(answer) if answer.get_ref().should_terminate => {
+                    tracing::info!("Kiln asked this machine to stop");
+                    stop.cancel();
+                    return;
+                }
+                Ok(_) => told = Some((state, tokio::time::Instant::now())),
+                Err(status) if !retryable(&status) => {
+                    fatal(&status, &stop);
+                    return;
+                }
+                Err(status) => tracing::warn!(error = %status.message(), "health report failed"),
             }
-            Ok(_) => {}
-            Err(status) if !retryable(&status) => {
-                fatal(&status, &stop);
-                return;
-            }
-            Err(status) => tracing::warn!(error = %status.message(), "health report failed"),
         }
-        // Report sooner while BuildKit is starting, so builds wait less.
+        // While BuildKit starts, look every few milliseconds (locally) and tell Kiln the
+        // moment it answers: builds are waiting for it.
         let wait = if report.applied_but_starting {
-            Duration::from_millis(100)
+            Duration::from_millis(5)
         } else {
             interval
         };
