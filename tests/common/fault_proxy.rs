@@ -367,7 +367,8 @@ fn xml_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+/// The first value of a form parameter.
+pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params
         .iter()
         .find(|(k, _)| k == name)
@@ -375,7 +376,7 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// Decodes an `application/x-www-form-urlencoded` body.
-fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     body.split(|&b| b == b'&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
@@ -406,18 +407,4 @@ fn percent_decode(input: &[u8]) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod form_tests {
-    #[test]
-    fn decodes_form_bodies() {
-        let params =
-            super::parse_form(b"Action=RunInstances&UserData=a%2Bb%3D&Name=x+y&Bad=%zz&Tail=%4");
-        assert_eq!(super::param(&params, "Action"), Some("RunInstances"));
-        assert_eq!(super::param(&params, "UserData"), Some("a+b="));
-        assert_eq!(super::param(&params, "Name"), Some("x y"));
-        assert_eq!(super::param(&params, "Bad"), Some("%zz"));
-        assert_eq!(super::param(&params, "Tail"), Some("%4"));
-    }
 }

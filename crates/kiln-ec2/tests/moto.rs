@@ -740,3 +740,15 @@ async fn list_follows_pagination() {
     assert_eq!(pages[0].param("MaxResults"), Some("5"));
     assert!(pages[1].param("NextToken").is_some());
 }
+
+/// The proxy decodes EC2's form-encoded Query bodies (it matches faults on them).
+#[test]
+fn fault_proxy_decodes_form_bodies() {
+    let params =
+        fault_proxy::parse_form(b"Action=RunInstances&UserData=a%2Bb%3D&Name=x+y&Bad=%zz&Tail=%4");
+    assert_eq!(fault_proxy::param(&params, "Action"), Some("RunInstances"));
+    assert_eq!(fault_proxy::param(&params, "UserData"), Some("a+b="));
+    assert_eq!(fault_proxy::param(&params, "Name"), Some("x y"));
+    assert_eq!(fault_proxy::param(&params, "Bad"), Some("%zz"));
+    assert_eq!(fault_proxy::param(&params, "Tail"), Some("%4"));
+}
