@@ -437,6 +437,32 @@ async fn an_orphan_from_a_crash_between_run_instances_and_the_database_is_termin
             .any(|(id, _, state)| id == &orphan.instance_id && state == "terminated")
     );
 
+    // The provider stops and starts machines by id (for stopped standbys).
+    let parked = fleet.launch("parked000001", Arch::Amd64, "").await.unwrap();
+    s.provider.stop("parked000001").await.unwrap();
+    assert_eq!(
+        world
+            .direct
+            .find("parked000001")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "stopped"
+    );
+    s.provider.start("parked000001").await.unwrap();
+    assert_eq!(
+        world
+            .direct
+            .find("parked000001")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "running"
+    );
+    world.direct.terminate(&parked.instance_id).await.unwrap();
+
     // A machine whose instance vanished (terminated outside Kiln) is failed, and its
     // build goes back to the queue.
     let t = tenant(&db.pool, "vanish").await;

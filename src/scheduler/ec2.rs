@@ -198,6 +198,32 @@ impl ComputeProvider for Ec2Provider {
         })
     }
 
+    fn stop(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
+        let machine_id = machine_id.to_string();
+        Box::pin(async move {
+            let fleet = self.fleet().await;
+            let instance = fleet
+                .find(&machine_id)
+                .await
+                .map_err(map_error)?
+                .ok_or_else(|| Error::not_found("instance of machine", &machine_id))?;
+            fleet.stop(&instance.instance_id).await.map_err(map_error)
+        })
+    }
+
+    fn start(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
+        let machine_id = machine_id.to_string();
+        Box::pin(async move {
+            let fleet = self.fleet().await;
+            let instance = fleet
+                .find(&machine_id)
+                .await
+                .map_err(map_error)?
+                .ok_or_else(|| Error::not_found("instance of machine", &machine_id))?;
+            fleet.start(&instance.instance_id).await.map_err(map_error)
+        })
+    }
+
     fn terminate(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
         let machine_id = machine_id.to_string();
         Box::pin(async move {

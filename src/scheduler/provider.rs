@@ -87,4 +87,27 @@ pub trait ComputeProvider: Send + Sync + 'static {
 
     /// Stops and removes the machine; succeeds if it is already gone.
     fn terminate(&self, machine_id: &str) -> BoxFuture<'_, Result<()>>;
+
+    /// Stops the machine but keeps it (its disk) for a later `start`. Providers without
+    /// stopped machines say so.
+    fn stop(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
+        let _ = machine_id;
+        Box::pin(async move {
+            Err(crate::error::Error::Unimplemented(format!(
+                "the {} provider cannot stop machines; terminate them instead",
+                self.name()
+            )))
+        })
+    }
+
+    /// Starts a stopped machine.
+    fn start(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
+        let _ = machine_id;
+        Box::pin(async move {
+            Err(crate::error::Error::Unimplemented(format!(
+                "the {} provider cannot start stopped machines",
+                self.name()
+            )))
+        })
+    }
 }

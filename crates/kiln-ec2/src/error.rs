@@ -39,6 +39,11 @@ const CAPACITY_CODES: &[&str] = &[
     "Unsupported",
 ];
 
+/// Whether an EC2 error code means "no capacity here right now".
+pub(crate) fn is_capacity_code(code: &str) -> bool {
+    CAPACITY_CODES.contains(&code)
+}
+
 /// Account limits: no other combination will do better.
 const QUOTA_CODES: &[&str] = &["InstanceLimitExceeded", "VcpuLimitExceeded"];
 

@@ -393,30 +393,11 @@ impl Fleet {
     /// gone is fine; one without this cluster's tag is refused with
     /// [`Ec2Error::NotOwned`] and left alone.
     pub async fn terminate(&self, instance_id: &str) -> Result<(), Ec2Error> {
-        // A filter rather than InstanceIds, so that an unknown id is an empty answer.
-        let out = self
-            .client
-            .describe_instances()
-            .filters(filter("instance-id", instance_id))
-            .send()
-            .await
-            .map_err(map_sdk)?;
-        let Some(instance) = out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(instance_id))
-        else {
+        let Some(instance) = self.owned_instance(instance_id).await? else {
             tracing::info!(instance_id, "terminate: no such instance");
             return Ok(());
         };
-        if tag(instance, TAG_CLUSTER) != Some(self.cfg.cluster_id.as_str()) {
-            tracing::warn!(
-                instance_id,
-                "terminate: not this cluster's instance; left alone"
-            );
-            return Err(Ec2Error::NotOwned(instance_id.to_string()));
-        }
+        let instance = &instance;
         if state(instance) == "terminated" {
             return Ok(());
         }
@@ -437,6 +418,110 @@ impl Fleet {
                 other => Err(other),
             },
         }
+    }
+
+    /// Stops a running instance of this cluster (a stopped standby keeps its disk and
+    /// costs no compute). Already stopping or stopped is fine; a missing one is an error.
+    pub async fn stop(&self, instance_id: &str) -> Result<(), Ec2Error> {
+        let instance = self.require_owned(instance_id).await?;
+        match state(&instance) {
+            "stopping" | "stopped" => return Ok(()),
+            "pending" | "running" => {}
+            other => {
+                return Err(Ec2Error::Api {
+                    code: "IncorrectInstanceState".into(),
+                    message: format!("instance {instance_id} is {other}; only a running one stops"),
+                });
+            }
+        }
+        self.client
+            .stop_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(map_sdk)?;
+        tracing::info!(instance_id, "stopped instance");
+        Ok(())
+    }
+
+    /// Starts a stopped instance of this cluster. Running or starting already is fine. A
+    /// terminated one is refused here (moto would even bring it back). No capacity for its
+    /// type in its zone is [`Ec2Error::NoCapacity`]: launch a fresh instance instead.
+    pub async fn start(&self, instance_id: &str) -> Result<(), Ec2Error> {
+        let instance = self.require_owned(instance_id).await?;
+        match state(&instance) {
+            "pending" | "running" => return Ok(()),
+            "stopped" => {}
+            other => {
+                return Err(Ec2Error::Api {
+                    code: "IncorrectInstanceState".into(),
+                    message: format!(
+                        "instance {instance_id} is {other}; only a stopped one starts"
+                    ),
+                });
+            }
+        }
+        match self
+            .client
+            .start_instances()
+            .instance_ids(instance_id)
+            .customize()
+            .config_override(
+                aws_sdk_ec2::config::Config::builder()
+                    .retry_config(RetryConfig::standard().with_max_attempts(1)),
+            )
+            .send()
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(instance_id, "started instance");
+                Ok(())
+            }
+            Err(err) => match map_sdk(err) {
+                Ec2Error::Api { code, .. } if error::is_capacity_code(&code) => {
+                    Err(Ec2Error::NoCapacity {
+                        tried: vec![instance_id.to_string()],
+                    })
+                }
+                other => Err(other),
+            },
+        }
+    }
+
+    /// The instance, if it exists and carries this cluster's tag; another cluster's is
+    /// [`Ec2Error::NotOwned`].
+    async fn owned_instance(&self, instance_id: &str) -> Result<Option<Instance>, Ec2Error> {
+        // A filter rather than InstanceIds, so that an unknown id is an empty answer.
+        let out = self
+            .client
+            .describe_instances()
+            .filters(filter("instance-id", instance_id))
+            .send()
+            .await
+            .map_err(map_sdk)?;
+        let Some(instance) = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(instance_id))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if tag(&instance, TAG_CLUSTER) != Some(self.cfg.cluster_id.as_str()) {
+            tracing::warn!(instance_id, "not this cluster's instance; left alone");
+            return Err(Ec2Error::NotOwned(instance_id.to_string()));
+        }
+        Ok(Some(instance))
+    }
+
+    async fn require_owned(&self, instance_id: &str) -> Result<Instance, Ec2Error> {
+        self.owned_instance(instance_id)
+            .await?
+            .ok_or_else(|| Ec2Error::Api {
+                code: "InvalidInstanceID.NotFound".into(),
+                message: format!("instance {instance_id} does not exist"),
+            })
     }
 
     /// Like [`Fleet::find`], but ignores instances that are shutting down (a launch

@@ -752,3 +752,61 @@ fn fault_proxy_decodes_form_bodies() {
     assert_eq!(fault_proxy::param(&params, "Bad"), Some("%zz"));
     assert_eq!(fault_proxy::param(&params, "Tail"), Some("%4"));
 }
+
+#[tokio::test]
+async fn stop_and_start_guard_states_and_ownership() {
+    let env = Env::new("stopstart").await;
+    let fleet = env.fleet().await;
+    let standby = fleet.launch("m1", Arch::Amd64, "x").await.unwrap();
+
+    fleet.stop(&standby.instance_id).await.unwrap();
+    assert_eq!(state(&env.instance(&standby.instance_id).await), "stopped");
+    let listed = fleet.find("m1").await.unwrap().unwrap();
+    assert_eq!(listed.state, "stopped", "a stopped standby is still ours");
+    // Stopping again is a no-op (no second StopInstances).
+    fleet.stop(&standby.instance_id).await.unwrap();
+    assert_eq!(env.proxy.count("StopInstances"), 1);
+
+    // No capacity to start it again in its zone: said plainly, one call only.
+    env.proxy.inject(Fault::error(
+        "StartInstances",
+        "InsufficientInstanceCapacity",
+        500,
+    ));
+    let err = fleet.start(&standby.instance_id).await.unwrap_err();
+    assert!(matches!(err, Ec2Error::NoCapacity { .. }), "{err:?}");
+    assert_eq!(env.proxy.count("StartInstances"), 1);
+    fleet.start(&standby.instance_id).await.unwrap();
+    assert_eq!(state(&env.instance(&standby.instance_id).await), "running");
+    fleet.start(&standby.instance_id).await.unwrap();
+    assert_eq!(
+        env.proxy.count("StartInstances"),
+        2,
+        "already running: no call"
+    );
+
+    // A terminated instance is never started (moto would resurrect it).
+    fleet.terminate(&standby.instance_id).await.unwrap();
+    let err = fleet.start(&standby.instance_id).await.unwrap_err();
+    assert!(
+        matches!(&err, Ec2Error::Api { code, .. } if code == "IncorrectInstanceState"),
+        "{err:?}"
+    );
+    assert_eq!(
+        state(&env.instance(&standby.instance_id).await),
+        "terminated"
+    );
+
+    // Someone else's instance is left alone.
+    let other = Fleet::new(FleetConfig {
+        cluster_id: format!("{}-other", env.cluster),
+        ..env.config()
+    })
+    .await;
+    let foreign = other.launch("m2", Arch::Amd64, "x").await.unwrap();
+    assert_eq!(
+        fleet.stop(&foreign.instance_id).await.unwrap_err(),
+        Ec2Error::NotOwned(foreign.instance_id.clone())
+    );
+    assert_eq!(state(&env.instance(&foreign.instance_id).await), "running");
+}
