@@ -67,6 +67,17 @@ impl Ec2Provider {
             .await
     }
 
+    /// The instance id of a machine, found by its tag.
+    async fn instance_of(&self, machine_id: &str) -> Result<String> {
+        self.fleet()
+            .await
+            .find(machine_id)
+            .await
+            .map_err(map_error)?
+            .map(|i| i.instance_id)
+            .ok_or_else(|| Error::not_found("instance of machine", machine_id))
+    }
+
     /// The instance's user data: writes the agent's environment (0600, the registration
     /// token is a secret) and starts it.
     fn user_data(&self, machine_id: &str, bootstrap: &AgentBootstrap) -> String {
@@ -201,26 +212,16 @@ impl ComputeProvider for Ec2Provider {
     fn stop(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
         let machine_id = machine_id.to_string();
         Box::pin(async move {
-            let fleet = self.fleet().await;
-            let instance = fleet
-                .find(&machine_id)
-                .await
-                .map_err(map_error)?
-                .ok_or_else(|| Error::not_found("instance of machine", &machine_id))?;
-            fleet.stop(&instance.instance_id).await.map_err(map_error)
+            let instance = self.instance_of(&machine_id).await?;
+            self.fleet().await.stop(&instance).await.map_err(map_error)
         })
     }
 
     fn start(&self, machine_id: &str) -> BoxFuture<'_, Result<()>> {
         let machine_id = machine_id.to_string();
         Box::pin(async move {
-            let fleet = self.fleet().await;
-            let instance = fleet
-                .find(&machine_id)
-                .await
-                .map_err(map_error)?
-                .ok_or_else(|| Error::not_found("instance of machine", &machine_id))?;
-            fleet.start(&instance.instance_id).await.map_err(map_error)
+            let instance = self.instance_of(&machine_id).await?;
+            self.fleet().await.start(&instance).await.map_err(map_error)
         })
     }
 
