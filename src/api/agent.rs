@@ -236,6 +236,14 @@ impl MachineAgentService for AgentApi {
                 if !wake {
                     continue;
                 }
+                match app.scheduler.directive_generation(&machine_id).await {
+                    Ok(generation) if generation == sent => continue,
+                    Ok(_) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                }
                 match app.scheduler.directive(&machine_id).await {
                     Ok(directive) if directive.generation != sent => {
                         sent = directive.generation;

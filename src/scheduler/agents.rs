@@ -361,6 +361,19 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The machine's current directive generation: cheap to poll, unlike the directive
+    /// itself (which issues a certificate).
+    pub async fn directive_generation(&self, machine_id: &str) -> Result<u64> {
+        let generation: Option<i64> =
+            sqlx::query_scalar("SELECT directive_generation FROM machines WHERE id = $1")
+                .bind(machine_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        generation
+            .map(|g| g.max(0) as u64)
+            .ok_or_else(|| Error::not_found("machine", machine_id))
+    }
+
     /// The machine's current directive.
     pub async fn directive(&self, machine_id: &str) -> Result<Directive> {
         let row: Option<DirectiveRow> =
@@ -460,16 +473,13 @@ impl Scheduler {
     /// finished: its builds go back to the queue and the instance is terminated.
     pub async fn agent_shutdown(&self, machine_id: &str, reason: &str) -> Result<()> {
         check_len("reason", reason)?;
-        sqlx::query(
-            "UPDATE machines SET agent_stopped_at = now(), buildkit_up = false, serving = false WHERE id = $1",
+        let state: Option<String> = sqlx::query_scalar(
+            "UPDATE machines SET agent_stopped_at = now(), buildkit_up = false, serving = false
+             WHERE id = $1 RETURNING state",
         )
         .bind(machine_id)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM machines WHERE id = $1")
-            .bind(machine_id)
-            .fetch_optional(&self.pool)
-            .await?;
         if matches!(state.as_deref(), Some("booting" | "ready" | "assigned")) {
             self.fail_and_requeue(
                 machine_id,
