@@ -72,27 +72,22 @@ async fn audit_malformed(
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.to_string());
     let response = next.run(req).await;
-    let (status, message) = {
-        let headers = response.headers();
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        (header("grpc-status"), header("grpc-message"))
+    // tonic answers these itself, trailers-only: the status is in the headers.
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
     };
-    let message = percent_decode(&message);
-    let reason = match status.as_str() {
-        "12" => Some("unknown method"),
-        "13" if message.contains("decode") => Some("undecodable message"),
-        "8" | "11" if message.contains("too large") => Some("message too large"),
+    let message = status.message();
+    let reason = match status.code() {
+        tonic::Code::Unimplemented => Some("unknown method"),
+        tonic::Code::Internal if message.contains("decode") => Some("undecodable message"),
+        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+            if message.contains("too large") =>
+        {
+            Some("message too large")
+        }
         _ => None,
     };
     if let Some(reason) = reason {
-        tracing::warn!(path, ?peer, reason, "refused a malformed agent request");
-        metrics::counter!("kiln_agent_refusals_total", "action" => "malformed").increment(1);
         let event = crate::db::audit::AuditEvent::new("machine.malformed_request", ("agent", None))
             .details(serde_json::json!({
                 "reason": reason,
@@ -100,33 +95,9 @@ async fn audit_malformed(
                 "peer": peer,
                 "detail": message.chars().take(200).collect::<String>(),
             }));
-        if let Err(err) = crate::db::audit::record(&app.db, event).await {
-            tracing::error!(error = %err, "could not audit a malformed agent request");
-        }
+        crate::scheduler::agents::record_refusal(&app.db, "malformed", reason, event).await;
     }
     response
-}
-
-/// grpc-message is percent-encoded.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Some(byte) = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub struct AgentApi {

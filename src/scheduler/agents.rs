@@ -112,15 +112,21 @@ fn token_matches(kek: &[u8; 32], machine_id: &str, nonce: &str, presented: &str)
 
 /// A refusal that is recorded in the audit log before the caller sees it.
 async fn refuse(pool: &PgPool, action: &str, machine_id: &str, reason: &str, err: Error) -> Error {
-    tracing::warn!(machine_id, reason, "refused a machine agent call");
-    metrics::counter!("kiln_agent_refusals_total", "action" => action.to_string()).increment(1);
     let event = AuditEvent::new(action, ("agent", None))
         .target("machine", truncate(machine_id))
         .details(serde_json::json!({ "reason": reason }));
+    record_refusal(pool, action, reason, event).await;
+    err
+}
+
+/// Logs, counts and audits one refused agent call; the audit failing is logged, never
+/// turned into the caller's error.
+pub(crate) async fn record_refusal(pool: &PgPool, metric: &str, reason: &str, event: AuditEvent) {
+    tracing::warn!(target_id = ?event.target_id, reason, "refused a machine agent call");
+    metrics::counter!("kiln_agent_refusals_total", "action" => metric.to_string()).increment(1);
     if let Err(audit_err) = audit::record(pool, event).await {
         tracing::error!(error = %audit_err, "could not audit a refused agent call");
     }
-    err
 }
 
 fn truncate(text: &str) -> String {
@@ -350,12 +356,7 @@ impl Scheduler {
             let event = AuditEvent::by("machine.impersonation_refused", principal)
                 .target("machine", truncate(machine_id))
                 .details(serde_json::json!({ "reason": reason }));
-            if let Err(audit_err) = audit::record(&self.pool, event).await {
-                tracing::error!(error = %audit_err, "could not audit a refused agent call");
-            }
-            metrics::counter!("kiln_agent_refusals_total", "action" => "impersonation")
-                .increment(1);
-            tracing::warn!(machine_id, reason, "refused a machine agent call");
+            record_refusal(&self.pool, "impersonation", reason, event).await;
             return Err(err);
         }
         Ok(())
