@@ -13,18 +13,26 @@ use tokio_util::sync::CancellationToken;
 use tokio::sync::broadcast;
 
 use crate::api::connect::ConnectRouter;
+use crate::api::ratelimit::ClientLimiter;
 use crate::auth::{Authenticator, INVALIDATION_CHANNEL};
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::db;
 use crate::db::notify::Event;
+pub use crate::db::notify::Notification;
 use crate::jobs::JobRunner;
+use crate::orgs::Orgs;
+use crate::projects::Projects;
 use crate::scheduler::Scheduler;
+use crate::tokens::Tokens;
 
 pub struct App {
     pub config: Config,
     pub db: PgPool,
     pub auth: Arc<Authenticator>,
+    pub orgs: Orgs,
+    pub projects: Projects,
+    pub tokens: Tokens,
     pub builds: Builds,
     pub scheduler: Arc<Scheduler>,
     pub connect: ConnectRouter,
@@ -33,6 +41,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Failed password sign-ins, for throttling guessing.
     pub sign_ins: crate::auth::login::SignInThrottle,
+    /// Per-client rate limits on the endpoints that need no token.
+    pub limiter: ClientLimiter,
     /// Cancelled when the server starts shutting down; long-lived streams end on it.
     pub stopping: CancellationToken,
     /// Set once the database was reached and is fully migrated.
@@ -41,17 +51,11 @@ pub struct App {
 
 pub type AppState = Arc<App>;
 
-/// A Postgres notification, fanned out to in-process waiters.
-#[derive(Debug)]
-pub struct Notification {
-    pub channel: String,
-    pub payload: String,
-}
-
-/// Channels every replica listens on.
-pub const CHANNELS: [&str; 5] = [
+/// Channels every replica listens on; `App::on_notification` handles each.
+pub const CHANNELS: [&str; 6] = [
     INVALIDATION_CHANNEL,
     crate::scheduler::MACHINE_CHANNEL,
+    crate::scheduler::SCHEDULER_CHANNEL,
     db::jobs::NOTIFY_CHANNEL,
     crate::builds::BUILD_CHANNEL,
     crate::auth::login::LOGIN_CHANNEL,
@@ -65,9 +69,18 @@ impl App {
             db.clone(),
             config.builders.clone(),
             config.secrets.key_encryption_key(),
+            config.limits.refusal_audits_per_minute,
         ));
         let (events, _) = broadcast::channel(4096);
         Arc::new(App {
+            orgs: Orgs::new(db.clone(), auth.clone()),
+            projects: Projects::new(db.clone(), auth.clone()),
+            tokens: Tokens::new(
+                db.clone(),
+                auth.clone(),
+                Duration::from_secs(config.registry.pull_token_ttl_seconds),
+            ),
+            limiter: ClientLimiter::new(&config.limits),
             config,
             db,
             auth,
@@ -168,8 +181,8 @@ pub async fn serve(
     background.spawn(supervise_database(app.clone(), cancel.clone()));
 
     let mut runner = JobRunner::new(pool.clone(), app.config.jobs.clone());
-    crate::jobs::register_foundation_jobs(&mut runner, pool.clone());
-    crate::cache::register_jobs(&mut runner);
+    crate::jobs::register_foundation_jobs(&mut runner, pool.clone(), app.config.retention.clone());
+    crate::cache::register_jobs(&mut runner, app.scheduler.clone());
     register_build_jobs(&mut runner, &app);
     let wake_jobs = runner.waker();
     {
@@ -195,6 +208,11 @@ pub async fn serve(
         ));
     }
     background.spawn(app.auth.clone().run_flusher(cancel.clone()));
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        background.spawn(async move { app.limiter.run_pruner(cancel).await });
+    }
     background.spawn(app.builds.health.clone().run(cancel.clone()));
     {
         let app = app.clone();

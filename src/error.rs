@@ -155,15 +155,36 @@ impl Error {
     }
 }
 
+/// Whether a database error means the database is (for now) out of reach rather than
+/// that the query is wrong: the caller should retry, so it answers `unavailable`.
+fn database_unreachable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08…), shutdown and crash recovery (57P01-57P03), too
+        // many connections (53300), serialization failures and deadlocks (40001, 40P01).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                )
+        }),
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                tracing::warn!(error = %err, "database unavailable");
-                Error::Unavailable("the database is unavailable; retry shortly".into())
-            }
-            other => Error::Internal(anyhow::Error::new(other).context("database query failed")),
+        if database_unreachable(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            metrics::counter!("kiln_db_unavailable_total").increment(1);
+            return Error::Unavailable("the database is unavailable; retry shortly".into());
         }
+        Error::Internal(anyhow::Error::new(err).context("database query failed"))
     }
 }
 

@@ -467,7 +467,11 @@ async fn bad_agent_input_is_refused_and_audited() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    kiln::db::tokens::revoke(&db.pool, &token_id).await.unwrap();
+    common::domain(&db.pool)
+        .tokens
+        .revoke(&common::operator(), None, &token_id)
+        .await
+        .unwrap();
     wait_for(
         "the revocation to apply",
         Duration::from_secs(10),
@@ -502,7 +506,11 @@ async fn an_agent_whose_token_is_revoked_stops_serving() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    kiln::db::tokens::revoke(&db.pool, &token_id).await.unwrap();
+    common::domain(&db.pool)
+        .tokens
+        .revoke(&common::operator(), None, &token_id)
+        .await
+        .unwrap();
     // Its next health report is refused; the agent stops BuildKit and exits.
     wait_for(
         "the refused agent to stop BuildKit",

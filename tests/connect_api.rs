@@ -256,16 +256,7 @@ async fn build_tokens_and_project_tokens_stay_in_their_lane() {
     assert_eq!(generation, 0);
 
     // A project token of the same org but another project may not build there either.
-    let other_project = kiln::db::projects::create(
-        &db.pool,
-        &a.org_id,
-        kiln::db::projects::ProjectSettings {
-            name: Some("second".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let other_project = common::project(&db.pool, &a.org_id, "second").await;
     let scoped = project_token(&db.pool, &other_project, TokenKind::Project).await;
     let err = unary::<_, pb::CreateBuildResponse>(
         &router,

@@ -69,12 +69,15 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 async fn setup(tls: bool) -> Setup {
     let db = TestDb::new().await;
     let tenant = tenant(&db.pool, "cli").await;
-    kiln::auth::login::set_password(&db.pool, &tenant.user_id, "correct horse battery")
-        .await
-        .unwrap();
+    common::set_password(&db.pool, &tenant.user_id, "correct horse battery").await;
     let port = free_port();
     let mut env = vec![
         ("KILN_DATABASE__URL".to_string(), db.url.clone()),
+        // Per-request lines, to check what they leave out.
+        (
+            "KILN_LOG__FILTER".to_string(),
+            "info,tower_http=debug".to_string(),
+        ),
         (
             "KILN_SECRETS__KEY_ENCRYPTION_KEY".to_string(),
             "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_string(),
@@ -487,9 +490,18 @@ async fn exercise_login(s: &Setup) {
         );
     }
     let client = client.build().unwrap();
+    // The URL carries a short user code, shown on the page for comparison; the claim
+    // secret the CLI holds is never in it.
+    let code = approve_url.rsplit('/').next().unwrap().to_string();
+    assert_eq!(
+        kiln::auth::login::normalize_user_code(&code).as_deref(),
+        Some(code.as_str()),
+        "{approve_url}"
+    );
     let page = client.get(&approve_url).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("Approve"));
+    let text = page.text().await.unwrap();
+    assert!(text.contains("Approve") && text.contains(&code), "{text}");
 
     let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
         .bind(&s.tenant.user_id)
@@ -527,6 +539,14 @@ async fn exercise_login(s: &Setup) {
     let config = std::fs::read_to_string(s.home.path().join(".config/depot/depot.yaml")).unwrap();
     assert!(config.contains("api_token: kiln_u_"), "{config}");
     assert!(config.contains(&s.tenant.org_id), "{config}");
+
+    // Request logging is on (debug), yet the code never reaches the log.
+    let logs = s.kiln.logs();
+    assert!(
+        logs.contains("/login/<redacted>"),
+        "request paths are logged"
+    );
+    assert!(!logs.contains(&code), "the user code was logged");
 
     // The stored token works for the org commands, which only use the config token.
     let out = s.depot(&["org", "list"], None).await;

@@ -234,10 +234,12 @@ async fn project_crud_validates_and_audits() {
         None,
     )
     .await;
+    // The owner's own actions, newest first (the operator's seeding comes before).
     let actions: Vec<&str> = audit.body["events"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|e| e["actor_kind"] == "user")
         .map(|e| e["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, vec!["project.update", "project.create"]);
@@ -431,21 +433,24 @@ async fn readyz_is_false_when_the_database_is_unreachable() {
 }
 
 #[tokio::test]
-async fn the_login_page_throttles_password_guessing() {
+async fn the_login_page_throttles_password_guessing_even_when_concurrent() {
     let db = TestDb::new().await;
     let a = tenant(&db.pool, "a").await;
-    kiln::auth::login::set_password(&db.pool, &a.user_id, "the right password")
-        .await
-        .unwrap();
+    common::set_password(&db.pool, &a.user_id, "the right password").await;
     let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
         .bind(&a.user_id)
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let request = kiln::auth::login::start(&db.pool, std::time::Duration::from_secs(600))
+    let request = kiln::auth::login::start(&db.pool, std::time::Duration::from_secs(600), 100)
         .await
         .unwrap();
-    let router = kiln::api::router(app(&db));
+    let app = kiln::app::App::new(
+        common::config(&db.url, &[("KILN_LIMITS__UNAUTHENTICATED_BURST", "1000")]),
+        db.pool.clone(),
+    );
+    app.mark_migrated();
+    let router = kiln::api::router(app);
     let post = |password: &'static str| {
         let router = router.clone();
         let body = format!(
@@ -453,7 +458,7 @@ async fn the_login_page_throttles_password_guessing() {
             email.replace('@', "%40"),
             password.replace(' ', "+")
         );
-        let path = format!("/login/{}", request.id);
+        let path = format!("/login/{}", request.user_code);
         async move {
             let req = Request::builder()
                 .method("POST")
@@ -464,19 +469,75 @@ async fn the_login_page_throttles_password_guessing() {
             router.oneshot(req).await.unwrap().status()
         }
     };
-    for _ in 0..kiln::auth::login::MAX_FAILED_SIGN_INS {
-        assert_eq!(post("wrong guess").await, StatusCode::UNAUTHORIZED);
-    }
+    // Thirty guesses at once: the throttle reserves each attempt before the password
+    // is checked, so at most the limit are checked at all.
+    let statuses = futures_util::future::join_all((0..30).map(|_| post("wrong guess"))).await;
+    let checked = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(
+        checked,
+        kiln::auth::login::MAX_FAILED_SIGN_INS as usize,
+        "{statuses:?}"
+    );
+    assert_eq!(checked + refused, 30, "{statuses:?}");
     // Locked out: even the right password is not checked now.
     assert_eq!(
         post("the right password").await,
         StatusCode::TOO_MANY_REQUESTS
     );
     let approved: Option<String> =
-        sqlx::query_scalar("SELECT approved_by FROM login_requests WHERE id = $1")
-            .bind(&request.id)
+        sqlx::query_scalar("SELECT approved_by FROM login_requests WHERE user_code = $1")
+            .bind(&request.user_code)
             .fetch_one(&db.pool)
             .await
             .unwrap();
     assert!(approved.is_none());
+}
+
+#[tokio::test]
+async fn the_login_page_checks_the_request_before_any_password() {
+    let db = TestDb::new().await;
+    let a = tenant(&db.pool, "a").await;
+    common::set_password(&db.pool, &a.user_id, "the right password").await;
+    let app = kiln::app::App::new(
+        common::config(&db.url, &[("KILN_LIMITS__UNAUTHENTICATED_BURST", "1000")]),
+        db.pool.clone(),
+    );
+    app.mark_migrated();
+    let router = kiln::api::router(app);
+    let post = |path: String| {
+        let router = router.clone();
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(
+                    "email=nobody%40x.test&password=whatever&decision=approve",
+                ))
+                .unwrap();
+            router.oneshot(req).await.unwrap().status()
+        }
+    };
+    // An unknown or malformed code is answered without a sign-in attempt, so guesses
+    // against it cannot lock anyone out or burn argon2 time.
+    for _ in 0..2 * kiln::auth::login::MAX_FAILED_SIGN_INS {
+        assert_eq!(post("/login/BBBB-BBBB".into()).await, StatusCode::NOT_FOUND);
+        assert_eq!(
+            post("/login/not-a-code".into()).await,
+            StatusCode::NOT_FOUND
+        );
+    }
+    let request = kiln::auth::login::start(&db.pool, std::time::Duration::from_secs(600), 100)
+        .await
+        .unwrap();
+    // The sign-in throttle for that email was never touched.
+    let wrong = post(format!("/login/{}", request.user_code)).await;
+    assert_eq!(wrong, StatusCode::UNAUTHORIZED);
 }

@@ -6,7 +6,6 @@ mod common;
 use kiln::app::AppState;
 use kiln::db::builds::{Outcome, Platform};
 use kiln::db::jobs::ClaimedJob;
-use kiln::db::projects::{self, ProjectSettings};
 use kiln::error::Error;
 use kiln::scheduler::Assignment;
 use secrecy::SecretString;
@@ -36,7 +35,10 @@ fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
 }
 
 async fn new_build(app: &AppState, project_id: &str) -> String {
-    let project = projects::get(&app.db, project_id).await.unwrap().unwrap();
+    let project = kiln::db::projects::get(&app.db, project_id)
+        .await
+        .unwrap()
+        .unwrap();
     common::new_build(&app.db, project_id, &project.organization_id).await
 }
 
@@ -197,16 +199,7 @@ async fn machine_caps_answer_with_a_clear_error() {
         &db,
         &[("KILN_BUILDERS__MAX_MACHINES_PER_ORGANIZATION", "1")],
     );
-    let second_project = projects::create(
-        &db.pool,
-        &t.org_id,
-        ProjectSettings {
-            name: Some("second".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let second_project = common::project(&db.pool, &t.org_id, "second").await;
     let a = new_build(&app, &t.project.id).await;
     assert_eq!(
         app.scheduler.assign(&a, Platform::Amd64).await.unwrap(),
@@ -299,16 +292,7 @@ async fn replicas_racing_builds_launch_one_machine_per_slot() {
     let t = tenant(&db.pool, "a").await;
     let mut project_ids = vec![t.project.id.clone()];
     for i in 0..4 {
-        let p = projects::create(
-            &db.pool,
-            &t.org_id,
-            ProjectSettings {
-                name: Some(format!("p{i}")),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let p = common::project(&db.pool, &t.org_id, &format!("p{i}")).await;
         project_ids.push(p.id);
     }
     // Three "replicas": separate apps, schedulers and pools of connections on one database.

@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use kiln::auth::{Authenticator, INVALIDATION_CHANNEL, TokenKind};
+use kiln::auth::{Authenticator, INVALIDATION_CHANNEL, PrincipalKind, TokenKind};
 use kiln::db::notify::{Event, listen};
-use kiln::db::tokens::{self, NewToken, TokenFilter};
+use kiln::db::tokens::{self, TokenFilter};
 use kiln::error::Error;
+use kiln::tokens::{NewToken, Tokens};
 use tokio_util::sync::CancellationToken;
 
-use common::{TestDb, tenant, wait_for};
+use common::{TestDb, operator, tenant, wait_for};
 
 fn authenticator(db: &TestDb) -> Authenticator {
     let config = common::config(&db.url, &[]);
@@ -30,7 +31,7 @@ async fn create_verify_and_store_only_the_hash() {
         .authenticate(Some(&bearer(&t.user_token)))
         .await
         .unwrap();
-    assert_eq!(principal.kind, TokenKind::User);
+    assert_eq!(principal.kind, PrincipalKind::Token(TokenKind::User));
     assert_eq!(principal.user_id.as_deref(), Some(t.user_id.as_str()));
     assert_eq!(principal.organization_ids(), vec![t.org_id.clone()]);
 
@@ -60,26 +61,27 @@ async fn create_verify_and_store_only_the_hash() {
 async fn revoked_tokens_are_refused_even_when_cached() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "a").await;
-    let auth = authenticator(&db);
-    auth.authenticate(Some(&bearer(&t.user_token)))
+    let auth = Arc::new(authenticator(&db));
+    // The same replica caches the token, then revokes it through the domain: the next
+    // request must be refused at once, with nothing clearing the cache by hand.
+    let owner = auth
+        .authenticate(Some(&bearer(&t.user_token)))
         .await
         .unwrap();
-    let id = tokens::list(
-        &db.pool,
-        &TokenFilter {
-            user_id: Some(t.user_id.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()[0]
+    let tokens = Tokens::new(db.pool.clone(), auth.clone(), Duration::from_secs(60));
+    let id = tokens
+        .list(
+            &operator(),
+            &TokenFilter {
+                user_id: Some(t.user_id.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()[0]
         .id
         .clone();
-    let hash = tokens::revoke(&db.pool, &id)
-        .await
-        .unwrap()
-        .expect("first revoke revokes");
-    auth.invalidate(Some(&hash));
+    assert!(tokens.revoke(&owner, None, &id).await.unwrap(), "revoked");
     let err = auth
         .authenticate(Some(&bearer(&t.user_token)))
         .await
@@ -89,9 +91,17 @@ async fn revoked_tokens_are_refused_even_when_cached() {
         "{err:?}"
     );
     assert!(
-        tokens::revoke(&db.pool, &id).await.unwrap().is_none(),
+        !tokens.revoke(&operator(), None, &id).await.unwrap(),
         "second revoke is a no-op"
     );
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE action = 'token.revoke' AND target_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
 }
 
 #[tokio::test]
@@ -136,7 +146,12 @@ async fn revocation_reaches_another_replica_through_notify() {
     .unwrap()[0]
         .id
         .clone();
-    tokens::revoke(&db.pool, &id).await.unwrap();
+    // "Replica A": its own authenticator and domain.
+    let replica_a = Arc::new(authenticator(&db));
+    Tokens::new(db.pool.clone(), replica_a, Duration::from_secs(60))
+        .revoke(&operator(), None, &id)
+        .await
+        .unwrap();
     wait_for(
         "replica B to refuse the revoked token",
         Duration::from_secs(10),
@@ -157,25 +172,23 @@ async fn expired_tokens_are_refused_with_the_time() {
     let mut new = NewToken::new(TokenKind::Organization, "short");
     new.organization_id = Some(t.org_id.clone());
     new.expires_at = Some(Utc::now() + chrono::Duration::seconds(60));
-    let (info, minted) = tokens::create(&db.pool, new).await.unwrap();
-    let auth = authenticator(&db);
-    auth.authenticate(Some(&bearer(&minted.secret)))
+    let (info, secret) = common::domain(&db.pool)
+        .tokens
+        .create(&operator(), new)
         .await
         .unwrap();
-
-    // Move expiry into the past; the cached entry must not outlive it.
+    // Expired in the database before this replica ever saw it: the load refuses it.
     sqlx::query("UPDATE tokens SET expires_at = now() - interval '1 second' WHERE id = $1")
         .bind(&info.id)
         .execute(&db.pool)
         .await
         .unwrap();
-    auth.invalidate(None);
-    let err = auth
-        .authenticate(Some(&bearer(&minted.secret)))
+    let err = authenticator(&db)
+        .authenticate(Some(&bearer(&secret)))
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::Unauthenticated(m) if m.contains("expired")),
+        matches!(&err, Error::Unauthenticated(m) if m.contains("expired at")),
         "{err:?}"
     );
 }
@@ -187,17 +200,19 @@ async fn cached_principal_expires_at_its_expiry_time() {
     let mut new = NewToken::new(TokenKind::Organization, "short");
     new.organization_id = Some(t.org_id.clone());
     new.expires_at = Some(Utc::now() + chrono::Duration::milliseconds(1500));
-    let (_, minted) = tokens::create(&db.pool, new).await.unwrap();
-    let auth = Arc::new(authenticator(&db));
-    auth.authenticate(Some(&bearer(&minted.secret)))
+    let (_, secret) = common::domain(&db.pool)
+        .tokens
+        .create(&operator(), new)
         .await
         .unwrap();
+    let auth = Arc::new(authenticator(&db));
+    auth.authenticate(Some(&bearer(&secret))).await.unwrap();
     wait_for(
         "the cached token to expire",
         Duration::from_secs(10),
         || {
             let auth = auth.clone();
-            let secret = minted.secret.clone();
+            let secret = secret.clone();
             async move { auth.authenticate(Some(&bearer(&secret))).await.is_err() }
         },
     )
@@ -261,6 +276,10 @@ async fn token_scopes_cannot_exceed_the_kind() {
     new.organization_id = Some(t.org_id.clone());
     new.project_id = Some(t.project.id.clone());
     new.scopes = Some(kiln::auth::Scopes::of(&[kiln::auth::Scope::CacheWrite]));
-    let err = tokens::create(&db.pool, new).await.unwrap_err();
+    let err = common::domain(&db.pool)
+        .tokens
+        .create(&operator(), new)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
 }

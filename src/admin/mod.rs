@@ -1,18 +1,19 @@
-//! `kiln admin`: operator commands that act on the database directly.
-//! Every change is written to the audit log with the actor `admin`.
+//! `kiln admin`: operator commands. Each one calls the same domain function as the
+//! APIs do, as an operator principal, so it is authorized, validated and written to the
+//! audit log (actor `admin`, named by `$USER`) the same way.
 
 use chrono::{Duration, Utc};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::json;
-use sqlx::PgPool;
 
-use crate::auth::{Role, Scope, Scopes, TokenKind};
+use crate::app::App;
+use crate::auth::{Principal, Role, Scope, Scopes, TokenKind};
 use crate::config::Config;
-use crate::db::audit::{self, AuditEvent};
-use crate::db::projects::ProjectSettings;
-use crate::db::tokens::{NewToken, TokenFilter};
-use crate::db::{self, orgs, projects, tokens};
+use crate::db;
+use crate::db::tokens::TokenFilter;
+use crate::projects::ProjectSettings;
+use crate::tokens::NewToken;
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -200,8 +201,13 @@ pub enum AuditCommand {
     },
 }
 
-fn actor() -> (&'static str, Option<String>) {
-    ("admin", std::env::var("USER").ok().or(Some("cli".into())))
+/// The operator running this command, as the audit log names them.
+fn operator() -> Principal {
+    let name = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "cli".into());
+    Principal::operator(&name)
 }
 
 pub async fn run(config: Config, args: AdminArgs) -> anyhow::Result<()> {
@@ -210,158 +216,101 @@ pub async fn run(config: Config, args: AdminArgs) -> anyhow::Result<()> {
         db::is_migrated(&pool).await?,
         "the database is not migrated to this version of kiln; run `kiln migrate` first"
     );
+    let app = App::new(config, pool.clone());
     let out = Output { json: args.json };
-    match args.command {
-        AdminCommand::Org(cmd) => org(&pool, &out, cmd).await,
-        AdminCommand::User(cmd) => user(&pool, &out, cmd).await,
-        AdminCommand::Member(cmd) => member(&pool, &out, cmd).await,
-        AdminCommand::Project(cmd) => project(&pool, &out, cmd).await,
-        AdminCommand::Token(cmd) => token(&pool, &out, cmd).await,
+    let me = operator();
+    let result = match args.command {
+        AdminCommand::Org(cmd) => org(&app, &me, &out, cmd).await,
+        AdminCommand::User(cmd) => user(&app, &me, &out, cmd).await,
+        AdminCommand::Member(cmd) => member(&app, &me, &out, cmd).await,
+        AdminCommand::Project(cmd) => project(&app, &me, &out, cmd).await,
+        AdminCommand::Token(cmd) => token(&app, &me, &out, cmd).await,
         AdminCommand::Jobs(JobsCommand::List { state }) => {
-            out.rows(&db::jobs::list(&pool, state.as_deref()).await?);
+            out.rows(&crate::jobs::list(&pool, &me, state.as_deref()).await?);
             Ok(())
         }
         AdminCommand::Machines(MachinesCommand::List { state }) => {
-            out.rows(&db::machines::list(&pool, state.as_deref()).await?);
+            out.rows(&app.scheduler.machines(&me, state.as_deref()).await?);
             Ok(())
         }
         AdminCommand::Machines(MachinesCommand::Drain { id }) => {
-            anyhow::ensure!(
-                db::machines::drain(&pool, &id).await?,
-                "machine {id:?} is not ready or assigned (see `kiln admin machines list`)"
-            );
-            audit::record(
-                &pool,
-                AuditEvent::new("machine.drain", actor()).target("machine", &id),
-            )
-            .await?;
-            eprintln!("machine {id} is draining; it is terminated once its builds finish");
-            Ok(())
+            if app.scheduler.drain(&me, &id).await? {
+                eprintln!("machine {id} is draining; it is terminated once its builds finish");
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "machine {id:?} is not ready or assigned (see `kiln admin machines list`)"
+                ))
+            }
         }
         AdminCommand::Audit(AuditCommand::List { org, limit }) => {
-            out.rows(&audit::list(&pool, org.as_deref(), limit).await?);
+            out.rows(&app.orgs.audit_events(&me, org.as_deref(), limit).await?);
             Ok(())
         }
-    }
+    };
+    pool.close().await;
+    result
 }
 
-async fn org(pool: &PgPool, out: &Output, cmd: OrgCommand) -> anyhow::Result<()> {
+async fn org(app: &App, me: &Principal, out: &Output, cmd: OrgCommand) -> anyhow::Result<()> {
     match cmd {
         OrgCommand::Create { name, owner_email } => {
-            let mut tx = pool.begin().await?;
-            let org = orgs::create_organization(&mut *tx, &name).await?;
-            audit::record(
-                &mut *tx,
-                AuditEvent::new("organization.create", actor())
-                    .org(&org.id)
-                    .target("organization", &org.id),
-            )
-            .await?;
-            tx.commit().await?;
-            if let Some(email) = owner_email {
-                let user = find_or_create_user(pool, &email).await?;
-                orgs::set_membership(pool, &org.id, &user.id, Role::Owner).await?;
+            let (org, owner) = app.orgs.create(me, &name, owner_email.as_deref()).await?;
+            if let Some(owner) = owner {
+                eprintln!("{} owns the organization", owner.email);
             }
             out.rows(&[org]);
         }
-        OrgCommand::List => out.rows(&orgs::list_organizations(pool, None).await?),
+        OrgCommand::List => out.rows(&app.orgs.list(me).await?),
     }
     Ok(())
 }
 
-async fn find_or_create_user(pool: &PgPool, email: &str) -> anyhow::Result<orgs::User> {
-    if let Some(user) = orgs::find_user_by_email(pool, email).await? {
-        return Ok(user);
-    }
-    let user = orgs::create_user(pool, email, "").await?;
-    audit::record(
-        pool,
-        AuditEvent::new("user.create", actor()).target("user", &user.id),
-    )
-    .await?;
-    Ok(user)
-}
-
-async fn resolve_user(pool: &PgPool, user: &str) -> anyhow::Result<orgs::User> {
-    let found = if user.contains('@') {
-        orgs::find_user_by_email(pool, user).await?
-    } else {
-        orgs::list_users(pool)
-            .await?
-            .into_iter()
-            .find(|u| u.id == user)
-    };
-    found.ok_or_else(|| {
-        anyhow::anyhow!("no user {user:?}; create it with `kiln admin user create --email ...`")
-    })
-}
-
-async fn user(pool: &PgPool, out: &Output, cmd: UserCommand) -> anyhow::Result<()> {
+async fn user(app: &App, me: &Principal, out: &Output, cmd: UserCommand) -> anyhow::Result<()> {
     match cmd {
         UserCommand::Create { email, name } => {
-            let user = orgs::create_user(pool, &email, &name).await?;
-            audit::record(
-                pool,
-                AuditEvent::new("user.create", actor()).target("user", &user.id),
-            )
-            .await?;
-            out.rows(&[user]);
+            out.rows(&[app.orgs.create_user(me, &email, &name).await?]);
         }
-        UserCommand::List => out.rows(&orgs::list_users(pool).await?),
+        UserCommand::List => out.rows(&app.orgs.list_users(me).await?),
         UserCommand::SetPassword { user } => {
-            let user = resolve_user(pool, &user).await?;
+            let user = app.orgs.find_user(me, &user).await?;
             let mut password = String::new();
             std::io::stdin().read_line(&mut password)?;
             let password = password.trim_end_matches(['\r', '\n']);
-            crate::auth::login::set_password(pool, &user.id, password).await?;
-            audit::record(
-                pool,
-                AuditEvent::new("user.set_password", actor()).target("user", &user.id),
-            )
-            .await?;
+            app.orgs.set_password(me, &user.id, password).await?;
             eprintln!("password set for {}", user.email);
         }
     }
     Ok(())
 }
 
-async fn member(pool: &PgPool, out: &Output, cmd: MemberCommand) -> anyhow::Result<()> {
+async fn member(app: &App, me: &Principal, out: &Output, cmd: MemberCommand) -> anyhow::Result<()> {
     match cmd {
         MemberCommand::Add { org, user, role } => {
-            let user = resolve_user(pool, &user).await?;
+            let user = app.orgs.find_user(me, &user).await?;
             let role = Role::parse(&role).unwrap_or(Role::Member);
-            orgs::set_membership(pool, &org, &user.id, role).await?;
-            audit::record(
-                pool,
-                AuditEvent::new("membership.set", actor())
-                    .org(&org)
-                    .target("user", &user.id)
-                    .details(json!({"role": role})),
-            )
-            .await?;
-            out.rows(&orgs::list_members(pool, &org).await?);
+            app.orgs.set_member(me, &org, &user.id, role).await?;
+            out.rows(&app.orgs.members(me, &org).await?);
         }
         MemberCommand::Remove { org, user } => {
-            let user = resolve_user(pool, &user).await?;
+            let user = app.orgs.find_user(me, &user).await?;
             anyhow::ensure!(
-                orgs::remove_membership(pool, &org, &user.id).await?,
+                app.orgs.remove_member(me, &org, &user.id).await?,
                 "{} is not a member of {org}",
                 user.email
             );
-            audit::record(
-                pool,
-                AuditEvent::new("membership.remove", actor())
-                    .org(&org)
-                    .target("user", &user.id),
-            )
-            .await?;
         }
-        MemberCommand::List { org } => out.rows(&orgs::list_members(pool, &org).await?),
+        MemberCommand::List { org } => out.rows(&app.orgs.members(me, &org).await?),
     }
     Ok(())
 }
 
-async fn project(pool: &PgPool, out: &Output, cmd: ProjectCommand) -> anyhow::Result<()> {
+async fn project(
+    app: &App,
+    me: &Principal,
+    out: &Output,
+    cmd: ProjectCommand,
+) -> anyhow::Result<()> {
     match cmd {
         ProjectCommand::Create {
             org,
@@ -376,36 +325,16 @@ async fn project(pool: &PgPool, out: &Output, cmd: ProjectCommand) -> anyhow::Re
                 cache_size_gb_arm64: cache_size_gb,
                 ..Default::default()
             };
-            let mut tx = pool.begin().await?;
-            let project = projects::create(&mut *tx, &org, settings).await?;
-            audit::record(
-                &mut *tx,
-                AuditEvent::new("project.create", actor())
-                    .org(&org)
-                    .target("project", &project.id),
-            )
-            .await?;
-            tx.commit().await?;
-            out.rows(&[project]);
+            out.rows(&[app.projects.create(me, Some(&org), settings).await?]);
         }
         ProjectCommand::List { org } => {
-            let reach = match org {
-                Some(org) => crate::auth::ProjectReach::Organizations(vec![org]),
-                None => crate::auth::ProjectReach::Organizations(
-                    orgs::list_organizations(pool, None)
-                        .await?
-                        .into_iter()
-                        .map(|o| o.id)
-                        .collect(),
-                ),
-            };
-            out.rows(&projects::list(pool, &reach, None).await?);
+            out.rows(&app.projects.list(me, org.as_deref()).await?);
         }
     }
     Ok(())
 }
 
-async fn token(pool: &PgPool, out: &Output, cmd: TokenCommand) -> anyhow::Result<()> {
+async fn token(app: &App, me: &Principal, out: &Output, cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create {
             kind,
@@ -416,25 +345,13 @@ async fn token(pool: &PgPool, out: &Output, cmd: TokenCommand) -> anyhow::Result
             scopes,
             expires_in_days,
         } => {
-            anyhow::ensure!(
-                matches!(
-                    kind,
-                    TokenKind::User
-                        | TokenKind::Organization
-                        | TokenKind::Project
-                        | TokenKind::Pull
-                ),
-                "{kind} tokens are minted by Kiln itself; create a user, organization, project or pull token"
-            );
             let mut new = NewToken::new(kind, name);
             if let Some(user) = user {
-                new.user_id = Some(resolve_user(pool, &user).await?.id);
+                new.user_id = Some(app.orgs.find_user(me, &user).await?.id);
             }
             new.organization_id = org;
             if let Some(project_id) = project {
-                let p = projects::get(pool, &project_id)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("no project {project_id:?}"))?;
+                let p = app.projects.get(me, Some(&project_id)).await?;
                 new.organization_id = Some(p.organization_id);
                 new.project_id = Some(p.id);
             }
@@ -448,24 +365,15 @@ async fn token(pool: &PgPool, out: &Output, cmd: TokenCommand) -> anyhow::Result
                 );
                 new.expires_at = Some(Utc::now() + Duration::days(days));
             }
-            let mut tx = pool.begin().await?;
-            let (info, minted) = tokens::create(&mut *tx, new).await?;
-            let mut event = AuditEvent::new("token.create", actor())
-                .target("token", &info.id)
-                .details(json!({"kind": info.kind, "prefix": info.display_prefix}));
-            if let Some(org) = &info.organization_id {
-                event = event.org(org);
-            }
-            audit::record(&mut *tx, event).await?;
-            tx.commit().await?;
+            let (info, secret) = app.tokens.create(me, new).await?;
             if out.json {
-                println!("{}", json!({"token": info, "secret": minted.secret}));
+                println!("{}", json!({"token": info, "secret": secret}));
             } else {
                 eprintln!(
                     "created {} token {} ({}); it is shown only once:",
                     info.kind, info.id, info.display_prefix
                 );
-                println!("{}", minted.secret);
+                println!("{secret}");
             }
         }
         TokenCommand::List {
@@ -475,31 +383,23 @@ async fn token(pool: &PgPool, out: &Output, cmd: TokenCommand) -> anyhow::Result
             include_revoked,
         } => {
             let user_id = match user {
-                Some(u) => Some(resolve_user(pool, &u).await?.id),
+                Some(u) => Some(app.orgs.find_user(me, &u).await?.id),
                 None => None,
             };
             let filter = TokenFilter {
+                kind: None,
                 organization_id: org,
                 project_id: project,
                 user_id,
                 include_revoked,
             };
-            out.rows(&tokens::list(pool, &filter).await?);
+            out.rows(&app.tokens.list(me, &filter).await?);
         }
         TokenCommand::Revoke { id } => {
-            let info = tokens::get(pool, &id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("no token {id:?}"))?;
-            match tokens::revoke(pool, &id).await? {
-                Some(_) => {
-                    let mut event = AuditEvent::new("token.revoke", actor()).target("token", &id);
-                    if let Some(org) = &info.organization_id {
-                        event = event.org(org);
-                    }
-                    audit::record(pool, event).await?;
-                    eprintln!("revoked token {id}");
-                }
-                None => eprintln!("token {id} was already revoked"),
+            if app.tokens.revoke(me, None, &id).await? {
+                eprintln!("revoked token {id}");
+            } else {
+                eprintln!("token {id} was already revoked");
             }
         }
     }

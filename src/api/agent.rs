@@ -31,7 +31,14 @@ pub fn service(app: AppState) -> MachineAgentServiceServer<AgentApi> {
 pub fn routes(app: AppState) -> axum::Router {
     axum::Router::new()
         .fallback_service(service(app.clone()))
-        .layer(axum::middleware::from_fn_with_state(app, audit_malformed))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            audit_malformed,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app,
+            crate::api::ratelimit::limit_unauthenticated,
+        ))
 }
 
 /// gRPC requests (`content-type: application/grpc…`): the agent API. Nothing else on the
@@ -95,7 +102,9 @@ async fn audit_malformed(
                 "peer": peer,
                 "detail": message.chars().take(200).collect::<String>(),
             }));
-        crate::scheduler::agents::record_refusal(&app.db, "malformed", reason, event).await;
+        app.scheduler
+            .record_refusal("malformed", reason, event)
+            .await;
     }
     response
 }

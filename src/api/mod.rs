@@ -5,6 +5,7 @@ pub mod connect;
 pub mod dashboard;
 pub mod extract;
 pub mod health;
+pub mod ratelimit;
 pub mod rest;
 pub mod server;
 
@@ -32,14 +33,24 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 /// The complete router of the HTTP port.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
-    Router::new()
-        .merge(health::routes())
+    let deadline = Duration::from_secs(state.config.server.request_timeout_seconds);
+    let bounded = Router::new()
         .nest("/api/v1", rest::routes())
         .merge(dashboard::routes())
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            within_deadline(deadline, req, next)
+        }));
+    Router::new()
+        .merge(health::routes())
+        .merge(bounded)
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(
             agent::routes(state.clone()),
             agent::dispatch,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit_unauthenticated,
         ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))
@@ -56,7 +67,7 @@ pub fn router(state: AppState) -> Router {
                                 .get(REQUEST_ID_HEADER)
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("");
-                            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+                            tracing::info_span!("request", method = %req.method(), path = %loggable_path(req.uri().path()), request_id)
                         })
                         .on_request(())
                         .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
@@ -67,6 +78,29 @@ pub fn router(state: AppState) -> Router {
                 })),
         )
         .with_state(state)
+}
+
+/// A request path as logs may show it: the user code of a `depot login` approval page
+/// (`/login/<code>`) is a secret of sorts and never logged.
+pub fn loggable_path(path: &str) -> &str {
+    if path.starts_with("/login/") {
+        "/login/<redacted>"
+    } else {
+        path
+    }
+}
+
+/// Bounds a REST or dashboard request by `server.request_timeout_seconds`, answering
+/// `deadline_exceeded` like Connect calls do.
+async fn within_deadline(deadline: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(deadline, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => Error::DeadlineExceeded(format!(
+            "the request did not finish within the server's {} s limit; retry",
+            deadline.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 /// Connect calls are routed by their last two path segments, so any prefix in

@@ -1,12 +1,16 @@
-//! THE authorization module: every "may this principal do that" decision is made here.
+//! THE authorization module: every "may this principal do that" decision is made here,
+//! for single targets (`authorize`), for lists (`visible_projects`,
+//! `visible_organizations`) and for tokens (`authorize_token`).
 //!
 //! A decision has three parts, checked in this order:
 //! 1. reach: is the target inside the token's organization/project/build/machine?
 //!    Targets in other organizations answer `not_found`, so ids don't leak.
 //! 2. scope: does the token carry the scope the action needs?
-//! 3. role: owner-only actions need the owner role (user tokens).
+//! 3. role and kind: owner-only actions need the owner role (user tokens); minting
+//!    tokens needs a user, organization or project token; operating the installation
+//!    needs an operator (`kiln admin`).
 
-use super::principal::{Principal, Role};
+use super::principal::{Principal, PrincipalKind, Role};
 use super::token::{Scope, TokenKind};
 use crate::error::{Error, Result};
 
@@ -24,15 +28,20 @@ pub enum Action {
     WriteBuild,
     ResetCache,
     PullImages,
+    /// Mint a short-lived pull token (`depot pull-token`, `depot pull`).
+    MintPullToken,
     ViewAuditLog,
     ActAsMachine,
+    /// Manage the installation: organizations, users, memberships, any token, builder
+    /// machines and jobs. Operators only.
+    Operate,
 }
 
 impl Action {
     fn required_scope(self) -> Scope {
         match self {
             Action::ViewOrganization => Scope::OrgRead,
-            Action::ManageOrganization | Action::ViewAuditLog => Scope::OrgAdmin,
+            Action::ManageOrganization | Action::ViewAuditLog | Action::Operate => Scope::OrgAdmin,
             Action::ViewProject => Scope::ProjectsRead,
             Action::CreateProject | Action::UpdateProject | Action::DeleteProject => {
                 Scope::ProjectsWrite
@@ -41,7 +50,7 @@ impl Action {
             Action::CreateBuild | Action::WriteBuild => Scope::BuildsWrite,
             Action::ViewBuild => Scope::BuildsRead,
             Action::ResetCache => Scope::CacheWrite,
-            Action::PullImages => Scope::RegistryRead,
+            Action::PullImages | Action::MintPullToken => Scope::RegistryRead,
             Action::ActAsMachine => Scope::Machine,
         }
     }
@@ -53,22 +62,30 @@ impl Action {
         )
     }
 
+    /// Actions that issue credentials: a derived token (pull, build, machine) must never
+    /// renew or widen itself.
+    fn mints_tokens(self) -> bool {
+        matches!(self, Action::MintPullToken | Action::ManageProjectTokens)
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Action::ViewOrganization => "view this organization",
             Action::ManageOrganization => "manage this organization",
             Action::CreateProject => "create projects",
-            Action::ViewProject => "view this project",
+            Action::ViewProject => "view projects",
             Action::UpdateProject => "change this project's settings",
             Action::DeleteProject => "delete this project",
             Action::ManageProjectTokens => "manage this project's tokens",
             Action::CreateBuild => "start builds",
-            Action::ViewBuild => "view this build",
+            Action::ViewBuild => "view builds",
             Action::WriteBuild => "report on this build",
             Action::ResetCache => "reset this project's cache",
             Action::PullImages => "pull images",
+            Action::MintPullToken => "mint pull tokens",
             Action::ViewAuditLog => "read the audit log",
             Action::ActAsMachine => "act as a builder machine",
+            Action::Operate => "manage this installation",
         }
     }
 }
@@ -76,6 +93,8 @@ impl Action {
 /// What an action is applied to, with the ids needed to decide reach.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
+    /// The installation as a whole (organizations, users, the fleet).
+    Instance,
     Organization {
         id: &'a str,
     },
@@ -103,7 +122,7 @@ impl Target<'_> {
             | Target::Build {
                 organization_id, ..
             } => Some(organization_id),
-            Target::Machine { .. } => None,
+            Target::Machine { .. } | Target::Instance => None,
         }
     }
 
@@ -117,6 +136,9 @@ impl Target<'_> {
 
     fn not_found(&self) -> Error {
         match self {
+            Target::Instance => Error::PermissionDenied(
+                "only an operator can do this, with `kiln admin` on the server".into(),
+            ),
             Target::Organization { id } => Error::not_found("organization", id),
             Target::Project { id, .. } => Error::not_found("project", id),
             Target::Build { id, .. } => Error::not_found("build", id),
@@ -134,8 +156,15 @@ enum Reach {
 }
 
 fn reach(p: &Principal, target: &Target<'_>) -> Reach {
+    let kind = match p.kind {
+        PrincipalKind::Operator => return Reach::Within(Some(Role::Owner)),
+        PrincipalKind::Token(kind) => kind,
+    };
+    if matches!(target, Target::Instance) {
+        return Reach::Outside;
+    }
     let same_org = |org: Option<&str>| org.is_some() && org == p.organization_id.as_deref();
-    match p.kind {
+    match kind {
         TokenKind::User => match target.organization_id().and_then(|org| p.role_in(org)) {
             Some(role) => Reach::Within(Some(role)),
             None => Reach::Outside,
@@ -168,6 +197,39 @@ fn reach(p: &Principal, target: &Target<'_>) -> Reach {
     }
 }
 
+fn lacks_scope(principal: &Principal, action: Action) -> Error {
+    Error::PermissionDenied(format!(
+        "this {} token lacks the `{}` scope needed to {}; use a token with that scope",
+        principal.kind,
+        action.required_scope().as_str(),
+        action.describe()
+    ))
+}
+
+fn require_scope(principal: &Principal, action: Action) -> Result<()> {
+    if principal.scopes.contains(action.required_scope()) {
+        Ok(())
+    } else {
+        Err(lacks_scope(principal, action))
+    }
+}
+
+/// Derived tokens (pull, build, machine) cannot issue tokens, not even their own kind.
+fn require_minting_kind(principal: &Principal, action: Action) -> Result<()> {
+    let derived = matches!(
+        principal.kind,
+        PrincipalKind::Token(TokenKind::Pull | TokenKind::Build | TokenKind::Machine)
+    );
+    if action.mints_tokens() && derived {
+        return Err(Error::PermissionDenied(format!(
+            "a {} token cannot {}; use a user, organization or project token",
+            principal.kind,
+            action.describe()
+        )));
+    }
+    Ok(())
+}
+
 /// Decides whether `principal` may perform `action` on `target`.
 pub fn authorize(principal: &Principal, action: Action, target: Target<'_>) -> Result<()> {
     let role = match reach(principal, &target) {
@@ -176,7 +238,7 @@ pub fn authorize(principal: &Principal, action: Action, target: Target<'_>) -> R
             return Err(Error::PermissionDenied(format!(
                 "this {} token is limited to a single {}; use a user or organization token to {}",
                 principal.kind,
-                if principal.kind == TokenKind::Build {
+                if principal.is(TokenKind::Build) {
                     "build"
                 } else {
                     "project"
@@ -186,21 +248,115 @@ pub fn authorize(principal: &Principal, action: Action, target: Target<'_>) -> R
         }
         Reach::Outside => return Err(target.not_found()),
     };
-    if !principal.scopes.contains(action.required_scope()) {
-        return Err(Error::PermissionDenied(format!(
-            "this {} token lacks the `{}` scope needed to {}; create a token with that scope",
-            principal.kind,
-            action.required_scope().as_str(),
-            action.describe()
-        )));
+    if action == Action::Operate && principal.kind != PrincipalKind::Operator {
+        return Err(Target::Instance.not_found());
     }
-    if action.owner_only() && principal.kind == TokenKind::User && role != Some(Role::Owner) {
+    require_scope(principal, action)?;
+    require_minting_kind(principal, action)?;
+    if action.owner_only() && principal.is(TokenKind::User) && role != Some(Role::Owner) {
         return Err(Error::PermissionDenied(format!(
             "only organization owners can {}; ask an owner of this organization",
             action.describe()
         )));
     }
     Ok(())
+}
+
+/// Which rows of a listing a principal may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visible {
+    /// Every row (operators).
+    All,
+    /// Rows of these organizations (possibly none).
+    Organizations(Vec<String>),
+    /// The rows of this one project.
+    Project(String),
+}
+
+/// The projects `principal` may list for `action` (a read such as `ViewProject` or
+/// `ViewBuild`). A token without the action's scope is refused rather than shown an
+/// empty list, so a pull token learns it cannot read settings.
+pub fn visible_projects(principal: &Principal, action: Action) -> Result<Visible> {
+    require_scope(principal, action)?;
+    Ok(match principal.kind {
+        PrincipalKind::Operator => Visible::All,
+        PrincipalKind::Token(TokenKind::User | TokenKind::Organization) => {
+            Visible::Organizations(principal.organization_ids())
+        }
+        PrincipalKind::Token(TokenKind::Project | TokenKind::Pull | TokenKind::Build) => {
+            match &principal.project_id {
+                Some(id) => Visible::Project(id.clone()),
+                None => Visible::Organizations(Vec::new()),
+            }
+        }
+        PrincipalKind::Token(TokenKind::Machine) => Visible::Organizations(Vec::new()),
+    })
+}
+
+/// The organizations `principal` may list. Project and build tokens see their own
+/// organization (they already see its name next to their project); pull and machine
+/// tokens see none and are told so.
+pub fn visible_organizations(principal: &Principal) -> Result<Visible> {
+    let own = || Visible::Organizations(principal.organization_ids());
+    match principal.kind {
+        PrincipalKind::Operator => Ok(Visible::All),
+        PrincipalKind::Token(TokenKind::User | TokenKind::Organization) => {
+            require_scope(principal, Action::ViewOrganization).map(|()| own())
+        }
+        PrincipalKind::Token(TokenKind::Project | TokenKind::Build)
+            if principal.scopes.contains(Scope::ProjectsRead)
+                || principal.scopes.contains(Scope::BuildsRead) =>
+        {
+            Ok(own())
+        }
+        PrincipalKind::Token(_) => Err(lacks_scope(principal, Action::ViewOrganization)),
+    }
+}
+
+/// A token as authorization sees it: its kind and what it is scoped to.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSubject<'a> {
+    pub kind: TokenKind,
+    pub user_id: Option<&'a str>,
+    pub organization_id: Option<&'a str>,
+    pub project_id: Option<&'a str>,
+}
+
+/// Whether `principal` may see, rename or revoke the token `subject`. A token is
+/// managed through what it is scoped to; a user may always manage their own user
+/// tokens. Tokens Kiln mints for itself (build, machine) and other users' tokens are
+/// `not_found`.
+pub fn authorize_token(
+    principal: &Principal,
+    token_id: &str,
+    subject: TokenSubject<'_>,
+) -> Result<()> {
+    if principal.kind == PrincipalKind::Operator {
+        return Ok(());
+    }
+    let not_found = || Error::not_found("token", token_id);
+    match (subject.kind, subject.project_id, subject.organization_id) {
+        (TokenKind::User, ..) => {
+            let own = principal.is(TokenKind::User)
+                && subject.user_id.is_some()
+                && subject.user_id == principal.user_id.as_deref();
+            if own { Ok(()) } else { Err(not_found()) }
+        }
+        (TokenKind::Project | TokenKind::Pull, Some(project), Some(org)) => authorize(
+            principal,
+            Action::ManageProjectTokens,
+            Target::Project {
+                id: project,
+                organization_id: org,
+            },
+        ),
+        (TokenKind::Organization, None, Some(org)) => authorize(
+            principal,
+            Action::ManageOrganization,
+            Target::Organization { id: org },
+        ),
+        _ => Err(not_found()),
+    }
 }
 
 #[cfg(test)]
@@ -211,7 +367,7 @@ mod tests {
     fn principal(kind: TokenKind) -> Principal {
         Principal {
             token_id: "tok".into(),
-            kind,
+            kind: PrincipalKind::Token(kind),
             user_id: None,
             organization_id: Some("orga".into()),
             project_id: Some("proja".into()),
@@ -302,5 +458,95 @@ mod tests {
         authorize(&p, Action::ActAsMachine, Target::Machine { id: "m1" }).unwrap();
         assert!(authorize(&p, Action::ActAsMachine, Target::Machine { id: "m2" }).is_err());
         assert!(authorize(&p, Action::ViewProject, PROJ_A).is_err());
+    }
+
+    #[test]
+    fn pull_tokens_cannot_read_settings_or_mint_tokens() {
+        let p = principal(TokenKind::Pull);
+        let err = visible_projects(&p, Action::ViewProject).unwrap_err();
+        assert!(err.to_string().contains("projects:read"), "{err}");
+        assert!(authorize(&p, Action::ViewProject, PROJ_A).is_err());
+        let err = authorize(&p, Action::MintPullToken, PROJ_A).unwrap_err();
+        assert!(err.to_string().contains("cannot mint"), "{err}");
+        assert!(visible_organizations(&p).is_err());
+        // A project token mints pull tokens for its own project only.
+        let project = principal(TokenKind::Project);
+        authorize(&project, Action::MintPullToken, PROJ_A).unwrap();
+        assert!(authorize(&project, Action::MintPullToken, PROJ_A2).is_err());
+        assert!(authorize(&principal(TokenKind::Build), Action::MintPullToken, PROJ_A).is_err());
+    }
+
+    #[test]
+    fn lists_follow_reach_and_scope() {
+        assert_eq!(
+            visible_projects(&principal(TokenKind::Project), Action::ViewProject).unwrap(),
+            Visible::Project("proja".into())
+        );
+        assert_eq!(
+            visible_projects(&principal(TokenKind::Organization), Action::ViewProject).unwrap(),
+            Visible::Organizations(vec!["orga".into()])
+        );
+        assert_eq!(
+            visible_projects(&Principal::operator("ops"), Action::ViewProject).unwrap(),
+            Visible::All
+        );
+        assert_eq!(
+            visible_organizations(&principal(TokenKind::Project)).unwrap(),
+            Visible::Organizations(vec!["orga".into()])
+        );
+    }
+
+    #[test]
+    fn only_operators_operate() {
+        for kind in TokenKind::ALL {
+            let err = authorize(&principal(kind), Action::Operate, Target::Instance).unwrap_err();
+            assert!(matches!(err, Error::PermissionDenied(_)), "{kind}: {err:?}");
+        }
+        let ops = Principal::operator("ops");
+        authorize(&ops, Action::Operate, Target::Instance).unwrap();
+        authorize(&ops, Action::DeleteProject, PROJ_B).unwrap();
+        assert!(authorize(&ops, Action::ActAsMachine, Target::Machine { id: "m1" }).is_err());
+    }
+
+    #[test]
+    fn tokens_are_managed_through_their_subject() {
+        let mut owner = principal(TokenKind::User);
+        owner.user_id = Some("u1".into());
+        owner.memberships = vec![Membership {
+            organization_id: "orga".into(),
+            role: Role::Owner,
+        }];
+        let project_token = TokenSubject {
+            kind: TokenKind::Project,
+            user_id: None,
+            organization_id: Some("orga"),
+            project_id: Some("proja"),
+        };
+        authorize_token(&owner, "t", project_token).unwrap();
+        let own = TokenSubject {
+            kind: TokenKind::User,
+            user_id: Some("u1"),
+            organization_id: None,
+            project_id: None,
+        };
+        authorize_token(&owner, "t", own).unwrap();
+        let someone_else = TokenSubject {
+            user_id: Some("u2"),
+            ..own
+        };
+        assert!(matches!(
+            authorize_token(&owner, "t", someone_else),
+            Err(Error::NotFound(_))
+        ));
+        let build = TokenSubject {
+            kind: TokenKind::Build,
+            ..project_token
+        };
+        assert!(matches!(
+            authorize_token(&owner, "t", build),
+            Err(Error::NotFound(_))
+        ));
+        // A project token holds no tokens:write scope.
+        assert!(authorize_token(&principal(TokenKind::Project), "t", project_token).is_err());
     }
 }

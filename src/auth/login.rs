@@ -1,6 +1,13 @@
-//! `depot login`: a device flow. StartLogin creates a request; a user signs in on the
-//! approval page and approves it; FinishLogin, waiting on `NOTIFY kiln_login`, claims the
-//! approval once and mints a user token. No token is ever stored in clear.
+//! `depot login`: a device flow in the manner of RFC 8628.
+//!
+//! StartLogin creates a request with two values: a long **claim secret**, returned to the
+//! CLI only (as the `id` it later sends to FinishLogin), of which only the SHA-256 is
+//! stored; and a short **user code** (`WDJB-MJHT`), which is the last segment of the
+//! approval URL the CLI prints. The approval page shows the code so the user can check it
+//! against their terminal; knowing it lets a signed-in user approve or deny, never claim
+//! the token. FinishLogin, woken by `NOTIFY kiln_login` (payload: the request's internal
+//! id, never either secret), claims the approval once and mints a user token in the same
+//! transaction. Neither value is logged: request paths under `/login/` are redacted.
 
 use std::time::Duration;
 
@@ -8,38 +15,62 @@ use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use crate::auth::TokenKind;
-use crate::db::ids::random_alphanumeric;
+use crate::db::audit::{self, AuditEvent};
+use crate::db::ids::{new_id, random_alphanumeric};
+use crate::db::notify;
 use crate::db::orgs::User;
-use crate::db::tokens::{self, NewToken};
 use crate::error::{Error, Result};
+use crate::tokens::{self, NewToken};
 
 pub const LOGIN_CHANNEL: &str = "kiln_login";
 
-pub fn hash_password(password: &str) -> Result<String> {
+/// RFC 8628's user-code alphabet: consonants only, so codes spell no words and don't mix
+/// up 0/O or 1/I. Eight of them carry about 34 bits.
+const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
+const USER_CODE_LEN: usize = 8;
+const CLAIM_SECRET_LEN: usize = 43;
+
+/// Hashes a password (argon2id, off the async threads).
+pub async fn hash_password(password: &str) -> Result<String> {
     if password.chars().count() < 8 {
         return Err(Error::invalid("password", "must be at least 8 characters"));
     }
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| Error::internal(anyhow::anyhow!("hashing password: {e}")))
+    if password.len() > 1024 {
+        return Err(Error::invalid("password", "must be at most 1024 bytes"));
+    }
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::internal(anyhow::anyhow!("hashing password: {e}")))
+    })
+    .await
+    .map_err(Error::internal)?
 }
 
-pub async fn set_password(pool: &PgPool, user_id: &str, password: &str) -> Result<()> {
-    let hash = hash_password(password)?;
-    sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
-        .bind(user_id)
-        .bind(hash)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// A valid argon2 hash of a random password, verified against for unknown emails so they
+/// take as long as known ones.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(random_alphanumeric(32).as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    })
 }
 
-/// Checks an email and password; the same error for an unknown user and a bad password.
+/// Checks an email and password; the same error, after the same work, for an unknown
+/// user and a wrong password. Callers throttle it (`SignInThrottle`) first.
 pub async fn sign_in(pool: &PgPool, email: &str, password: &str) -> Result<User> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -47,61 +78,165 @@ pub async fn sign_in(pool: &PgPool, email: &str, password: &str) -> Result<User>
         user: User,
         password_hash: Option<String>,
     }
+    let denied = || Error::Unauthenticated("wrong email or password".into());
+    if email.len() > 320 || password.len() > 1024 {
+        return Err(denied());
+    }
     let row: Option<Row> = sqlx::query_as(
         "SELECT id, email, name, created_at, password_hash FROM users WHERE lower(email) = lower($1)",
     )
     .bind(email.trim())
     .fetch_optional(pool)
     .await?;
-    let denied = || Error::Unauthenticated("wrong email or password".into());
-    let Some(Row {
-        user,
-        password_hash: Some(hash),
-    }) = row
-    else {
-        // Spend comparable time so unknown emails are not revealed by timing.
-        let _ = hash_password("timing-equaliser");
-        return Err(denied());
+    let (user, hash) = match row {
+        Some(Row {
+            user,
+            password_hash: Some(hash),
+        }) => (Some(user), hash),
+        _ => (None, decoy_hash().to_string()),
     };
-    let parsed = PasswordHash::new(&hash).map_err(|_| denied())?;
-    Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .map_err(|_| denied())?;
-    Ok(user)
+    let password = password.to_string();
+    let verified = tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash).is_ok_and(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+    })
+    .await
+    .map_err(Error::internal)?;
+    match user {
+        Some(user) if verified => Ok(user),
+        _ => Err(denied()),
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LoginRequest {
+    /// Internal id: safe to log and to send in notifications.
     pub id: String,
+    pub user_code: String,
     pub expires_at: DateTime<Utc>,
     pub approved_by: Option<String>,
     pub denied_at: Option<DateTime<Utc>>,
     pub consumed_at: Option<DateTime<Utc>>,
 }
 
-pub async fn start(pool: &PgPool, ttl: Duration) -> Result<LoginRequest> {
-    Ok(sqlx::query_as(
-        "INSERT INTO login_requests (id, expires_at) VALUES ($1, now() + make_interval(secs => $2))
-         RETURNING id, expires_at, approved_by, denied_at, consumed_at",
-    )
-    .bind(random_alphanumeric(32))
-    .bind(ttl.as_secs_f64())
-    .fetch_one(pool)
+impl LoginRequest {
+    pub fn is_open(&self) -> bool {
+        self.approved_by.is_none() && self.denied_at.is_none() && self.expires_at > Utc::now()
+    }
+}
+
+const COLUMNS: &str = "id, user_code, expires_at, approved_by, denied_at, consumed_at";
+
+/// What StartLogin hands the CLI. Both values are secrets of a sort: never log them.
+pub struct StartedLogin {
+    /// The claim secret, sent back by FinishLogin.
+    pub claim_secret: String,
+    /// `XXXX-XXXX`, the last segment of the approval URL.
+    pub user_code: String,
+}
+
+fn new_user_code() -> String {
+    let mut rng = rand::rng();
+    let chars: String = (0..USER_CODE_LEN)
+        .map(|_| USER_CODE_ALPHABET[rng.random_range(0..USER_CODE_ALPHABET.len())] as char)
+        .collect();
+    format!("{}-{}", &chars[..4], &chars[4..])
+}
+
+/// A user code as typed or pasted: case and dashes don't matter. `None` if it cannot be
+/// one (checked before any database access).
+pub fn normalize_user_code(text: &str) -> Option<String> {
+    let chars: String = text
+        .chars()
+        .filter(|c| *c != '-')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    (chars.len() == USER_CODE_LEN && chars.bytes().all(|b| USER_CODE_ALPHABET.contains(&b)))
+        .then(|| format!("{}-{}", &chars[..4], &chars[4..]))
+}
+
+fn claim_hash(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Opens a login request, unless `max_open` are open already.
+pub async fn start(pool: &PgPool, ttl: Duration, max_open: i64) -> Result<StartedLogin> {
+    for _ in 0..5 {
+        let claim_secret = random_alphanumeric(CLAIM_SECRET_LEN);
+        let user_code = new_user_code();
+        let inserted = sqlx::query(
+            "INSERT INTO login_requests (id, claim_hash, user_code, expires_at)
+             SELECT $1, $2, $3, now() + make_interval(secs => $4)
+             WHERE (SELECT count(*) FROM login_requests
+                    WHERE expires_at > now() AND consumed_at IS NULL AND denied_at IS NULL) < $5
+             ON CONFLICT (user_code) DO NOTHING",
+        )
+        .bind(new_id())
+        .bind(claim_hash(&claim_secret))
+        .bind(&user_code)
+        .bind(ttl.as_secs_f64())
+        .bind(max_open)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            metrics::counter!("kiln_login_requests_total", "outcome" => "started").increment(1);
+            return Ok(StartedLogin {
+                claim_secret,
+                user_code,
+            });
+        }
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM login_requests
+             WHERE expires_at > now() AND consumed_at IS NULL AND denied_at IS NULL",
+        )
+        .fetch_one(pool)
+        .await?;
+        if open >= max_open {
+            metrics::counter!("kiln_login_requests_total", "outcome" => "refused").increment(1);
+            return Err(Error::ResourceExhausted(
+                "too many `depot login` requests are open right now; retry in a few minutes".into(),
+            ));
+        }
+        // A user code collided with another request's: draw again.
+    }
+    Err(Error::Unavailable(
+        "could not allocate a login code; retry".into(),
+    ))
+}
+
+/// The request a user code names (approval page).
+pub async fn by_user_code(pool: &PgPool, code: &str) -> Result<Option<LoginRequest>> {
+    let Some(code) = normalize_user_code(code) else {
+        return Ok(None);
+    };
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM login_requests WHERE user_code = $1"
+    ))
+    .bind(code)
+    .fetch_optional(pool)
     .await?)
 }
 
-pub async fn get(pool: &PgPool, id: &str) -> Result<Option<LoginRequest>> {
-    if id.len() > 64 {
+/// The request a claim secret belongs to (FinishLogin).
+pub async fn by_claim_secret(pool: &PgPool, secret: &str) -> Result<Option<LoginRequest>> {
+    if secret.is_empty() || secret.len() > 256 {
         return Ok(None);
     }
-    Ok(sqlx::query_as("SELECT id, expires_at, approved_by, denied_at, consumed_at FROM login_requests WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM login_requests WHERE claim_hash = $1"
+    ))
+    .bind(claim_hash(secret))
+    .fetch_optional(pool)
+    .await?)
 }
 
-/// Approves (or denies) a pending, unexpired request for `user_id`.
-pub async fn decide(pool: &PgPool, id: &str, user_id: &str, approve: bool) -> Result<()> {
+/// Approves (or denies) a pending, unexpired request for `user`, with its audit entry,
+/// in one transaction.
+pub async fn decide(pool: &PgPool, request_id: &str, user: &User, approve: bool) -> Result<()> {
     let mut tx = pool.begin().await?;
     let updated = if approve {
         sqlx::query(
@@ -114,8 +249,8 @@ pub async fn decide(pool: &PgPool, id: &str, user_id: &str, approve: bool) -> Re
              WHERE id = $1 AND approved_at IS NULL AND denied_at IS NULL AND expires_at > now() AND $2 <> ''",
         )
     }
-    .bind(id)
-    .bind(user_id)
+    .bind(request_id)
+    .bind(&user.id)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -125,23 +260,35 @@ pub async fn decide(pool: &PgPool, id: &str, user_id: &str, approve: bool) -> Re
                 .into(),
         ));
     }
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(LOGIN_CHANNEL)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    audit::record(
+        &mut *tx,
+        AuditEvent::new(
+            if approve {
+                "login.approve"
+            } else {
+                "login.deny"
+            },
+            ("user", Some(user.id.clone())),
+        )
+        .target("login_request", request_id),
+    )
+    .await?;
+    notify::send(&mut *tx, LOGIN_CHANNEL, request_id).await?;
     tx.commit().await?;
     Ok(())
 }
 
 pub enum Claim {
     Token(String),
-    Pending,
+    /// Not decided yet: wait for a notification about this request id.
+    Pending {
+        request_id: String,
+    },
 }
 
 /// Claims an approved request exactly once and mints the user's token.
-pub async fn claim(pool: &PgPool, id: &str) -> Result<Claim> {
-    let Some(request) = get(pool, id).await? else {
+pub async fn claim(pool: &PgPool, claim_secret: &str) -> Result<Claim> {
+    let Some(request) = by_claim_secret(pool, claim_secret).await? else {
         return Err(Error::NotFound(
             "unknown login request; run `depot login` again".into(),
         ));
@@ -162,14 +309,16 @@ pub async fn claim(pool: &PgPool, id: &str) -> Result<Claim> {
                 "the login request expired before it was approved; run `depot login` again".into(),
             ));
         }
-        return Ok(Claim::Pending);
+        return Ok(Claim::Pending {
+            request_id: request.id,
+        });
     }
     let mut tx = pool.begin().await?;
     let user: Option<String> = sqlx::query_scalar(
         "UPDATE login_requests SET consumed_at = now()
          WHERE id = $1 AND approved_by IS NOT NULL AND consumed_at IS NULL RETURNING approved_by",
     )
-    .bind(id)
+    .bind(&request.id)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(user_id) = user else {
@@ -179,22 +328,63 @@ pub async fn claim(pool: &PgPool, id: &str) -> Result<Claim> {
     };
     let mut token = NewToken::new(TokenKind::User, "depot login");
     token.user_id = Some(user_id.clone());
-    token.created_by = Some(user_id);
-    let (_, minted) = tokens::create(&mut *tx, token).await?;
+    token.created_by = Some(user_id.clone());
+    let (info, minted) = tokens::issue(&mut *tx, token).await?;
+    audit::record(
+        &mut *tx,
+        AuditEvent::new("token.create", ("user", Some(user_id)))
+            .target("token", &info.id)
+            .details(
+                json!({ "kind": "user", "via": "depot login", "prefix": info.display_prefix }),
+            ),
+    )
+    .await?;
     tx.commit().await?;
+    metrics::counter!("kiln_login_requests_total", "outcome" => "claimed").increment(1);
     Ok(Claim::Token(minted.secret))
+}
+
+/// Deletes requests closed (used, denied or expired) more than `older_than_hours` ago.
+pub async fn purge_closed(pool: &PgPool, older_than_hours: i32) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM login_requests
+         WHERE LEAST(COALESCE(consumed_at, 'infinity'), COALESCE(denied_at, 'infinity'), expires_at)
+               < now() - make_interval(hours => $1)",
+    )
+    .bind(older_than_hours)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Failed sign-ins allowed per email within `THROTTLE_WINDOW`, per replica.
 pub const MAX_FAILED_SIGN_INS: u32 = 10;
 pub const THROTTLE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Emails tracked at once; beyond it, entries whose window passed are dropped.
+const MAX_TRACKED: usize = 100_000;
 
-/// Slows password guessing (and argon2 CPU burn) on the sign-in page: after
-/// `MAX_FAILED_SIGN_INS` failures for an email within the window, further attempts are
-/// refused without checking the password until the window passes.
+#[derive(Debug)]
+struct Attempts {
+    failures: u32,
+    in_flight: u32,
+    since: std::time::Instant,
+}
+
+/// Slows password guessing (and argon2 work) on the sign-in page: at most
+/// `MAX_FAILED_SIGN_INS` failed or pending attempts per email within the window. An
+/// attempt is reserved before the password is checked, in one locked step, so
+/// concurrent guesses cannot all slip past the limit.
 #[derive(Default)]
 pub struct SignInThrottle {
-    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+    attempts: std::sync::Mutex<std::collections::HashMap<String, Attempts>>,
+}
+
+/// One reserved sign-in attempt. Report how it went with `succeeded` or `failed`;
+/// dropping it without either releases the reservation without counting a failure.
+pub struct SignInAttempt<'a> {
+    throttle: &'a SignInThrottle,
+    key: String,
+    settled: bool,
 }
 
 impl SignInThrottle {
@@ -202,39 +392,121 @@ impl SignInThrottle {
         email.trim().to_ascii_lowercase()
     }
 
-    /// `Err` with the wait left when the email is locked out.
-    pub fn check(&self, email: &str) -> std::result::Result<(), Duration> {
-        let Ok(mut failures) = self.failures.lock() else {
-            return Ok(());
-        };
+    /// Reserves an attempt for `email`, or the wait left when it is locked out.
+    pub fn begin(&self, email: &str) -> std::result::Result<SignInAttempt<'_>, Duration> {
         let key = Self::key(email);
-        match failures.get(&key) {
-            Some((_, since)) if since.elapsed() >= THROTTLE_WINDOW => {
-                failures.remove(&key);
-                Ok(())
-            }
-            Some((count, since)) if *count >= MAX_FAILED_SIGN_INS => {
-                Err(THROTTLE_WINDOW.saturating_sub(since.elapsed()))
-            }
-            _ => Ok(()),
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        if attempts.len() >= MAX_TRACKED {
+            attempts.retain(|_, a| a.in_flight > 0 || a.since.elapsed() < THROTTLE_WINDOW);
         }
+        let entry = attempts.entry(key.clone()).or_insert(Attempts {
+            failures: 0,
+            in_flight: 0,
+            since: std::time::Instant::now(),
+        });
+        if entry.since.elapsed() >= THROTTLE_WINDOW && entry.in_flight == 0 {
+            entry.failures = 0;
+            entry.since = std::time::Instant::now();
+        }
+        if entry.failures + entry.in_flight >= MAX_FAILED_SIGN_INS {
+            return Err(THROTTLE_WINDOW.saturating_sub(entry.since.elapsed()));
+        }
+        entry.in_flight += 1;
+        Ok(SignInAttempt {
+            throttle: self,
+            key,
+            settled: false,
+        })
     }
 
-    pub fn failed(&self, email: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            if failures.len() > 100_000 {
-                failures.retain(|_, (_, since)| since.elapsed() < THROTTLE_WINDOW);
+    fn settle(&self, key: &str, failed: bool) {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = attempts.get_mut(key) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            if failed {
+                entry.failures += 1;
+            } else if entry.failures == 0 && entry.in_flight == 0 {
+                attempts.remove(key);
             }
-            let entry = failures
-                .entry(Self::key(email))
-                .or_insert((0, std::time::Instant::now()));
-            entry.0 += 1;
         }
     }
+}
 
-    pub fn succeeded(&self, email: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(&Self::key(email));
+impl SignInAttempt<'_> {
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        let mut attempts = self
+            .throttle
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        attempts.remove(&self.key);
+    }
+
+    pub fn failed(mut self) {
+        self.settled = true;
+        self.throttle.settle(&self.key, true);
+    }
+}
+
+impl Drop for SignInAttempt<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.throttle.settle(&self.key, false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_codes_are_well_formed_and_normalize() {
+        for _ in 0..100 {
+            let code = new_user_code();
+            assert_eq!(code.len(), 9);
+            assert_eq!(normalize_user_code(&code), Some(code.clone()));
+            assert_eq!(
+                normalize_user_code(&code.to_lowercase().replace('-', "")),
+                Some(code)
+            );
+        }
+        assert_eq!(
+            normalize_user_code("AAAA-AAAA"),
+            None,
+            "vowels never appear"
+        );
+        assert_eq!(normalize_user_code("BCDF"), None);
+        assert_eq!(normalize_user_code("../../etc"), None);
+    }
+
+    #[test]
+    fn concurrent_attempts_count_against_the_limit() {
+        let throttle = SignInThrottle::default();
+        let held: Vec<_> = (0..MAX_FAILED_SIGN_INS)
+            .map(|_| throttle.begin("a@example.com").expect("within the limit"))
+            .collect();
+        // Every allowed guess is in flight: the next one waits, whatever their outcome.
+        assert!(throttle.begin("A@example.com ").is_err());
+        assert!(throttle.begin("b@example.com").is_ok());
+        for attempt in held {
+            attempt.failed();
+        }
+        assert!(throttle.begin("a@example.com").is_err());
+    }
+
+    #[test]
+    fn success_clears_and_abandoned_attempts_do_not_count() {
+        let throttle = SignInThrottle::default();
+        for _ in 0..MAX_FAILED_SIGN_INS - 1 {
+            throttle.begin("a@example.com").unwrap().failed();
+        }
+        drop(throttle.begin("a@example.com").unwrap());
+        throttle.begin("a@example.com").unwrap().succeeded();
+        for _ in 0..MAX_FAILED_SIGN_INS {
+            throttle.begin("a@example.com").unwrap().failed();
+        }
+        assert!(throttle.begin("a@example.com").is_err());
     }
 }

@@ -3,7 +3,6 @@
 //! Authorization lives in [`authz`].
 
 pub mod authz;
-pub mod guard;
 pub mod login;
 pub mod principal;
 pub mod token;
@@ -18,8 +17,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use authz::{Action, Target, authorize};
-pub use principal::{Membership, Principal, ProjectReach, Role};
+pub use authz::{Action, Target, Visible, authorize};
+pub use principal::{Membership, Principal, PrincipalKind, Role};
 pub use token::{Scope, Scopes, TokenKind};
 
 use crate::config::AuthConfig;
@@ -146,7 +145,7 @@ impl Authenticator {
             ));
         }
         check_expiry(row.expires_at)?;
-        row.into_principal()
+        principal_of(row)
     }
 
     /// Queues a last_used_at write at most once per flush interval per token.
@@ -227,6 +226,37 @@ impl Authenticator {
         }
         let _ = self.flush_last_used().await;
     }
+}
+
+/// The principal a stored token stands for.
+fn principal_of(row: crate::db::tokens::TokenAuthRow) -> Result<Principal> {
+    let kind: TokenKind = row
+        .kind
+        .parse()
+        .map_err(|e: String| Error::internal(anyhow::anyhow!("stored token {}: {e}", row.id)))?;
+    let memberships = row
+        .memberships
+        .iter()
+        .filter_map(|pair| {
+            let (org, role) = pair.rsplit_once(':')?;
+            Some(Membership {
+                organization_id: org.to_string(),
+                role: Role::parse(role)?,
+            })
+        })
+        .collect();
+    Ok(Principal {
+        token_id: row.id,
+        kind: PrincipalKind::Token(kind),
+        user_id: row.user_id,
+        organization_id: row.organization_id,
+        project_id: row.project_id,
+        build_id: row.build_id,
+        machine_id: row.machine_id,
+        scopes: Scopes::from_stored(&row.scopes),
+        memberships,
+        expires_at: row.expires_at,
+    })
 }
 
 fn check_expiry(expires_at: Option<DateTime<Utc>>) -> Result<()> {

@@ -1,9 +1,11 @@
-//! Who is calling: a verified token resolved to its kind and scope of reach.
+//! Who is calling: a verified token (or an operator at the `kiln admin` console),
+//! resolved to its kind and scope of reach.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::token::{Scopes, TokenKind};
+use super::token::{Scope, Scopes, TokenKind};
+use crate::db::audit::AuditEvent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,6 +31,37 @@ impl Role {
     }
 }
 
+/// What kind of caller a principal is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    /// A caller that presented a token of this kind.
+    Token(TokenKind),
+    /// An operator running `kiln admin` with direct access to the database: reaches
+    /// everything, and alone may manage organizations, users and the fleet.
+    Operator,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::Token(kind) => kind.as_str(),
+            PrincipalKind::Operator => "operator",
+        }
+    }
+}
+
+impl std::fmt::Display for PrincipalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for PrincipalKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Membership {
     pub organization_id: String,
@@ -37,8 +70,9 @@ pub struct Membership {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Principal {
+    /// The token's id; for an operator, their login name.
     pub token_id: String,
-    pub kind: TokenKind,
+    pub kind: PrincipalKind,
     pub user_id: Option<String>,
     /// Set for organization, project, pull and build tokens.
     pub organization_id: Option<String>,
@@ -57,15 +91,34 @@ fn serialize_scopes<S: serde::Serializer>(scopes: &Scopes, s: S) -> Result<S::Ok
     s.collect_seq(scopes.iter().map(|x| x.as_str()))
 }
 
-/// Which projects a principal may list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProjectReach {
-    Organizations(Vec<String>),
-    Project(String),
-    Nothing,
-}
-
 impl Principal {
+    /// The operator of this installation, named for the audit log (`$USER`).
+    pub fn operator(name: &str) -> Principal {
+        Principal {
+            token_id: name.to_string(),
+            kind: PrincipalKind::Operator,
+            user_id: None,
+            organization_id: None,
+            project_id: None,
+            build_id: None,
+            machine_id: None,
+            // Everything but acting as a builder machine.
+            scopes: Scopes::of(
+                &Scope::ALL
+                    .into_iter()
+                    .filter(|s| *s != Scope::Machine)
+                    .collect::<Vec<_>>(),
+            ),
+            memberships: Vec::new(),
+            expires_at: None,
+        }
+    }
+
+    /// Whether this caller presented a token of `kind`.
+    pub fn is(&self, kind: TokenKind) -> bool {
+        self.kind == PrincipalKind::Token(kind)
+    }
+
     pub fn role_in(&self, organization_id: &str) -> Option<Role> {
         self.memberships
             .iter()
@@ -73,37 +126,32 @@ impl Principal {
             .map(|m| m.role)
     }
 
-    /// Organizations this principal can see.
+    /// Organizations this principal belongs to (none for operators and machines, whose
+    /// reach is not organizational).
     pub fn organization_ids(&self) -> Vec<String> {
         match self.kind {
-            TokenKind::User => self
+            PrincipalKind::Token(TokenKind::User) => self
                 .memberships
                 .iter()
                 .map(|m| m.organization_id.clone())
                 .collect(),
-            TokenKind::Machine => Vec::new(),
-            _ => self.organization_id.iter().cloned().collect(),
-        }
-    }
-
-    pub fn project_reach(&self) -> ProjectReach {
-        match self.kind {
-            TokenKind::User | TokenKind::Organization => {
-                ProjectReach::Organizations(self.organization_ids())
-            }
-            TokenKind::Project | TokenKind::Pull | TokenKind::Build => match &self.project_id {
-                Some(id) => ProjectReach::Project(id.clone()),
-                None => ProjectReach::Nothing,
-            },
-            TokenKind::Machine => ProjectReach::Nothing,
+            PrincipalKind::Token(TokenKind::Machine) | PrincipalKind::Operator => Vec::new(),
+            PrincipalKind::Token(_) => self.organization_id.iter().cloned().collect(),
         }
     }
 
     /// An audit-log actor: (kind, id).
     pub fn actor(&self) -> (&'static str, String) {
         match (&self.user_id, self.kind) {
-            (Some(user), TokenKind::User) => ("user", user.clone()),
+            (_, PrincipalKind::Operator) => ("admin", self.token_id.clone()),
+            (Some(user), PrincipalKind::Token(TokenKind::User)) => ("user", user.clone()),
             _ => ("token", self.token_id.clone()),
         }
+    }
+
+    /// An audit entry whose actor is this principal.
+    pub fn audit(&self, action: &str) -> AuditEvent {
+        let (kind, id) = self.actor();
+        AuditEvent::new(action, (kind, Some(id)))
     }
 }

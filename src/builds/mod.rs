@@ -15,13 +15,15 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::auth::{Action, Principal, Target, TokenKind, authorize, guard};
+use crate::auth::authz::{self, Action, Target};
+use crate::auth::{Principal, PrincipalKind, TokenKind};
 use crate::config::BuildsConfig;
-use crate::db::builds::{self, Build, NewBuild, Outcome, Platform, Step};
+use crate::db::builds::{self, Build, BuildPlatform, NewBuild, Outcome, Step};
 use crate::db::ids::{is_well_formed, new_id};
 use crate::db::projects::Project;
-use crate::db::tokens::{self, NewToken};
+use crate::db::{audit, notify};
 use crate::error::{Error, Result};
+use crate::tokens::{self, NewToken, Tokens};
 
 /// NOTIFY channel announcing that a build changed (payload: build id), so every replica
 /// drops its cached view of it and wakes connection waiters.
@@ -77,34 +79,19 @@ impl Builds {
         }
     }
 
-    /// Resolves which project a CreateBuild is for. An empty id uses the token's own
-    /// project; otherwise `not_found` sends the CLI down its onboarding path.
-    pub async fn resolve_project(
-        &self,
-        principal: &Principal,
-        project_id: Option<&str>,
-    ) -> Result<Project> {
-        let requested = project_id.map(str::trim).filter(|s| !s.is_empty());
-        let id = match (requested, &principal.project_id) {
-            (Some(id), _) => id.to_string(),
-            (None, Some(own)) => own.clone(),
-            (None, None) => {
-                return Err(Error::NotFound(
-                    "missing project ID; pass --project <id> or set DEPOT_PROJECT_ID (see `depot projects list`)".into(),
-                ));
-            }
-        };
-        guard::project(&self.pool, principal, &id, Action::CreateBuild).await
-    }
-
-    /// Creates a build and its build-scoped token, in one transaction.
+    /// Creates a build of `project_id` (empty: the token's own project; neither:
+    /// `not_found`, which starts the depot CLI's onboarding) and its build-scoped token,
+    /// in one transaction. Returns the build, its token and its project.
     pub async fn create(
         &self,
         principal: &Principal,
-        project: &Project,
-        command: &str,
-        options: serde_json::Value,
-    ) -> Result<(Build, String)> {
+        project_id: Option<&str>,
+        spec: BuildSpec,
+    ) -> Result<(Build, String, Project)> {
+        let id = crate::projects::resolve_id(principal, project_id)?;
+        let project =
+            crate::projects::load(&self.pool, principal, &id, Action::CreateBuild).await?;
+        spec.validate()?;
         let id = new_id();
         let mut tx = self.pool.begin().await?;
         let build = builds::insert(
@@ -113,8 +100,8 @@ impl Builds {
                 id: &id,
                 project_id: &project.id,
                 organization_id: &project.organization_id,
-                command,
-                options,
+                command: &spec.command,
+                options: spec.options,
                 created_by: Some(&principal.token_id),
                 timeout_minutes: project.build_timeout_minutes,
             },
@@ -127,13 +114,13 @@ impl Builds {
         // Outlives the build's deadline so FinishBuild still authenticates after a cancel.
         token.expires_at = Some(build.cancels_at + chrono::Duration::hours(1));
         token.created_by = principal.user_id.clone();
-        let (info, minted) = tokens::create(&mut *tx, token).await?;
+        let (info, minted) = tokens::issue(&mut *tx, token).await?;
         tx.commit().await?;
         self.auth.prime(
             minted.hash,
             Principal {
                 token_id: info.id,
-                kind: TokenKind::Build,
+                kind: PrincipalKind::Token(TokenKind::Build),
                 user_id: None,
                 organization_id: Some(project.organization_id.clone()),
                 project_id: Some(project.id.clone()),
@@ -147,7 +134,11 @@ impl Builds {
         self.refs
             .insert(id, (Arc::new(BuildRef::from(&build)), Instant::now()));
         metrics::counter!("kiln_builds_created_total").increment(1);
-        Ok((build, minted.secret))
+        Ok((build, minted.secret, project))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// A build's cached reference, loaded on a miss. `None` if it does not exist.
@@ -188,7 +179,7 @@ impl Builds {
             .lookup(build_id)
             .await?
             .ok_or_else(|| Error::not_found("build", build_id))?;
-        authorize(
+        authz::authorize(
             principal,
             action,
             Target::Build {
@@ -206,6 +197,128 @@ impl Builds {
         builds::get(&self.pool, build_id)
             .await?
             .ok_or_else(|| Error::not_found("build", build_id))
+    }
+
+    /// A build with its platforms and steps: the build insights.
+    pub async fn details(&self, principal: &Principal, build_id: &str) -> Result<BuildDetails> {
+        let build = self.get(principal, build_id).await?;
+        let platforms = builds::platforms(&self.pool, &build.id).await?;
+        let steps = builds::steps(&self.pool, &build.id).await?;
+        Ok(BuildDetails {
+            build,
+            platforms,
+            steps,
+        })
+    }
+
+    /// A page of a project's builds, newest first. `page_token` is the previous page's
+    /// `next_page_token` (empty: the first page); `page_size` 0 means 100, at most 1000.
+    pub async fn list(
+        &self,
+        principal: &Principal,
+        project_id: Option<&str>,
+        page_token: &str,
+        page_size: i64,
+    ) -> Result<BuildPage> {
+        let id = crate::projects::resolve_id(principal, project_id)?;
+        let project = crate::projects::load(&self.pool, principal, &id, Action::ViewBuild).await?;
+        let page_size = match page_size {
+            n if n <= 0 => 100,
+            n => n.min(1000),
+        };
+        let after = decode_page_token(page_token)?;
+        let mut list = builds::list(&self.pool, &project.id, after, page_size + 1).await?;
+        let next_page_token = if list.len() as i64 > page_size {
+            list.truncate(page_size as usize);
+            list.last()
+                .map(|b| encode_page_token(b.created_at, &b.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(BuildPage {
+            builds: list,
+            next_page_token,
+        })
+    }
+
+    /// A build's options and a pull token for its image (`depot pull`).
+    pub async fn pull_info(
+        &self,
+        principal: &Principal,
+        tokens: &Tokens,
+        build_id: &str,
+    ) -> Result<(Build, tokens::PullToken)> {
+        self.authorize(principal, build_id, Action::PullImages)
+            .await?;
+        let token = tokens
+            .mint_pull_token(principal, None, Some(build_id))
+            .await?;
+        let build = builds::get(&self.pool, build_id)
+            .await?
+            .ok_or_else(|| Error::not_found("build", build_id))?;
+        Ok((build, token))
+    }
+
+    /// Records that the CLI is alive (in memory, flushed in batches) and returns when the
+    /// build must stop: its deadline, or now for a build that already finished.
+    pub async fn report_health(
+        &self,
+        principal: &Principal,
+        build_id: &str,
+    ) -> Result<DateTime<Utc>> {
+        let build = self
+            .authorize(principal, build_id, Action::WriteBuild)
+            .await?;
+        self.health.report(&build.id);
+        Ok(if build.finished {
+            Utc::now()
+        } else {
+            build.cancels_at
+        })
+    }
+
+    /// Stores build steps the CLI reports (BuildKit vertexes from ReportStatus and
+    /// ReportStatusStream, or ReportTimings). Later reports of a step fill in its
+    /// completion and error.
+    pub async fn record_steps(
+        &self,
+        principal: &Principal,
+        build_id: &str,
+        steps: Vec<Step>,
+    ) -> Result<()> {
+        let build = self
+            .authorize(principal, build_id, Action::WriteBuild)
+            .await?;
+        let steps: Vec<Step> = steps.into_iter().take(MAX_STEPS_PER_REPORT).collect();
+        builds::upsert_steps(&self.pool, &build.id, &steps).await
+    }
+
+    /// Stores the Dockerfiles of a build (ReportBuildContext): (target, file name,
+    /// contents), at most 100.
+    pub async fn record_context(
+        &self,
+        principal: &Principal,
+        build_id: &str,
+        files: Vec<(String, String, String)>,
+    ) -> Result<()> {
+        let build = self
+            .authorize(principal, build_id, Action::WriteBuild)
+            .await?;
+        if files.len() > 100 {
+            return Err(Error::invalid("dockerfiles", "at most 100 per build"));
+        }
+        let files: Vec<(String, String, String)> = files
+            .into_iter()
+            .map(|(target, filename, contents)| {
+                (
+                    target.chars().take(200).collect(),
+                    filename.chars().take(1000).collect(),
+                    contents,
+                )
+            })
+            .collect();
+        builds::upsert_dockerfiles(&self.pool, &build.id, &files).await
     }
 
     /// Records the CLI's outcome; the first outcome wins. Releases the build's builders.
@@ -228,55 +341,34 @@ impl Builds {
     /// Tells every replica that a build changed.
     pub async fn announce(&self, build_id: &str) {
         self.forget(build_id);
-        let sent = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(BUILD_CHANNEL)
-            .bind(build_id)
-            .execute(&self.pool)
-            .await;
-        if let Err(err) = sent {
+        if let Err(err) = notify::send(&self.pool, BUILD_CHANNEL, build_id).await {
             tracing::warn!(error = %err, build_id, "could not announce a build change");
         }
     }
 
     /// Cancels a live build: its cancel deadline becomes now, so the CLI's next health
-    /// report (within ~5 s) stops the build.
+    /// report (within ~5 s) stops the build. False if it had already finished.
     pub async fn cancel(&self, principal: &Principal, build_id: &str) -> Result<bool> {
-        self.authorize(principal, build_id, Action::WriteBuild)
+        let build = self
+            .authorize(principal, build_id, Action::WriteBuild)
             .await?;
-        let canceled = builds::request_cancel(&self.pool, build_id).await?;
-        self.announce(build_id).await;
+        let mut tx = self.pool.begin().await?;
+        let canceled = builds::request_cancel(&mut *tx, &build.id).await?;
+        if canceled {
+            audit::record(
+                &mut *tx,
+                principal
+                    .audit("build.cancel")
+                    .org(&build.organization_id)
+                    .target("build", &build.id)
+                    .details(json!({ "project_id": build.project_id })),
+            )
+            .await?;
+            notify::send(&mut *tx, BUILD_CHANNEL, &build.id).await?;
+        }
+        tx.commit().await?;
+        self.forget(&build.id);
         Ok(canceled)
-    }
-
-    /// Stores BuildKit vertexes from ReportStatus(Stream) as build steps.
-    pub async fn record_statuses(
-        &self,
-        build_id: &str,
-        statuses: &[crate::proto::moby::buildkit::v1::StatusResponse],
-    ) -> Result<()> {
-        let mut steps: Vec<Step> = Vec::new();
-        for status in statuses {
-            for v in &status.vertexes {
-                if v.digest.is_empty() || v.digest.len() > 256 {
-                    continue;
-                }
-                steps.push(Step {
-                    digest: v.digest.clone(),
-                    name: v.name.chars().take(2000).collect(),
-                    cached: v.cached,
-                    started_at: v.started.as_ref().and_then(timestamp),
-                    completed_at: v.completed.as_ref().and_then(timestamp),
-                    error: (!v.error.is_empty()).then(|| v.error.chars().take(10_000).collect()),
-                });
-            }
-        }
-        // Later entries for the same vertex carry completion; keep the last of each.
-        let mut seen = std::collections::HashMap::new();
-        for step in steps {
-            seen.insert(step.digest.clone(), step);
-        }
-        let steps: Vec<Step> = seen.into_values().collect();
-        builds::upsert_steps(&self.pool, build_id, &steps).await
     }
 
     /// Fails live builds whose health reports stopped, and times out builds far past
@@ -307,51 +399,108 @@ impl Builds {
     }
 }
 
-pub fn timestamp(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)
-}
-
-pub fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-/// Maps the CLI's platform enum; 0 (unspecified) is a client bug.
-pub fn platform_from_wire(value: i32) -> Result<Platform> {
-    use crate::proto::depot::cli::v1::BuilderPlatform;
-    match BuilderPlatform::try_from(value) {
-        Ok(BuilderPlatform::Amd64) => Ok(Platform::Amd64),
-        Ok(BuilderPlatform::Arm64) => Ok(Platform::Arm64),
-        _ => Err(Error::invalid(
-            "platform",
-            "must be BUILDER_PLATFORM_AMD64 or BUILDER_PLATFORM_ARM64",
-        )),
-    }
-}
-
 /// The job kind of the periodic stale-build reaper.
 pub const REAP_JOB: &str = "builds.reap_stale";
 
-pub fn build_options_json(
-    options: &[crate::proto::depot::cli::v1::BuildOptions],
-) -> serde_json::Value {
-    serde_json::Value::Array(
-        options
-            .iter()
-            .map(|o| {
-                json!({
-                    "command": o.command,
-                    "tags": o.tags,
-                    "push": o.push,
-                    "load": o.load,
-                    "save": o.save,
-                    "lint": o.lint,
-                    "target": o.target_name,
-                    "outputs": o.outputs.iter().map(|out| json!({"kind": out.kind, "attributes": out.attributes})).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-    )
+/// Most steps stored from one report.
+const MAX_STEPS_PER_REPORT: usize = 10_000;
+
+/// What a client asks to build.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// `build` or `bake`.
+    pub command: String,
+    /// The targets' options as the client sent them (kept for `depot pull`).
+    pub options: serde_json::Value,
+    /// The client wants the image saved to Kiln's registry (`--save`).
+    pub save: bool,
+}
+
+impl BuildSpec {
+    fn validate(&self) -> Result<()> {
+        if self.save {
+            return Err(Error::FailedPrecondition(
+                "this Kiln has no image registry yet, so `--save` cannot store the image; \
+                 build without --save (use --push to push to your own registry, or --load)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A build with its platforms and steps.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildDetails {
+    pub build: Build,
+    pub platforms: Vec<BuildPlatform>,
+    pub steps: Vec<Step>,
+}
+
+/// One page of builds and the token of the next page (empty on the last page).
+#[derive(Debug, Clone)]
+pub struct BuildPage {
+    pub builds: Vec<Build>,
+    pub next_page_token: String,
+}
+
+fn encode_page_token(created_at: DateTime<Utc>, id: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}:{id}", created_at.timestamp_micros()))
+}
+
+fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, String)>> {
+    use base64::Engine;
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        Error::invalid(
+            "page_token",
+            "is not a token this server issued; start from the first page",
+        )
+    };
+    if token.len() > 200 {
+        return Err(bad());
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (micros, id) = text.split_once(':').ok_or_else(bad)?;
+    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok(Some((at, id.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        use base64::Engine;
+        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let token = encode_page_token(at, "abc");
+        assert_eq!(
+            decode_page_token(&token).unwrap(),
+            Some((at, "abc".to_string()))
+        );
+        assert_eq!(decode_page_token("").unwrap(), None);
+        assert!(decode_page_token("!!!").is_err());
+        assert!(
+            decode_page_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("nope"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn saving_is_refused_until_there_is_a_registry() {
+        let spec = BuildSpec {
+            command: "build".into(),
+            options: serde_json::json!([]),
+            save: true,
+        };
+        assert!(matches!(spec.validate(), Err(Error::FailedPrecondition(_))));
+    }
 }

@@ -2,35 +2,59 @@
 //!
 //! A reset bumps the project's `cache_generation` in the same transaction as its audit
 //! entry and a `cache.reset` job (deduplicated per generation, so a reset is carried out
-//! once however often the job is retried). Builders attach the volume of the current
-//! generation, so a reset takes effect for the next build at once; the job deletes the
-//! old generation's volumes once the volume allocator exists.
+//! once however often the job is retried). Each builder remembers the generation it was
+//! started for: the scheduler never hands a build to a builder of an older generation,
+//! and the job drains such builders and terminates the idle ones, so their caches are
+//! gone. The volume allocator will delete the old generation's volumes here too.
+
+use std::sync::Arc;
 
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::auth::Principal;
-use crate::db::audit::{self, AuditEvent};
+use crate::auth::{Action, Principal};
+use crate::db::audit;
 use crate::db::jobs::{self, NewJob};
 use crate::db::projects::Project;
 use crate::error::Result;
 use crate::jobs::JobRunner;
+use crate::scheduler::Scheduler;
 
 pub const RESET_JOB: &str = "cache.reset";
 
-/// Resets a project's cache (every architecture). Returns the new generation.
-pub async fn reset(pool: &PgPool, principal: &Principal, project: &Project) -> Result<i32> {
+/// What a reset did.
+#[derive(Debug, Clone)]
+pub struct CacheReset {
+    pub project: Project,
+    pub organization_name: String,
+    /// The project's cache generation from now on.
+    pub generation: i32,
+}
+
+/// Resets a project's cache (every architecture). `project_id` empty: the token's own
+/// project.
+pub async fn reset(
+    pool: &PgPool,
+    principal: &Principal,
+    project_id: Option<&str>,
+) -> Result<CacheReset> {
+    let id = crate::projects::resolve_id(principal, project_id)?;
     let mut tx = pool.begin().await?;
-    let generation: i32 = sqlx::query_scalar(
-        "UPDATE projects SET cache_generation = cache_generation + 1, cache_reset_at = now()
-         WHERE id = $1 RETURNING cache_generation",
+    let project =
+        crate::projects::load_for_update(&mut *tx, principal, &id, Action::ResetCache).await?;
+    let (generation, organization_name): (i32, String) = sqlx::query_as(
+        "UPDATE projects p SET cache_generation = cache_generation + 1, cache_reset_at = now()
+         FROM organizations o
+         WHERE p.id = $1 AND o.id = p.organization_id
+         RETURNING p.cache_generation, o.name",
     )
     .bind(&project.id)
     .fetch_one(&mut *tx)
     .await?;
     audit::record(
         &mut *tx,
-        AuditEvent::by("cache.reset", principal)
+        principal
+            .audit("cache.reset")
             .org(&project.organization_id)
             .target("project", &project.id)
             .details(json!({ "generation": generation })),
@@ -47,14 +71,24 @@ pub async fn reset(pool: &PgPool, principal: &Principal, project: &Project) -> R
     .await?;
     tx.commit().await?;
     metrics::counter!("kiln_cache_resets_total").increment(1);
-    Ok(generation)
+    Ok(CacheReset {
+        project,
+        organization_name,
+        generation,
+    })
 }
 
-pub fn register_jobs(runner: &mut JobRunner) {
-    runner.register(RESET_JOB, |job| async move {
-        // No volumes are allocated yet, so there is nothing older to delete. The volume
-        // allocator hooks in here: delete volumes of generations < this one.
-        tracing::info!(payload = %job.payload, "cache reset recorded");
+pub fn register_jobs(runner: &mut JobRunner, scheduler: Arc<Scheduler>) {
+    runner.register_with(RESET_JOB, scheduler, |scheduler, job| async move {
+        let project_id = job.payload["project_id"].as_str().unwrap_or_default();
+        let generation = job.payload["generation"]
+            .as_i64()
+            .and_then(|g| i32::try_from(g).ok())
+            .unwrap_or(0);
+        let retired = scheduler
+            .retire_cache_generation(project_id, generation)
+            .await?;
+        tracing::info!(project_id, generation, retired, "cache reset carried out");
         Ok(())
     });
 }

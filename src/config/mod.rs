@@ -27,6 +27,8 @@ pub struct Config {
     pub builders: BuildersConfig,
     pub registry: RegistryConfig,
     pub login: LoginConfig,
+    pub limits: LimitsConfig,
+    pub retention: RetentionConfig,
     pub log: LogConfig,
     pub dev: DevConfig,
 }
@@ -38,6 +40,11 @@ pub struct ServerConfig {
     pub public_url: url::Url,
     pub max_body_bytes: usize,
     pub shutdown_grace_seconds: u64,
+    /// Longest a unary call or page may take before the server answers
+    /// `deadline_exceeded` (a client's `connect-timeout-ms` can only shorten it).
+    pub request_timeout_seconds: u64,
+    /// Longest a client stream (ReportStatusStream) may stay silent.
+    pub stream_idle_timeout_seconds: u64,
     pub http2_max_concurrent_streams: u32,
     /// A second port serving only the machine-agent gRPC API; `None`: the main port.
     #[serde(default, deserialize_with = "optional_socket_addr")]
@@ -170,6 +177,10 @@ pub struct BuildersConfig {
     pub agent_health_interval_seconds: u32,
     pub agent_health_timeout_seconds: u64,
     pub max_parallelism: u32,
+    /// Attempts of a machine's launch job before the machine is failed.
+    pub launch_max_attempts: i32,
+    /// The scheduler wakes on NOTIFY; it also looks for waiting builds this often.
+    pub scheduler_poll_seconds: u64,
     pub local: LocalBuildersConfig,
     pub ec2: Ec2BuildersConfig,
 }
@@ -250,6 +261,38 @@ pub struct RegistryConfig {
 #[serde(deny_unknown_fields)]
 pub struct LoginConfig {
     pub request_ttl_seconds: u64,
+    /// Most `depot login` requests open at once; more answer `resource_exhausted`.
+    pub max_open_requests: i64,
+}
+
+/// Bounds on what callers without a token can make Kiln do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per minute per client address to the endpoints that need no token.
+    pub unauthenticated_per_minute: u32,
+    /// Requests a client may make at once before the per-minute rate applies.
+    pub unauthenticated_burst: u32,
+    /// A header carrying the client's address when Kiln runs behind a proxy (its first
+    /// address is used, e.g. `x-forwarded-for`). Empty: the TCP peer.
+    pub client_ip_header: String,
+    /// Refused agent calls written to the audit log per minute per replica; the rest
+    /// are only counted (`kiln_audit_suppressed_total`).
+    pub refusal_audits_per_minute: u32,
+}
+
+/// How long records are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Closed (used, denied or expired) `depot login` requests.
+    pub login_requests_hours: i32,
+    /// Audit entries of refused agent calls (which unauthenticated callers can cause).
+    pub refusal_audit_days: i32,
+    /// Failed jobs kept for inspection.
+    pub failed_jobs_days: i32,
+    /// Tokens that expired or were revoked.
+    pub dead_tokens_days: i32,
 }
 
 impl Config {
@@ -295,6 +338,9 @@ pub struct LogConfig {
 pub struct DevConfig {
     pub data_dir: PathBuf,
     pub postgres_bin_dir: PathBuf,
+    /// The depot CLI `kiln dev` names in its hint. Empty: `depot` on PATH, else the
+    /// copy `scripts/dev.sh` and `scripts/test.sh` install.
+    pub depot_cli: PathBuf,
 }
 
 impl Config {
@@ -461,6 +507,127 @@ impl Config {
             self.builders.agent_health_interval_seconds.to_string(),
             "must be at least 1 and below builders.agent_health_timeout_seconds",
         );
+        check(
+            (1..=3600).contains(&s.request_timeout_seconds),
+            "server.request_timeout_seconds",
+            s.request_timeout_seconds.to_string(),
+            "must be between 1 and 3600",
+        );
+        check(
+            (10..=86_400).contains(&s.stream_idle_timeout_seconds),
+            "server.stream_idle_timeout_seconds",
+            s.stream_idle_timeout_seconds.to_string(),
+            "must be between 10 and 86400",
+        );
+        let b = &self.builders;
+        for (key, value, min, max) in [
+            (
+                "builders.boot_timeout_seconds",
+                b.boot_timeout_seconds,
+                5,
+                86_400,
+            ),
+            (
+                "builders.idle_timeout_seconds",
+                b.idle_timeout_seconds,
+                1,
+                30 * 86_400,
+            ),
+            ("builders.max_lifetime_hours", b.max_lifetime_hours, 1, 8760),
+            ("builders.server_cert_hours", b.server_cert_hours, 1, 8760),
+            (
+                "builders.orphan_grace_seconds",
+                b.orphan_grace_seconds,
+                0,
+                7 * 86_400,
+            ),
+            (
+                "builders.agent_health_timeout_seconds",
+                b.agent_health_timeout_seconds,
+                2,
+                86_400,
+            ),
+            (
+                "builders.scheduler_poll_seconds",
+                b.scheduler_poll_seconds,
+                1,
+                3600,
+            ),
+        ] {
+            check(
+                (min..=max).contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {min} and {max}"),
+            );
+        }
+        check(
+            b.server_cert_hours >= b.max_lifetime_hours,
+            "builders.server_cert_hours",
+            b.server_cert_hours.to_string(),
+            "must be at least builders.max_lifetime_hours (a builder's certificate must outlive it)",
+        );
+        check(
+            (0..=1_000_000).contains(&b.max_machines_total),
+            "builders.max_machines_total",
+            b.max_machines_total.to_string(),
+            "must be between 0 and 1000000",
+        );
+        check(
+            (0..=b.max_machines_total).contains(&b.max_machines_per_organization),
+            "builders.max_machines_per_organization",
+            b.max_machines_per_organization.to_string(),
+            "must be between 0 and builders.max_machines_total",
+        );
+        check(
+            (1..=100).contains(&b.launch_max_attempts),
+            "builders.launch_max_attempts",
+            b.launch_max_attempts.to_string(),
+            "must be between 1 and 100",
+        );
+        check(
+            (1..=1024).contains(&b.max_parallelism),
+            "builders.max_parallelism",
+            b.max_parallelism.to_string(),
+            "must be between 1 and 1024",
+        );
+        let l = &self.limits;
+        check(
+            l.unauthenticated_per_minute >= 1 && l.unauthenticated_burst >= 1,
+            "limits.unauthenticated_per_minute",
+            format!(
+                "{} (burst {})",
+                l.unauthenticated_per_minute, l.unauthenticated_burst
+            ),
+            "rate and burst must be at least 1",
+        );
+        check(
+            l.client_ip_header.is_empty()
+                || http::HeaderName::from_bytes(l.client_ip_header.as_bytes()).is_ok(),
+            "limits.client_ip_header",
+            format!("{:?}", l.client_ip_header),
+            "must be empty or a header name",
+        );
+        check(
+            (1..=1_000_000).contains(&self.login.max_open_requests),
+            "login.max_open_requests",
+            self.login.max_open_requests.to_string(),
+            "must be between 1 and 1000000",
+        );
+        let r = &self.retention;
+        for (key, value) in [
+            ("retention.login_requests_hours", r.login_requests_hours),
+            ("retention.refusal_audit_days", r.refusal_audit_days),
+            ("retention.failed_jobs_days", r.failed_jobs_days),
+            ("retention.dead_tokens_days", r.dead_tokens_days),
+        ] {
+            check(
+                (1..=3650).contains(&value),
+                key,
+                value.to_string(),
+                "must be between 1 and 3650",
+            );
+        }
         let j = &self.jobs;
         check(
             j.workers >= 1,
@@ -475,10 +642,10 @@ impl Config {
             "must be at least 1",
         );
         check(
-            j.lease_seconds >= 5,
+            (5..=86_400).contains(&j.lease_seconds),
             "jobs.lease_seconds",
             j.lease_seconds.to_string(),
-            "must be at least 5",
+            "must be between 5 and 86400",
         );
         check(
             j.backoff_base_seconds >= 1,
@@ -487,10 +654,10 @@ impl Config {
             "must be at least 1",
         );
         check(
-            j.backoff_max_seconds >= j.backoff_base_seconds,
+            j.backoff_max_seconds >= j.backoff_base_seconds && j.backoff_max_seconds <= 86_400,
             "jobs.backoff_max_seconds",
             j.backoff_max_seconds.to_string(),
-            "must be at least jobs.backoff_base_seconds",
+            "must be between jobs.backoff_base_seconds and 86400",
         );
         check(
             j.max_attempts >= 1,
@@ -500,16 +667,17 @@ impl Config {
         );
         let b = &self.builds;
         check(
-            b.health_timeout_seconds >= 30,
+            (30..=86_400).contains(&b.health_timeout_seconds),
             "builds.health_timeout_seconds",
             b.health_timeout_seconds.to_string(),
-            "must be at least 30 (the CLI reports every 5 s)",
+            "must be between 30 (the CLI reports every 5 s) and 86400",
         );
         check(
-            b.connection_wait_seconds <= 120,
+            b.connection_wait_seconds <= 120
+                && b.connection_wait_seconds < self.server.request_timeout_seconds,
             "builds.connection_wait_seconds",
             b.connection_wait_seconds.to_string(),
-            "must be at most 120",
+            "must be at most 120 and below server.request_timeout_seconds",
         );
         check(
             (1..=60_000).contains(&b.pending_wait_ms),

@@ -31,12 +31,6 @@ impl AuditEvent {
         }
     }
 
-    /// An event whose actor is the authenticated caller.
-    pub fn by(action: &str, principal: &crate::auth::Principal) -> Self {
-        let (kind, id) = principal.actor();
-        Self::new(action, (kind, Some(id)))
-    }
-
     pub fn org(mut self, id: impl Into<String>) -> Self {
         self.organization_id = Some(id.into());
         self
@@ -98,4 +92,27 @@ pub async fn list(
     .bind(limit.clamp(1, 1000))
     .fetch_all(pool)
     .await?)
+}
+
+/// Deletes events of `actions` older than `older_than_days`.
+pub async fn purge_actions(pool: &PgPool, actions: &[&str], older_than_days: i32) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM audit_events
+         WHERE action = ANY($1) AND occurred_at < now() - make_interval(days => $2)",
+    )
+    .bind(actions)
+    .bind(older_than_days)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// How many events of `actions` exist (bounded-growth checks).
+pub async fn count_actions(pool: &PgPool, actions: &[&str]) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE action = ANY($1)")
+            .bind(actions)
+            .fetch_one(pool)
+            .await?,
+    )
 }

@@ -84,11 +84,11 @@ pub async fn insert<'e>(db: impl PgExecutor<'e>, new: NewBuild<'_>) -> Result<Bu
     .await?)
 }
 
-pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Build>> {
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Build>> {
     Ok(
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM builds WHERE id = $1"))
             .bind(id)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?,
     )
 }
@@ -109,6 +109,23 @@ pub async fn request_platform<'e>(
     .await?
     .rows_affected()
         > 0)
+}
+
+/// The endpoint and server name of the builder serving a ready platform.
+pub async fn ready_endpoint(
+    pool: &PgPool,
+    build_id: &str,
+    platform: Platform,
+) -> Result<Option<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT m.endpoint, m.server_name FROM build_platforms bp JOIN machines m ON m.id = bp.builder_id
+         WHERE bp.build_id = $1 AND bp.platform = $2 AND bp.state = 'ready'
+           AND m.endpoint IS NOT NULL AND m.server_name IS NOT NULL",
+    )
+    .bind(build_id)
+    .bind(platform.as_str())
+    .fetch_optional(pool)
+    .await?)
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -198,12 +215,12 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
 }
 
 /// Sets a build's cancel deadline to now, so the CLI's next health report cancels it.
-pub async fn request_cancel(pool: &PgPool, id: &str) -> Result<bool> {
+pub async fn request_cancel<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<bool> {
     Ok(sqlx::query(
         "UPDATE builds SET cancels_at = LEAST(cancels_at, now()) WHERE id = $1 AND state IN ('queued', 'running')",
     )
     .bind(id)
-    .execute(pool)
+    .execute(db)
     .await?
     .rows_affected()
         > 0)

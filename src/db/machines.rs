@@ -37,12 +37,12 @@ pub async fn list(pool: &PgPool, state: Option<&str>) -> Result<Vec<MachineInfo>
 
 /// Drains a ready or assigned machine: it takes no new builds and the reaper terminates
 /// it once its builds finish. False if it was in no state to drain.
-pub async fn drain(pool: &PgPool, id: &str) -> Result<bool> {
+pub async fn drain<'e>(db: impl sqlx::PgExecutor<'e>, id: &str) -> Result<bool> {
     Ok(sqlx::query(
         "UPDATE machines SET state = 'draining' WHERE id = $1 AND state IN ('ready', 'assigned')",
     )
     .bind(id)
-    .execute(pool)
+    .execute(db)
     .await?
     .rows_affected()
         == 1)

@@ -9,6 +9,7 @@ pub mod notify;
 pub mod orgs;
 pub mod projects;
 pub mod tokens;
+pub mod trust_policies;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -4,7 +4,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 
-use crate::auth::{INVALIDATE_ALL, INVALIDATION_CHANNEL, Role};
 use crate::db::ids::new_id;
 use crate::error::{ConstraintExt, Error, Result};
 
@@ -31,19 +30,7 @@ pub struct Member {
     pub created_at: DateTime<Utc>,
 }
 
-pub fn validate_name(field: &str, name: &str) -> Result<String> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(Error::invalid(field, "must be 1 to 100 characters"));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters"));
-    }
-    Ok(name.to_string())
-}
-
 pub async fn create_organization<'e>(db: impl PgExecutor<'e>, name: &str) -> Result<Organization> {
-    let name = validate_name("name", name)?;
     Ok(sqlx::query_as(
         "INSERT INTO organizations (id, name) VALUES ($1, $2) RETURNING id, name, created_at",
     )
@@ -53,11 +40,14 @@ pub async fn create_organization<'e>(db: impl PgExecutor<'e>, name: &str) -> Res
     .await?)
 }
 
-pub async fn get_organization(pool: &PgPool, id: &str) -> Result<Option<Organization>> {
+pub async fn get_organization<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+) -> Result<Option<Organization>> {
     Ok(
         sqlx::query_as("SELECT id, name, created_at FROM organizations WHERE id = $1")
             .bind(id)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?,
     )
 }
@@ -82,38 +72,32 @@ pub async fn find_organization_by_name(pool: &PgPool, name: &str) -> Result<Opti
         .await?)
 }
 
-pub fn validate_email(email: &str) -> Result<String> {
-    let email = email.trim();
-    let valid = email.len() <= 320
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
-    if valid {
-        Ok(email.to_string())
-    } else {
-        Err(Error::invalid("email", "must look like name@example.com"))
-    }
-}
-
 pub async fn create_user<'e>(db: impl PgExecutor<'e>, email: &str, name: &str) -> Result<User> {
-    let email = validate_email(email)?;
     sqlx::query_as("INSERT INTO users (id, email, name) VALUES ($1, $2, $3) RETURNING id, email, name, created_at")
         .bind(new_id())
-        .bind(&email)
-        .bind(name.trim())
+        .bind(email)
+        .bind(name)
         .fetch_one(db)
         .await
         .on_unique("users_email_key", || format!("a user with email {email} already exists"))
 }
 
-pub async fn find_user_by_email(pool: &PgPool, email: &str) -> Result<Option<User>> {
+pub async fn find_user_by_email<'e>(db: impl PgExecutor<'e>, email: &str) -> Result<Option<User>> {
     Ok(sqlx::query_as(
         "SELECT id, email, name, created_at FROM users WHERE lower(email) = lower($1)",
     )
     .bind(email.trim())
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?)
+}
+
+pub async fn get_user(pool: &PgPool, id: &str) -> Result<Option<User>> {
+    Ok(
+        sqlx::query_as("SELECT id, email, name, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 pub async fn list_users(pool: &PgPool) -> Result<Vec<User>> {
@@ -124,22 +108,21 @@ pub async fn list_users(pool: &PgPool) -> Result<Vec<User>> {
     .await?)
 }
 
-/// Adds or changes a membership; cached principals everywhere are invalidated.
-pub async fn set_membership(
-    pool: &PgPool,
+/// Adds a membership or changes its role (`owner` or `member`).
+pub async fn set_membership<'e>(
+    db: impl PgExecutor<'e>,
     organization_id: &str,
     user_id: &str,
-    role: Role,
+    role: &str,
 ) -> Result<()> {
-    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO memberships (organization_id, user_id, role) VALUES ($1, $2, $3)
          ON CONFLICT (organization_id, user_id) DO UPDATE SET role = EXCLUDED.role",
     )
     .bind(organization_id)
     .bind(user_id)
-    .bind(role.as_str())
-    .execute(&mut *tx)
+    .bind(role)
+    .execute(db)
     .await
     .map_err(|err| match &err {
         sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
@@ -147,28 +130,23 @@ pub async fn set_membership(
         }
         _ => Error::from(err),
     })?;
-    notify_auth_changed(&mut *tx).await?;
-    tx.commit().await?;
     Ok(())
 }
 
-pub async fn remove_membership(
-    pool: &PgPool,
+pub async fn remove_membership<'e>(
+    db: impl PgExecutor<'e>,
     organization_id: &str,
     user_id: &str,
 ) -> Result<bool> {
-    let mut tx = pool.begin().await?;
-    let removed =
+    Ok(
         sqlx::query("DELETE FROM memberships WHERE organization_id = $1 AND user_id = $2")
             .bind(organization_id)
             .bind(user_id)
-            .execute(&mut *tx)
+            .execute(db)
             .await?
             .rows_affected()
-            > 0;
-    notify_auth_changed(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(removed)
+            > 0,
+    )
 }
 
 pub async fn list_members(pool: &PgPool, organization_id: &str) -> Result<Vec<Member>> {
@@ -179,13 +157,4 @@ pub async fn list_members(pool: &PgPool, organization_id: &str) -> Result<Vec<Me
     .bind(organization_id)
     .fetch_all(pool)
     .await?)
-}
-
-async fn notify_auth_changed<'e>(db: impl PgExecutor<'e>) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(INVALIDATION_CHANNEL)
-        .bind(INVALIDATE_ALL)
-        .execute(db)
-        .await?;
-    Ok(())
 }

@@ -4,13 +4,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 
-use crate::auth::ProjectReach;
 use crate::db::ids::new_id;
-use crate::db::orgs::validate_name;
 use crate::error::{ConstraintExt, Error, Result};
 
 pub const DEFAULT_CACHE_SIZE_GB: i32 = 50;
-pub const BUILDER_SIZES: [&str; 3] = ["16x32", "32x64", "64x128"];
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Project {
@@ -35,7 +32,7 @@ const COLUMNS: &str = "id, organization_id, name, region, cache_size_gb_amd64, c
     autoscaling_builds_per_builder, autoscaling_max_builders, created_at, updated_at";
 
 /// Settings a caller may set on create or change on update. `None` keeps the current
-/// value (or the default on create).
+/// value (or the default on create). Validated by the domain (`crate::projects`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectSettings {
@@ -51,69 +48,13 @@ pub struct ProjectSettings {
     pub autoscaling_max_builders: Option<i32>,
 }
 
-fn in_range(field: &str, value: Option<i32>, min: i32, max: i32) -> Result<()> {
-    match value {
-        Some(v) if !(min..=max).contains(&v) => Err(Error::invalid(
-            field,
-            format!("must be between {min} and {max}, got {v}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-impl ProjectSettings {
-    /// Checks every field before anything is written, so bad input changes nothing.
-    pub fn validate(&mut self) -> Result<()> {
-        if let Some(name) = &self.name {
-            self.name = Some(validate_name("name", name)?);
-        }
-        if let Some(region) = &self.region {
-            let ok = !region.is_empty()
-                && region.len() <= 32
-                && region
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !ok {
-                return Err(Error::invalid("region", "must look like us-east-1"));
-            }
-        }
-        in_range("cache_size_gb_amd64", self.cache_size_gb_amd64, 1, 10_000)?;
-        in_range("cache_size_gb_arm64", self.cache_size_gb_arm64, 1, 10_000)?;
-        in_range("cache_retention_days", self.cache_retention_days, 1, 365)?;
-        in_range("build_timeout_minutes", self.build_timeout_minutes, 1, 1440)?;
-        in_range(
-            "autoscaling_builds_per_builder",
-            self.autoscaling_builds_per_builder,
-            1,
-            100,
-        )?;
-        in_range(
-            "autoscaling_max_builders",
-            self.autoscaling_max_builders,
-            1,
-            100,
-        )?;
-        if let Some(size) = &self.builder_size
-            && !BUILDER_SIZES.contains(&size.as_str())
-        {
-            return Err(Error::invalid(
-                "builder_size",
-                format!("must be one of {}", BUILDER_SIZES.join(", ")),
-            ));
-        }
-        Ok(())
-    }
-}
-
+/// Inserts a project; unset settings take their defaults. `settings.name` is required.
 pub async fn create<'e>(
     db: impl PgExecutor<'e>,
     organization_id: &str,
-    mut settings: ProjectSettings,
+    settings: &ProjectSettings,
 ) -> Result<Project> {
-    settings.validate()?;
-    let Some(name) = settings.name.clone() else {
-        return Err(Error::invalid("name", "is required"));
-    };
+    let name = settings.name.clone().unwrap_or_default();
     let result = sqlx::query_as(&format!(
         "INSERT INTO projects (id, organization_id, name, region, cache_size_gb_amd64, cache_size_gb_arm64,
              cache_retention_days, build_timeout_minutes, builder_size, autoscaling_enabled,
@@ -149,8 +90,12 @@ pub async fn create<'e>(
     }
 }
 
-pub async fn update(pool: &PgPool, id: &str, mut settings: ProjectSettings) -> Result<Project> {
-    settings.validate()?;
+/// Changes the settings that are set; `None` if the project does not exist.
+pub async fn update<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    settings: &ProjectSettings,
+) -> Result<Option<Project>> {
     let name = settings.name.clone().unwrap_or_default();
     sqlx::query_as(&format!(
         "UPDATE projects SET
@@ -177,21 +122,30 @@ pub async fn update(pool: &PgPool, id: &str, mut settings: ProjectSettings) -> R
     .bind(settings.autoscaling_enabled)
     .bind(settings.autoscaling_builds_per_builder)
     .bind(settings.autoscaling_max_builders)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
     .on_unique("projects_org_name_key", || {
         format!("a project named {name:?} already exists in this organization; pick another name")
-    })?
-    .ok_or_else(|| Error::not_found("project", id))
+    })
 }
 
-pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Project>> {
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Project>> {
     Ok(
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM projects WHERE id = $1"))
             .bind(id)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?,
     )
+}
+
+/// Like [`get`], locking the row until the transaction ends.
+pub async fn get_for_update<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Project>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM projects WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
 }
 
 pub async fn find_by_name(
@@ -208,17 +162,15 @@ pub async fn find_by_name(
     .await?)
 }
 
-/// Projects the caller can reach, optionally narrowed to one organization.
-pub async fn list(
-    pool: &PgPool,
-    reach: &ProjectReach,
-    organization_id: Option<&str>,
-) -> Result<Vec<Project>> {
-    let (orgs, project): (Option<&[String]>, Option<&str>) = match reach {
-        ProjectReach::Organizations(orgs) => (Some(orgs), None),
-        ProjectReach::Project(id) => (None, Some(id)),
-        ProjectReach::Nothing => return Ok(Vec::new()),
-    };
+/// Which projects a listing returns. Every set field narrows it.
+#[derive(Debug, Clone, Default)]
+pub struct ProjectFilter {
+    pub organization_ids: Option<Vec<String>>,
+    pub project_id: Option<String>,
+    pub organization_id: Option<String>,
+}
+
+pub async fn list(pool: &PgPool, filter: &ProjectFilter) -> Result<Vec<Project>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM projects
          WHERE ($1::text[] IS NULL OR organization_id = ANY($1))
@@ -226,17 +178,42 @@ pub async fn list(
            AND ($3::text IS NULL OR organization_id = $3)
          ORDER BY organization_id, name LIMIT 10000"
     ))
-    .bind(orgs)
-    .bind(project)
-    .bind(organization_id)
+    .bind(&filter.organization_ids)
+    .bind(&filter.project_id)
+    .bind(&filter.organization_id)
     .fetch_all(pool)
     .await?)
 }
 
-pub async fn delete(pool: &PgPool, id: &str) -> Result<bool> {
+/// A project's name and its organization's, for listings that show both.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ProjectSummary {
+    pub id: String,
+    pub name: String,
+    pub organization_id: String,
+    pub organization_name: String,
+}
+
+pub async fn list_summaries(pool: &PgPool, filter: &ProjectFilter) -> Result<Vec<ProjectSummary>> {
+    Ok(sqlx::query_as(
+        "SELECT p.id, p.name, p.organization_id, o.name AS organization_name
+         FROM projects p JOIN organizations o ON o.id = p.organization_id
+         WHERE ($1::text[] IS NULL OR p.organization_id = ANY($1))
+           AND ($2::text IS NULL OR p.id = $2)
+           AND ($3::text IS NULL OR p.organization_id = $3)
+         ORDER BY o.name, p.name LIMIT 10000",
+    )
+    .bind(&filter.organization_ids)
+    .bind(&filter.project_id)
+    .bind(&filter.organization_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn delete<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<bool> {
     Ok(sqlx::query("DELETE FROM projects WHERE id = $1")
         .bind(id)
-        .execute(pool)
+        .execute(db)
         .await?
         .rows_affected()
         > 0)

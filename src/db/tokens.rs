@@ -4,8 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 
-use crate::auth::token::{self, MintedToken, Scopes, TokenKind};
-use crate::auth::{INVALIDATION_CHANNEL, Membership, Principal, Role};
+use crate::auth::token::{MintedToken, Scopes, TokenKind};
 use crate::db::ids::new_id;
 use crate::error::{Error, Result};
 
@@ -25,37 +24,6 @@ pub struct TokenAuthRow {
     pub memberships: Vec<String>,
 }
 
-impl TokenAuthRow {
-    pub fn into_principal(self) -> Result<Principal> {
-        let kind: TokenKind = self.kind.parse().map_err(|e: String| {
-            Error::internal(anyhow::anyhow!("stored token {}: {e}", self.id))
-        })?;
-        let memberships = self
-            .memberships
-            .iter()
-            .filter_map(|pair| {
-                let (org, role) = pair.rsplit_once(':')?;
-                Some(Membership {
-                    organization_id: org.to_string(),
-                    role: Role::parse(role)?,
-                })
-            })
-            .collect();
-        Ok(Principal {
-            token_id: self.id,
-            kind,
-            user_id: self.user_id,
-            organization_id: self.organization_id,
-            project_id: self.project_id,
-            build_id: self.build_id,
-            machine_id: self.machine_id,
-            scopes: Scopes::from_stored(&self.scopes),
-            memberships,
-            expires_at: self.expires_at,
-        })
-    }
-}
-
 /// One round trip: the token and, for user tokens, the user's memberships.
 pub async fn find_by_hash(pool: &PgPool, hash: &[u8; 32]) -> sqlx::Result<Option<TokenAuthRow>> {
     sqlx::query_as(
@@ -70,8 +38,8 @@ pub async fn find_by_hash(pool: &PgPool, hash: &[u8; 32]) -> sqlx::Result<Option
     .await
 }
 
-/// What a new token is scoped to. Which fields must be set depends on `kind`
-/// (enforced again by the `tokens_subject_check` constraint).
+/// A token row to insert. Which fields must be set depends on `kind` (checked by the
+/// domain, `crate::tokens`, and again by the `tokens_subject_check` constraint).
 #[derive(Debug, Clone)]
 pub struct NewToken {
     pub kind: TokenKind,
@@ -102,52 +70,6 @@ impl NewToken {
             created_by: None,
         }
     }
-
-    fn validate(&self) -> Result<()> {
-        if self.name.chars().count() > 100 {
-            return Err(Error::invalid("name", "must be at most 100 characters"));
-        }
-        if let Some(scopes) = self.scopes
-            && !scopes.is_subset_of(self.kind.default_scopes())
-        {
-            return Err(Error::invalid(
-                "scopes",
-                format!(
-                    "a {} token can hold at most: {}",
-                    self.kind,
-                    self.kind.default_scopes().to_strings().join(", ")
-                ),
-            ));
-        }
-        if let Some(at) = self.expires_at
-            && at <= Utc::now()
-        {
-            return Err(Error::invalid("expires_at", "must be in the future"));
-        }
-        let need = |present: bool, field: &str| {
-            if present {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    field,
-                    format!("is required for a {} token", self.kind),
-                ))
-            }
-        };
-        match self.kind {
-            TokenKind::User => need(self.user_id.is_some(), "user_id"),
-            TokenKind::Organization => need(self.organization_id.is_some(), "organization_id"),
-            TokenKind::Project | TokenKind::Pull => {
-                need(self.organization_id.is_some(), "organization_id")?;
-                need(self.project_id.is_some(), "project_id")
-            }
-            TokenKind::Build => {
-                need(self.project_id.is_some(), "project_id")?;
-                need(self.build_id.is_some(), "build_id")
-            }
-            TokenKind::Machine => need(self.machine_id.is_some(), "machine_id"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -170,13 +92,12 @@ const INFO_COLUMNS: &str =
     "id, kind, name, display_prefix, user_id, organization_id, project_id, scopes,
     created_at, expires_at, last_used_at, revoked_at";
 
-/// Inserts a token and returns its row and the secret, which exists only in this value.
-pub async fn create<'e>(
+/// Inserts a token minted as `minted`: only its hash and display prefix are stored.
+pub async fn insert<'e>(
     db: impl PgExecutor<'e>,
-    new: NewToken,
-) -> Result<(TokenInfo, MintedToken)> {
-    new.validate()?;
-    let minted = token::mint(new.kind);
+    new: &NewToken,
+    minted: &MintedToken,
+) -> Result<TokenInfo> {
     let scopes = new.scopes.unwrap_or_else(|| new.kind.default_scopes());
     let info: TokenInfo = sqlx::query_as(&format!(
         "INSERT INTO tokens (id, kind, name, display_prefix, token_hash, user_id, organization_id,
@@ -206,11 +127,12 @@ pub async fn create<'e>(
         ),
         _ => Error::from(err),
     })?;
-    Ok((info, minted))
+    Ok(info)
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct TokenFilter {
+    pub kind: Option<TokenKind>,
     pub organization_id: Option<String>,
     pub project_id: Option<String>,
     pub user_id: Option<String>,
@@ -224,6 +146,7 @@ pub async fn list(pool: &PgPool, filter: &TokenFilter) -> Result<Vec<TokenInfo>>
            AND ($2::text IS NULL OR project_id = $2)
            AND ($3::text IS NULL OR user_id = $3)
            AND ($4 OR revoked_at IS NULL)
+           AND ($5::text IS NULL OR kind = $5)
            AND kind NOT IN ('build', 'machine')
          ORDER BY created_at DESC, id LIMIT 1000"
     ))
@@ -231,43 +154,45 @@ pub async fn list(pool: &PgPool, filter: &TokenFilter) -> Result<Vec<TokenInfo>>
     .bind(&filter.project_id)
     .bind(&filter.user_id)
     .bind(filter.include_revoked)
+    .bind(filter.kind.map(TokenKind::as_str))
     .fetch_all(pool)
     .await?)
 }
 
-pub async fn get(pool: &PgPool, id: &str) -> Result<Option<TokenInfo>> {
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<TokenInfo>> {
     Ok(
         sqlx::query_as(&format!("SELECT {INFO_COLUMNS} FROM tokens WHERE id = $1"))
             .bind(id)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?,
     )
 }
 
-/// Revokes a token and tells every replica to drop it from its cache. Returns the hash
-/// when this call revoked it, `None` when it was already revoked.
-pub async fn revoke(pool: &PgPool, id: &str) -> Result<Option<[u8; 32]>> {
-    let mut tx = pool.begin().await?;
+/// Revokes a live token. Returns its hash when this call revoked it, `None` when it was
+/// unknown or already revoked.
+pub async fn revoke<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<[u8; 32]>> {
     let hash: Option<Vec<u8>> = sqlx::query_scalar(
         "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING token_hash",
     )
     .bind(id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(db)
     .await?;
-    let Some(hash) = hash else {
-        tx.rollback().await?;
-        return Ok(None);
-    };
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(INVALIDATION_CHANNEL)
-        .bind(hex::encode(&hash))
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    let hash: [u8; 32] = hash
-        .try_into()
-        .map_err(|_| Error::internal(anyhow::anyhow!("stored token hash has the wrong length")))?;
-    Ok(Some(hash))
+    hash.map(|h| {
+        h.try_into()
+            .map_err(|_| Error::internal(anyhow::anyhow!("stored token hash has the wrong length")))
+    })
+    .transpose()
+}
+
+/// Renames a token; false if it does not exist.
+pub async fn rename<'e>(db: impl PgExecutor<'e>, id: &str, name: &str) -> Result<bool> {
+    Ok(sqlx::query("UPDATE tokens SET name = $2 WHERE id = $1")
+        .bind(id)
+        .bind(name)
+        .execute(db)
+        .await?
+        .rows_affected()
+        == 1)
 }
 
 pub async fn touch_last_used(pool: &PgPool, ids: &[String]) -> sqlx::Result<()> {

@@ -4,6 +4,7 @@ pub mod postgres;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use base64::Engine;
@@ -12,13 +13,12 @@ use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 
-use crate::auth::{Role, TokenKind};
+use crate::auth::{Principal, Role, TokenKind};
 use crate::config::Config;
-use crate::db::projects::ProjectSettings;
-use crate::db::tokens::NewToken;
-use crate::db::{self, orgs, projects, tokens};
+use crate::db;
+use crate::projects::ProjectSettings;
+use crate::tokens::NewToken;
 use postgres::EmbeddedPostgres;
 
 #[derive(Debug, Args)]
@@ -100,13 +100,14 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     let data_dir = data_dir.canonicalize()?;
     let secrets = load_or_create_secrets(&data_dir.join("dev-secrets.toml"))?;
 
-    let mut embedded = None;
+    let mut embedded: Option<Arc<EmbeddedPostgres>> = None;
     if !config.database.is_configured() {
         let bin_dir = postgres::find_bin_dir(&config.dev.postgres_bin_dir)?;
         let dir = cluster_dir(&data_dir).await;
         let mut pg =
             EmbeddedPostgres::init(bin_dir, &dir, DB_USER, &secrets.postgres_password).await?;
         pg.start().await?;
+        let pg = Arc::new(pg);
         let admin_url = format!(
             "postgres://{DB_USER}:{}@127.0.0.1:{}/postgres",
             secrets.postgres_password, pg.port
@@ -117,7 +118,7 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
         );
         embedded = Some(pg);
         if let Err(err) = create_database_if_missing(&admin_url).await {
-            stop_embedded(embedded.as_ref()).await;
+            stop_embedded(embedded.as_deref()).await;
             return Err(err);
         }
         config.database.url = SecretString::from(url);
@@ -130,10 +131,25 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
         config.server.public_url = format!("http://{listen}").parse()?;
     }
 
+    // Kiln dev owns its PostgreSQL: if it dies, start it again on the same port.
+    let stop_supervising = tokio_util::sync::CancellationToken::new();
+    let supervisor = tokio::spawn({
+        let pg = embedded.clone();
+        let cancel = stop_supervising.clone();
+        async move {
+            if let Some(pg) = pg {
+                pg.supervise(cancel).await;
+            }
+        }
+    });
     let result = async {
         let pool = db::lazy_pool(&config.database)?;
         db::migrate(&pool).await?;
-        let seed = seed(&pool, &secrets.dev_user_password).await?;
+        let seed = seed(
+            &crate::app::App::new(config.clone(), pool.clone()),
+            &secrets.dev_user_password,
+        )
+        .await?;
         pool.close().await;
         let scheme = if config.server.tls.enabled() {
             "https"
@@ -146,13 +162,32 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
             "Kiln dev is starting at {api_url} (organization {}, project {}).",
             seed.org_id, seed.project_id
         );
+        let depot = depot_cli(&config.dev.depot_cli);
         println!("Paste this to try it with the depot CLI:");
         println!();
         println!(
-            "DEPOT_API_URL={api_url} DEPOT_TOKEN={} DEPOT_PROJECT_ID={} depot projects list",
-            seed.token, seed.project_id
+            "DEPOT_API_URL={api_url} DEPOT_TOKEN={} DEPOT_PROJECT_ID={} {} projects list",
+            seed.token,
+            seed.project_id,
+            depot
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "depot".into())
         );
         println!();
+        if depot.is_none() {
+            println!(
+                "No depot CLI was found. Get the one the tests use (npm {DEPOT_CLI_PACKAGE}@{DEPOT_CLI_VERSION}):"
+            );
+            println!();
+            println!("    source scripts/lib/depot-cli.sh && ensure_depot_cli");
+            println!();
+            println!(
+                "which puts it at {}, or run `bash scripts/dev.sh`, which does that for you.",
+                pinned_depot_cli().display()
+            );
+            println!();
+        }
         println!(
             "Sign-in for the `depot login` approval page: {DEV_EMAIL} / {}",
             secrets.dev_user_password
@@ -161,8 +196,41 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
         crate::app::serve(config, crate::app::shutdown_signal()).await
     }
     .await;
-    stop_embedded(embedded.as_ref()).await;
+    stop_supervising.cancel();
+    let _ = supervisor.await;
+    stop_embedded(embedded.as_deref()).await;
     result
+}
+
+/// The npm package of the pinned depot CLI the tests drive (see scripts/lib/depot-cli.sh).
+pub const DEPOT_CLI_PACKAGE: &str = "@depot/cli-linux-x64";
+pub const DEPOT_CLI_VERSION: &str = "0.0.1-cli.2.102.12";
+
+/// Where `scripts/lib/depot-cli.sh` installs the pinned CLI.
+fn pinned_depot_cli() -> PathBuf {
+    let cache = std::env::var_os("DEPOT_CLI_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-depot-cli"));
+    cache
+        .join(DEPOT_CLI_VERSION)
+        .join("package")
+        .join("bin")
+        .join("depot")
+}
+
+/// The depot CLI to name in the hint: the configured one, `depot` on PATH (`None` means
+/// "just `depot`"), or the pinned copy.
+fn depot_cli(configured: &Path) -> Option<PathBuf> {
+    if !configured.as_os_str().is_empty() && configured.is_file() {
+        return Some(configured.to_path_buf());
+    }
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("depot").is_file()));
+    if on_path {
+        return None;
+    }
+    let pinned = pinned_depot_cli();
+    pinned.is_file().then_some(pinned)
 }
 
 async fn stop_embedded(pg: Option<&EmbeddedPostgres>) {
@@ -198,38 +266,59 @@ struct Seed {
     token: String,
 }
 
-/// The dev organization, user, project and a fresh 30-day user token. Idempotent
-/// except for the token, which is new on every start (only hashes are stored).
-async fn seed(pool: &PgPool, password: &str) -> anyhow::Result<Seed> {
-    let org = match orgs::find_organization_by_name(pool, DEV_ORG).await? {
+/// The dev organization, user, project and a fresh 30-day user token, made through the
+/// same domain functions `kiln admin` uses. Idempotent except for the token, which is new
+/// on every start (only hashes are stored).
+async fn seed(app: &crate::app::App, password: &str) -> anyhow::Result<Seed> {
+    let me = Principal::operator("kiln dev");
+    let org = match app.orgs.find_by_name(&me, DEV_ORG).await? {
         Some(org) => org,
-        None => orgs::create_organization(pool, DEV_ORG).await?,
+        None => app.orgs.create(&me, DEV_ORG, None).await?.0,
     };
-    let user = match orgs::find_user_by_email(pool, DEV_EMAIL).await? {
-        Some(user) => user,
-        None => orgs::create_user(pool, DEV_EMAIL, "Kiln Dev").await?,
+    let user = match app.orgs.find_user(&me, DEV_EMAIL).await {
+        Ok(user) => user,
+        Err(crate::error::Error::NotFound(_)) => {
+            app.orgs.create_user(&me, DEV_EMAIL, "Kiln Dev").await?
+        }
+        Err(err) => return Err(err.into()),
     };
-    orgs::set_membership(pool, &org.id, &user.id, Role::Owner).await?;
-    if !password.is_empty() {
-        crate::auth::login::set_password(pool, &user.id, password).await?;
+    let is_owner = app
+        .orgs
+        .members(&me, &org.id)
+        .await?
+        .iter()
+        .any(|m| m.user_id == user.id && m.role == Role::Owner.as_str());
+    if !is_owner {
+        app.orgs
+            .set_member(&me, &org.id, &user.id, Role::Owner)
+            .await?;
     }
-    let project = match projects::find_by_name(pool, &org.id, DEV_PROJECT).await? {
+    if !password.is_empty() {
+        app.orgs.set_password(&me, &user.id, password).await?;
+    }
+    let existing = app
+        .projects
+        .list(&me, Some(&org.id))
+        .await?
+        .into_iter()
+        .find(|p| p.name == DEV_PROJECT);
+    let project = match existing {
         Some(p) => p,
         None => {
             let settings = ProjectSettings {
                 name: Some(DEV_PROJECT.into()),
                 ..Default::default()
             };
-            projects::create(pool, &org.id, settings).await?
+            app.projects.create(&me, Some(&org.id), settings).await?
         }
     };
     let mut new = NewToken::new(TokenKind::User, "kiln dev");
     new.user_id = Some(user.id.clone());
     new.expires_at = Some(Utc::now() + Duration::days(30));
-    let (_, minted) = tokens::create(pool, new).await?;
+    let (_, secret) = app.tokens.create(&me, new).await?;
     Ok(Seed {
         org_id: org.id,
         project_id: project.id,
-        token: minted.secret,
+        token: secret,
     })
 }

@@ -177,6 +177,71 @@ impl EmbeddedPostgres {
             self.stop().await?;
         }
         self.port = free_port()?;
+        self.start_on_port().await
+    }
+
+    /// The postmaster's pid, from its lock file, if that process is alive.
+    fn postmaster_alive(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.data_dir.join("postmaster.pid")) else {
+            return false;
+        };
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; no signal is sent.
+        pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    }
+
+    /// Watches the server until `cancel` fires; when it dies, starts it again on the same
+    /// port (the database URL Kiln uses stays valid), with backoff, and says so.
+    pub async fn supervise(&self, cancel: tokio_util::sync::CancellationToken) {
+        let mut backoff = std::time::Duration::from_millis(500);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => return,
+            }
+            if self.postmaster_alive() {
+                continue;
+            }
+            tracing::warn!(
+                port = self.port,
+                "the dev PostgreSQL stopped unexpectedly; restarting it"
+            );
+            let mut attempt = 1;
+            loop {
+                match self.start_on_port().await {
+                    Ok(()) => {
+                        tracing::info!(port = self.port, attempt, "the dev PostgreSQL is back");
+                        backoff = std::time::Duration::from_millis(500);
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            attempt,
+                            retry_in = ?backoff,
+                            error = %format!("{err:#}"),
+                            "could not restart the dev PostgreSQL yet"
+                        );
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = cancel.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the server on the port it had (or was given) and waits until it accepts
+    /// connections.
+    pub async fn start_on_port(&self) -> anyhow::Result<()> {
         let output = self
             .command("pg_ctl")
             .arg("start")

@@ -17,6 +17,10 @@ use crate::config::JobsConfig;
 use crate::db::jobs::{self, ClaimedJob, DEFAULT_QUEUE, FailOutcome, NewJob};
 
 pub type Handler = Arc<dyn Fn(ClaimedJob) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+/// Runs once when a job of its kind fails for the last time (error, timeout or a lost
+/// worker), with the last error, so the job's subject is not left half-done.
+pub type GiveUpHandler =
+    Arc<dyn Fn(ClaimedJob, String) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
 
 /// A job kind that the runner enqueues by itself every `every`.
 #[derive(Clone)]
@@ -29,6 +33,7 @@ pub struct JobRunner {
     pool: PgPool,
     config: JobsConfig,
     handlers: HashMap<&'static str, Handler>,
+    give_up: HashMap<&'static str, GiveUpHandler>,
     periodic: Vec<Periodic>,
     wake: Arc<Notify>,
     worker_prefix: String,
@@ -40,6 +45,7 @@ impl JobRunner {
             pool,
             config,
             handlers: HashMap::new(),
+            give_up: HashMap::new(),
             periodic: Vec::new(),
             wake: Arc::new(Notify::new()),
             worker_prefix: format!("{}-{}", hostname(), std::process::id()),
@@ -69,6 +75,22 @@ impl JobRunner {
         Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         self.register(kind, move |job| handler(state.clone(), job))
+    }
+
+    /// Registers what to do when a job of `kind` gives up. The hook runs outside the
+    /// attempt's timeout (with one of its own), so a hung attempt still gets cleaned up;
+    /// it must be idempotent.
+    pub fn on_give_up<S, F, Fut>(&mut self, kind: &'static str, state: Arc<S>, hook: F) -> &mut Self
+    where
+        S: Send + Sync + 'static,
+        F: Fn(Arc<S>, ClaimedJob, String) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.give_up.insert(
+            kind,
+            Arc::new(move |job, error| Box::pin(hook(state.clone(), job, error))),
+        );
+        self
     }
 
     pub fn every(&mut self, kind: &'static str, every: Duration) -> &mut Self {
@@ -161,6 +183,8 @@ impl JobRunner {
         let id = job.id;
         let kind = job.kind.clone();
         let attempts = job.attempts;
+        let last_attempt = job.attempts >= job.max_attempts;
+        let subject = last_attempt.then(|| job.clone());
         let started = std::time::Instant::now();
         let result = match self.handlers.get(kind.as_str()) {
             // Finish well inside the lease so no other worker picks the job up meanwhile.
@@ -187,6 +211,18 @@ impl JobRunner {
             Err(err) => {
                 let retry_in = Self::backoff(&self.config, attempts);
                 let message = format!("{err:#}");
+                if let (Some(job), Some(hook)) = (subject, self.give_up.get(kind.as_str())) {
+                    // Before the job is marked failed: if this worker dies here, the job
+                    // is claimed again and the hook runs again.
+                    match tokio::time::timeout(lease.mul_f64(0.9), hook(job, message.clone())).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(hook_err)) => {
+                            tracing::error!(error = %format!("{hook_err:#}"), "cleanup after a job gave up failed");
+                        }
+                        Err(_) => tracing::error!("cleanup after a job gave up timed out"),
+                    }
+                }
                 let outcome = jobs::fail(&self.pool, id, worker, &message, retry_in).await;
                 let label = match outcome {
                     Ok(FailOutcome::GaveUp) => {
@@ -250,23 +286,74 @@ fn hostname() -> String {
         .unwrap_or_else(|| "kiln".to_string())
 }
 
-/// Job kind of the hourly housekeeping pass.
+/// Queued, running and failed jobs (operators, `kiln admin jobs list`).
+pub async fn list(
+    pool: &PgPool,
+    principal: &crate::auth::Principal,
+    state: Option<&str>,
+) -> crate::error::Result<Vec<jobs::JobInfo>> {
+    crate::auth::authorize(
+        principal,
+        crate::auth::Action::Operate,
+        crate::auth::Target::Instance,
+    )?;
+    jobs::list(pool, state).await
+}
+
+/// Job kind of the periodic housekeeping pass.
 pub const MAINTENANCE_JOB: &str = "maintenance.purge";
 
-/// Registers the jobs of the foundation: hourly deletion of long-dead tokens and of
-/// failed jobs kept for inspection.
-pub fn register_foundation_jobs(runner: &mut JobRunner, pool: PgPool) {
+/// Audit actions recorded for calls refused before authentication: unauthenticated
+/// callers can cause them, so they are kept only `retention.refusal_audit_days`.
+pub const REFUSAL_AUDIT_ACTIONS: [&str; 3] = [
+    "machine.registration_refused",
+    "machine.malformed_request",
+    "machine.impersonation_refused",
+];
+
+/// Registers the foundation's housekeeping, every 10 minutes: long-dead tokens, failed
+/// jobs kept for inspection, closed `depot login` requests and old refusal audits.
+pub fn register_foundation_jobs(
+    runner: &mut JobRunner,
+    pool: PgPool,
+    retention: crate::config::RetentionConfig,
+) {
     runner
         .register(MAINTENANCE_JOB, move |_job| {
             let pool = pool.clone();
+            let retention = retention.clone();
             async move {
-                let tokens = crate::db::tokens::purge_dead(&pool, 30).await?;
-                let failed = jobs::purge_failed(&pool, 30).await?;
-                tracing::info!(tokens, failed_jobs = failed, "maintenance purge done");
+                let tokens =
+                    crate::db::tokens::purge_dead(&pool, retention.dead_tokens_days).await?;
+                let failed = jobs::purge_failed(&pool, retention.failed_jobs_days).await?;
+                let logins =
+                    crate::auth::login::purge_closed(&pool, retention.login_requests_hours).await?;
+                let refusals = crate::db::audit::purge_actions(
+                    &pool,
+                    &REFUSAL_AUDIT_ACTIONS,
+                    retention.refusal_audit_days,
+                )
+                .await?;
+                for (table, n) in [
+                    ("tokens", tokens),
+                    ("jobs", failed),
+                    ("login_requests", logins),
+                    ("audit_events", refusals),
+                ] {
+                    metrics::counter!("kiln_retention_deleted_total", "table" => table)
+                        .increment(n);
+                }
+                tracing::info!(
+                    tokens,
+                    failed_jobs = failed,
+                    login_requests = logins,
+                    refusal_audits = refusals,
+                    "maintenance purge done"
+                );
                 Ok(())
             }
         })
-        .every(MAINTENANCE_JOB, Duration::from_secs(3600));
+        .every(MAINTENANCE_JOB, Duration::from_secs(600));
 }
 
 #[cfg(test)]

@@ -8,15 +8,14 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use sqlx::PgPool;
 
 use super::Scheduler;
 use crate::auth::Principal;
 use crate::auth::authz::{Action, Target, authorize};
 use crate::auth::token::TokenKind;
 use crate::db::audit::{self, AuditEvent};
-use crate::db::tokens::{self, NewToken};
 use crate::error::{Error, Result};
+use crate::tokens::{self, NewToken};
 
 const REGISTRATION_PURPOSE: &[u8] = b"kiln/agent-registration/v1";
 const MAX_FIELD_LEN: usize = 512;
@@ -110,23 +109,19 @@ fn token_matches(kek: &[u8; 32], machine_id: &str, nonce: &str, presented: &str)
     mac.verify_slice(&bytes).is_ok()
 }
 
-/// A refusal that is recorded in the audit log before the caller sees it.
-async fn refuse(pool: &PgPool, action: &str, machine_id: &str, reason: &str, err: Error) -> Error {
+/// A refusal that is recorded (sampled) in the audit log before the caller sees it.
+async fn refuse(
+    scheduler: &Scheduler,
+    action: &str,
+    machine_id: &str,
+    reason: &str,
+    err: Error,
+) -> Error {
     let event = AuditEvent::new(action, ("agent", None))
         .target("machine", truncate(machine_id))
         .details(serde_json::json!({ "reason": reason }));
-    record_refusal(pool, action, reason, event).await;
+    scheduler.record_refusal(action, reason, event).await;
     err
-}
-
-/// Logs, counts and audits one refused agent call; the audit failing is logged, never
-/// turned into the caller's error.
-pub(crate) async fn record_refusal(pool: &PgPool, metric: &str, reason: &str, event: AuditEvent) {
-    tracing::warn!(target_id = ?event.target_id, reason, "refused a machine agent call");
-    metrics::counter!("kiln_agent_refusals_total", "action" => metric.to_string()).increment(1);
-    if let Err(audit_err) = audit::record(pool, event).await {
-        tracing::error!(error = %audit_err, "could not audit a refused agent call");
-    }
 }
 
 fn truncate(text: &str) -> String {
@@ -144,6 +139,22 @@ fn check_len(field: &str, value: &str) -> Result<()> {
 }
 
 impl Scheduler {
+    /// Logs, counts and audits one refused agent call. Callers without a valid token can
+    /// cause these, so at most `limits.refusal_audits_per_minute` per replica reach the
+    /// audit log; the rest are counted. The audit failing never becomes the caller's error.
+    pub async fn record_refusal(&self, metric: &str, reason: &str, event: AuditEvent) {
+        tracing::warn!(target_id = ?event.target_id, reason, "refused a machine agent call");
+        metrics::counter!("kiln_agent_refusals_total", "action" => metric.to_string()).increment(1);
+        if self.refusal_audits.check().is_err() {
+            metrics::counter!("kiln_audit_suppressed_total", "action" => event.action.clone())
+                .increment(1);
+            return;
+        }
+        if let Err(audit_err) = audit::record(&self.pool, event).await {
+            tracing::error!(error = %audit_err, "could not audit a refused agent call");
+        }
+    }
+
     fn kek(&self) -> Result<[u8; 32]> {
         self.kek.ok_or_else(|| {
             Error::FailedPrecondition(
@@ -165,7 +176,7 @@ impl Scheduler {
         )
         .bind(machine_id)
         .bind(&fresh)
-        .bind((self.config.boot_timeout_seconds * 2) as f64)
+        .bind(self.config.boot_timeout_seconds as f64 * 2.0)
         .fetch_optional(&self.pool)
         .await?
         .flatten();
@@ -225,7 +236,7 @@ impl Scheduler {
         };
         if let Some(reason) = reason {
             return Err(refuse(
-                &self.pool,
+                self,
                 "machine.registration_refused",
                 machine_id,
                 reason,
@@ -263,7 +274,7 @@ impl Scheduler {
         if !won {
             drop(tx);
             return Err(refuse(
-                &self.pool,
+                self,
                 "machine.registration_refused",
                 machine_id,
                 "registration token already used",
@@ -276,7 +287,7 @@ impl Scheduler {
         new.expires_at = Some(
             chrono::Utc::now() + chrono::Duration::hours(self.config.max_lifetime_hours as i64 + 1),
         );
-        let (info, minted) = tokens::create(&mut *tx, new).await?;
+        let (info, minted) = tokens::issue(&mut *tx, new).await?;
         audit::record(
             &mut *tx,
             AuditEvent::new("machine.registered", ("agent", Some(info.id.clone())))
@@ -348,15 +359,16 @@ impl Scheduler {
             Action::ActAsMachine,
             Target::Machine { id: machine_id },
         ) {
-            let reason = if principal.kind == TokenKind::Machine {
+            let reason = if principal.is(TokenKind::Machine) {
                 "agent token belongs to another machine"
             } else {
                 "not a machine token"
             };
-            let event = AuditEvent::by("machine.impersonation_refused", principal)
+            let event = principal
+                .audit("machine.impersonation_refused")
                 .target("machine", truncate(machine_id))
                 .details(serde_json::json!({ "reason": reason }));
-            record_refusal(&self.pool, "impersonation", reason, event).await;
+            self.record_refusal("impersonation", reason, event).await;
             return Err(err);
         }
         Ok(())

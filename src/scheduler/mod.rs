@@ -56,6 +56,9 @@ pub struct Reconciled {
     pub terminated_orphans: Vec<String>,
     /// Machines whose agent stopped reporting: failed, builds requeued, terminated.
     pub silent: Vec<String>,
+    /// Machines whose launch ended without an instance (the job gave up): failed, builds
+    /// requeued.
+    pub stalled: Vec<String>,
 }
 
 pub struct Scheduler {
@@ -67,6 +70,8 @@ pub struct Scheduler {
     wake: Arc<Notify>,
     /// Where agents call; set by `serve` once it knows its address.
     agent_api_url: std::sync::OnceLock<String>,
+    /// Bounds the audit rows refused agent calls write (see `agents::record_refusal`).
+    refusal_audits: governor::DefaultDirectRateLimiter,
 }
 
 /// Where a platform stands after an assignment attempt.
@@ -81,7 +86,12 @@ pub enum Assignment {
 }
 
 impl Scheduler {
-    pub fn new(pool: PgPool, config: BuildersConfig, kek: Option<[u8; 32]>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        config: BuildersConfig,
+        kek: Option<[u8; 32]>,
+        refusal_audits_per_minute: u32,
+    ) -> Self {
         let provider: Arc<dyn ComputeProvider> = match config.provider {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(&config.local)),
             ProviderKind::Ec2 => Arc::new(ec2::Ec2Provider::new(&config.ec2)),
@@ -95,6 +105,10 @@ impl Scheduler {
             pki: OnceCell::new(),
             wake: Arc::new(Notify::new()),
             agent_api_url: std::sync::OnceLock::new(),
+            refusal_audits: governor::RateLimiter::direct(governor::Quota::per_minute(
+                std::num::NonZeroU32::new(refusal_audits_per_minute)
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+            )),
         }
     }
 
@@ -181,18 +195,25 @@ impl Scheduler {
         project_id: &str,
     ) -> Result<Assignment> {
         let mut slot_locked = false;
-        for _ in 0..4 {
-            let machine: Option<(String, String, bool)> = sqlx::query_as(
-                "SELECT id, state, serving FROM machines
-                 WHERE project_id = $1 AND platform = $2
-                   AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
-                 FOR UPDATE",
+        for _ in 0..6 {
+            let machine: Option<(String, String, bool, bool)> = sqlx::query_as(
+                "SELECT m.id, m.state, m.serving, m.cache_generation < p.cache_generation
+                 FROM machines m JOIN projects p ON p.id = m.project_id
+                 WHERE m.project_id = $1 AND m.platform = $2
+                   AND m.state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+                 FOR UPDATE OF m",
             )
             .bind(project_id)
             .bind(platform.as_str())
             .fetch_optional(&mut **tx)
             .await?;
-            if let Some((machine_id, state, serving)) = machine {
+            if let Some((machine_id, state, _, true)) = &machine {
+                // Started before the project's cache was reset: it must not serve
+                // another build of the project. The slot frees for a fresh builder.
+                retire(tx, machine_id, state).await?;
+                continue;
+            }
+            if let Some((machine_id, state, serving, _)) = machine {
                 let ready = (state == "ready" || state == "assigned") && serving;
                 sqlx::query(
                     "UPDATE machines SET active_builds = active_builds + 1, last_assigned_at = now(),
@@ -241,8 +262,8 @@ impl Scheduler {
             self.check_total_cap(tx).await?;
             let machine_id = new_id();
             let inserted = sqlx::query(
-                "INSERT INTO machines (id, provider, platform, project_id, managed_by_agent)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO machines (id, provider, platform, project_id, managed_by_agent, cache_generation)
+                 VALUES ($1, $2, $3, $4, $5, (SELECT cache_generation FROM projects WHERE id = $4))
                  ON CONFLICT (project_id, platform)
                      WHERE state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
                  DO NOTHING",
@@ -260,7 +281,7 @@ impl Scheduler {
                     &mut **tx,
                     NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
                         .dedupe(machine_id.clone())
-                        .max_attempts(5),
+                        .max_attempts(self.config.launch_max_attempts),
                 )
                 .await?;
                 metrics::counter!("kiln_machines_requested_total").increment(1);
@@ -342,7 +363,8 @@ impl Scheduler {
     ) -> Result<Option<(String, bool)>> {
         let adopted: Option<(String, bool)> = sqlx::query_as(
             "UPDATE machines SET project_id = $2, state = 'assigned', active_builds = 1, last_assigned_at = now(),
-                 serving = NOT managed_by_agent
+                 serving = NOT managed_by_agent,
+                 cache_generation = (SELECT cache_generation FROM projects WHERE id = $2)
              WHERE id = (SELECT id FROM machines
                          WHERE project_id IS NULL AND platform = $1 AND state = 'ready'
                          ORDER BY ready_at LIMIT 1 FOR UPDATE SKIP LOCKED)
@@ -401,7 +423,7 @@ impl Scheduler {
                     &mut *tx,
                     NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
                         .dedupe(machine_id.clone())
-                        .max_attempts(5),
+                        .max_attempts(self.config.launch_max_attempts),
                 )
                 .await?;
                 requested += 1;
@@ -422,11 +444,11 @@ impl Scheduler {
             "UPDATE machines SET state = 'draining'
              WHERE (state = 'ready' AND active_builds = 0 AND project_id IS NOT NULL
                     AND COALESCE(last_released_at, ready_at, created_at) < now() - make_interval(secs => $1))
-                OR (state IN ('ready', 'assigned') AND launched_at < now() - make_interval(hours => $2))
+                OR (state IN ('ready', 'assigned') AND launched_at < now() - make_interval(secs => $2 * 3600))
              RETURNING id",
         )
         .bind(self.config.idle_timeout_seconds as f64)
-        .bind(self.config.max_lifetime_hours as i32)
+        .bind(self.config.max_lifetime_hours as f64)
         .fetch_all(&self.pool)
         .await?;
         for id in &drained {
@@ -485,6 +507,96 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Carries out a cache reset: every builder of `project_id` started for an older
+    /// cache generation leaves its slot, and the idle ones are terminated now, so no
+    /// cache of the old generation survives. Idempotent. Returns how many it retired.
+    pub async fn retire_cache_generation(
+        &self,
+        project_id: &str,
+        generation: i32,
+    ) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let stale: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, state FROM machines
+             WHERE project_id = $1 AND cache_generation < $2
+               AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+             FOR UPDATE",
+        )
+        .bind(project_id)
+        .bind(generation)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, state) in &stale {
+            retire(&mut tx, id, state).await?;
+        }
+        tx.commit().await?;
+        let idle: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM machines
+             WHERE project_id = $1 AND cache_generation < $2 AND state = 'draining' AND active_builds = 0",
+        )
+        .bind(project_id)
+        .bind(generation)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in &idle {
+            self.provider.terminate(id).await?;
+            let done = sqlx::query(
+                "UPDATE machines SET state = 'terminated', terminated_at = now()
+                 WHERE id = $1 AND state = 'draining' AND active_builds = 0",
+            )
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                metrics::counter!("kiln_machines_terminated_total").increment(1);
+                tracing::info!(machine_id = %id, "terminated a builder holding a reset cache");
+            }
+        }
+        Ok(stale.len())
+    }
+
+    /// Builder machines in `state`, or every live one (operators).
+    pub async fn machines(
+        &self,
+        principal: &crate::auth::Principal,
+        state: Option<&str>,
+    ) -> Result<Vec<crate::db::machines::MachineInfo>> {
+        crate::auth::authorize(
+            principal,
+            crate::auth::Action::Operate,
+            crate::auth::Target::Instance,
+        )?;
+        crate::db::machines::list(&self.pool, state).await
+    }
+
+    /// Stops giving builds to a machine; it is terminated once its builds finish
+    /// (operators). False if it was not ready or assigned.
+    pub async fn drain(
+        &self,
+        principal: &crate::auth::Principal,
+        machine_id: &str,
+    ) -> Result<bool> {
+        crate::auth::authorize(
+            principal,
+            crate::auth::Action::Operate,
+            crate::auth::Target::Machine { id: machine_id },
+        )?;
+        let mut tx = self.pool.begin().await?;
+        if !crate::db::machines::drain(&mut *tx, machine_id).await? {
+            return Ok(false);
+        }
+        crate::db::audit::record(
+            &mut *tx,
+            principal
+                .audit("machine.drain")
+                .target("machine", machine_id),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Assigns every pending platform it can lock. Returns how many it handled.
     pub async fn assign_pending(&self) -> Result<usize> {
         let pending: Vec<(String, String)> = sqlx::query_as(
@@ -523,7 +635,7 @@ impl Scheduler {
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(self.config.scheduler_poll_seconds)) => {}
                 _ = cancel.cancelled() => break,
             }
         }
@@ -547,13 +659,20 @@ impl Scheduler {
         let Some((platform, _)) = row else {
             return Ok(()); // Already ready, terminated or failed: nothing to do.
         };
-        let result = self.boot(&machine_id, &platform).await;
-        if let Err(err) = &result
-            && job.attempts >= job.max_attempts
-        {
-            self.fail_machine(&machine_id, &format!("{err:#}")).await?;
+        self.boot(&machine_id, &platform).await
+    }
+
+    /// A launch job gave up (its last attempt failed or timed out): the machine is
+    /// failed, which frees its slot, and the builds waiting for it are requeued.
+    pub async fn launch_gave_up(&self, job: &ClaimedJob, error: &str) -> Result<()> {
+        let machine_id = job.payload["machine_id"].as_str().unwrap_or_default();
+        // The instance may have started after all; never leave it running.
+        if let Err(err) = self.provider.terminate(machine_id).await {
+            tracing::warn!(machine_id, error = %err, "could not terminate a machine whose launch gave up; the reconciler will");
         }
-        result
+        self.fail_machine(machine_id, error).await?;
+        notify_scheduler(&self.pool).await;
+        Ok(())
     }
 
     async fn boot(&self, machine_id: &str, platform: &str) -> anyhow::Result<()> {
@@ -659,14 +778,16 @@ impl Scheduler {
     /// next pass requests a fresh machine.
     async fn fail_machine(&self, machine_id: &str, error: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE machines SET state = 'failed', error = $2, active_builds = 0
+        let failed = sqlx::query(
+            "UPDATE machines SET state = 'failed', error = $2, active_builds = 0, terminated_at = now()
              WHERE id = $1 AND state IN ('requested', 'launching', 'booting')",
         )
         .bind(machine_id)
         .bind(error.chars().take(2000).collect::<String>())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         sqlx::query(
             "UPDATE build_platforms SET state = 'pending', builder_id = NULL, assigned_at = NULL
              WHERE builder_id = $1 AND state = 'assigned'",
@@ -675,7 +796,10 @@ impl Scheduler {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::error!(machine_id, error, "builder failed to launch");
+        if failed {
+            metrics::counter!("kiln_machines_failed_total").increment(1);
+            tracing::error!(machine_id, error, "builder failed to launch");
+        }
         Ok(())
     }
 
@@ -698,7 +822,7 @@ impl Scheduler {
              FROM machines WHERE provider = $1 AND state IN ('launching', 'booting', 'ready', 'assigned', 'draining')",
         )
         .bind(self.provider.name())
-        .bind((self.config.boot_timeout_seconds * 2) as f64)
+        .bind(self.config.boot_timeout_seconds as f64 * 2.0)
         .fetch_all(&self.pool)
         .await?;
         let live: std::collections::HashSet<&str> =
@@ -721,6 +845,30 @@ impl Scheduler {
                 && self.fail_and_requeue(id, "its instance vanished").await?
             {
                 report.vanished.push(id.clone());
+            }
+        }
+
+        // Launches that ended without a machine: the launch job is gone (it gave up, or
+        // its give-up could not be recorded) but the row still holds the slot.
+        let stalled: Vec<String> = sqlx::query_scalar(
+            "SELECT m.id FROM machines m
+             WHERE m.provider = $1 AND m.state IN ('requested', 'launching')
+               AND COALESCE(m.launched_at, m.created_at) < now() - make_interval(secs => $2)
+               AND NOT EXISTS (SELECT 1 FROM jobs j
+                               WHERE j.kind = $3 AND j.dedupe_key = m.id AND j.state IN ('pending', 'running'))",
+        )
+        .bind(self.provider.name())
+        .bind(self.config.boot_timeout_seconds as f64)
+        .bind(LAUNCH_JOB)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in stalled {
+            let _ = self.provider.terminate(&id).await;
+            if self
+                .fail_and_requeue(&id, "its launch never completed")
+                .await?
+            {
+                report.stalled.push(id);
             }
         }
 
@@ -791,7 +939,11 @@ impl Scheduler {
                 (false, false) => {}
             }
         }
-        if !report.vanished.is_empty() || !report.stuck.is_empty() || !report.silent.is_empty() {
+        if !report.vanished.is_empty()
+            || !report.stuck.is_empty()
+            || !report.silent.is_empty()
+            || !report.stalled.is_empty()
+        {
             notify_scheduler(&self.pool).await;
         }
         Ok(report)
@@ -803,7 +955,7 @@ impl Scheduler {
         let mut tx = self.pool.begin().await?;
         let failed = sqlx::query(
             "UPDATE machines SET state = 'failed', error = $2, active_builds = 0, terminated_at = now()
-             WHERE id = $1 AND state IN ('launching', 'booting', 'ready', 'assigned', 'draining')",
+             WHERE id = $1 AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned', 'draining')",
         )
         .bind(machine_id)
         .bind(reason)
@@ -900,12 +1052,50 @@ async fn attach_platform(
     Ok(())
 }
 
+/// Takes a machine out of its slot. A serving machine drains (its running builds finish
+/// there); one still starting is drained at once and the builds waiting for it go back
+/// to the queue. The caller holds the row's lock and read its `state`.
+async fn retire(tx: &mut Transaction<'_, Postgres>, machine_id: &str, state: &str) -> Result<()> {
+    let starting = matches!(state, "requested" | "launching" | "booting");
+    sqlx::query(
+        "UPDATE machines SET state = 'draining',
+             active_builds = CASE WHEN $2 THEN 0 ELSE active_builds END
+         WHERE id = $1",
+    )
+    .bind(machine_id)
+    .bind(starting)
+    .execute(&mut **tx)
+    .await?;
+    if starting {
+        sqlx::query(
+            "UPDATE build_platforms SET state = 'pending', builder_id = NULL, assigned_at = NULL
+             WHERE builder_id = $1 AND state = 'assigned'",
+        )
+        .bind(machine_id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(SCHEDULER_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
+    }
+    tracing::info!(
+        machine_id,
+        "retiring a builder of an older cache generation"
+    );
+    Ok(())
+}
+
 /// The scheduler's background jobs: per-machine launch and terminate, and the periodic
 /// reaper, pool refill and reconciler.
 pub fn register_jobs(runner: &mut crate::jobs::JobRunner, scheduler: Arc<Scheduler>) {
     runner
         .register_with(LAUNCH_JOB, scheduler.clone(), |s, job| async move {
             s.launch(&job).await
+        })
+        .on_give_up(LAUNCH_JOB, scheduler.clone(), |s, job, error| async move {
+            s.launch_gave_up(&job, &error).await?;
+            Ok(())
         })
         .register_with(TERMINATE_JOB, scheduler.clone(), |s, job| async move {
             s.terminate(&job).await

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod http;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -10,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln::app::{App, AppState};
-use kiln::auth::{Role, TokenKind};
+use kiln::auth::{Principal, TokenKind};
 use kiln::config::Config;
-use kiln::db::projects::{Project, ProjectSettings};
-use kiln::db::tokens::NewToken;
-use kiln::db::{self, orgs, projects, tokens};
+use kiln::db;
+use kiln::projects::{Project, ProjectSettings};
+use kiln::tokens::NewToken;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -170,38 +171,100 @@ pub struct Tenant {
     pub user_token: String,
 }
 
+/// The domain services on `pool`, for seeding through the same functions the APIs use.
+pub struct Domain {
+    pub orgs: kiln::orgs::Orgs,
+    pub projects: kiln::projects::Projects,
+    pub tokens: kiln::tokens::Tokens,
+}
+
+pub fn domain(pool: &PgPool) -> Domain {
+    let config = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+    let auth = Arc::new(kiln::auth::Authenticator::new(pool.clone(), &config.auth));
+    Domain {
+        orgs: kiln::orgs::Orgs::new(pool.clone(), auth.clone()),
+        projects: kiln::projects::Projects::new(pool.clone(), auth.clone()),
+        tokens: kiln::tokens::Tokens::new(pool.clone(), auth, Duration::from_secs(3600)),
+    }
+}
+
+/// The operator principal tests seed with.
+pub fn operator() -> Principal {
+    Principal::operator("test")
+}
+
 /// An organization with an owner, one project, and a user token for the owner.
 pub async fn tenant(pool: &PgPool, label: &str) -> Tenant {
-    let org = orgs::create_organization(pool, &format!("org {label}"))
+    let d = domain(pool);
+    let me = operator();
+    let email = format!("{}@{label}.test", random_name("u"));
+    let (org, owner) = d
+        .orgs
+        .create(&me, &format!("org {label}"), Some(&email))
         .await
         .unwrap();
-    let user = orgs::create_user(pool, &format!("{}@{label}.test", random_name("u")), label)
-        .await
-        .unwrap();
-    orgs::set_membership(pool, &org.id, &user.id, Role::Owner)
-        .await
-        .unwrap();
+    let user = owner.unwrap();
     let settings = ProjectSettings {
         name: Some(format!("project {label}")),
         ..Default::default()
     };
-    let project = projects::create(pool, &org.id, settings).await.unwrap();
-    let mut new = NewToken::new(TokenKind::User, "test");
-    new.user_id = Some(user.id.clone());
-    let (_, minted) = tokens::create(pool, new).await.unwrap();
+    let project = d
+        .projects
+        .create(&me, Some(&org.id), settings)
+        .await
+        .unwrap();
+    let user_token = user_token(pool, &user.id).await;
     Tenant {
         org_id: org.id,
         user_id: user.id,
         project,
-        user_token: minted.secret,
+        user_token,
     }
+}
+
+/// A new user token for `user_id`.
+pub async fn user_token(pool: &PgPool, user_id: &str) -> String {
+    let mut new = NewToken::new(TokenKind::User, "test");
+    new.user_id = Some(user_id.to_string());
+    domain(pool)
+        .tokens
+        .create(&operator(), new)
+        .await
+        .unwrap()
+        .1
+}
+
+/// Another project in `org_id`.
+pub async fn project(pool: &PgPool, org_id: &str, name: &str) -> Project {
+    let settings = ProjectSettings {
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    domain(pool)
+        .projects
+        .create(&operator(), Some(org_id), settings)
+        .await
+        .unwrap()
 }
 
 pub async fn project_token(pool: &PgPool, project: &Project, kind: TokenKind) -> String {
     let mut new = NewToken::new(kind, "test");
     new.organization_id = Some(project.organization_id.clone());
     new.project_id = Some(project.id.clone());
-    tokens::create(pool, new).await.unwrap().1.secret
+    domain(pool)
+        .tokens
+        .create(&operator(), new)
+        .await
+        .unwrap()
+        .1
+}
+
+pub async fn set_password(pool: &PgPool, user_id: &str, password: &str) {
+    domain(pool)
+        .orgs
+        .set_password(&operator(), user_id, password)
+        .await
+        .unwrap();
 }
 
 /// Waits for `condition` to hold, polling, or panics after `timeout`.

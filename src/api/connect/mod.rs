@@ -6,6 +6,7 @@
 //! module owns every byte of framing so handlers only see prost messages.
 
 pub mod codec;
+pub mod convert;
 pub mod services;
 
 use std::collections::HashMap;
@@ -241,10 +242,19 @@ impl ConnectRouter {
                 Error::invalid("connect-protocol-version", "only version 1 is supported"),
             );
         }
-        let timeout = match codec::parse_timeout(req.headers()) {
+        let client_timeout = match codec::parse_timeout(req.headers()) {
             Ok(t) => t,
             Err(err) => return self.fail(framing, codec, err),
         };
+        // A unary call never outlives the server's bound; streams have bounds of their own.
+        let timeout = match framing {
+            Framing::Unary => {
+                let bound = Duration::from_secs(app.config.server.request_timeout_seconds);
+                Some(client_timeout.map_or(bound, |t| t.min(bound)))
+            }
+            Framing::Streaming => client_timeout,
+        };
+        let idle = Duration::from_secs(app.config.server.stream_idle_timeout_seconds);
         let limit = app.config.server.max_body_bytes;
         let (parts, body) = req.into_parts();
         let call = Call {
@@ -312,7 +322,7 @@ impl ConnectRouter {
                         "connect-content-encoding",
                     ))?;
                     let input_desc = method.input.clone();
-                    let messages = envelope_stream(body, limit)
+                    let messages = envelope_stream(body, limit, idle)
                         .map(move |item| {
                             item.and_then(|env| open_envelope(env, compression, limit))
                                 .and_then(|data| to_binary(codec, &input_desc, data))
@@ -406,14 +416,19 @@ fn open_envelope(
 }
 
 /// Request envelopes as they arrive. Ends at end of body; a client that resets the
-/// stream simply ends it (what arrived before was already handled).
-fn envelope_stream(body: Body, limit: usize) -> BoxStream<'static, Result<codec::Envelope>> {
+/// stream simply ends it (what arrived before was already handled). A client silent for
+/// `idle` ends it with `deadline_exceeded`.
+fn envelope_stream(
+    body: Body,
+    limit: usize,
+    idle: Duration,
+) -> BoxStream<'static, Result<codec::Envelope>> {
     let state = (
         body.into_data_stream(),
         codec::EnvelopeReader::new(limit),
         false,
     );
-    futures_util::stream::unfold(state, |(mut body, mut reader, done)| async move {
+    futures_util::stream::unfold(state, move |(mut body, mut reader, done)| async move {
         if done {
             return None;
         }
@@ -432,7 +447,19 @@ fn envelope_stream(body: Body, limit: usize) -> BoxStream<'static, Result<codec:
                 Ok(None) => {}
                 Err(err) => return Some((Err(err), (body, reader, true))),
             }
-            match body.next().await {
+            let next = match tokio::time::timeout(idle, body.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    return Some((
+                        Err(Error::DeadlineExceeded(format!(
+                            "the stream sent nothing for {} s",
+                            idle.as_secs()
+                        ))),
+                        (body, reader, true),
+                    ));
+                }
+            };
+            match next {
                 Some(Ok(chunk)) => reader.push(&chunk),
                 Some(Err(err)) => {
                     tracing::debug!(error = %err, "client stream ended abruptly");
@@ -502,6 +529,16 @@ fn unary_ok(codec: Codec, body: Vec<u8>, accept_gzip: bool) -> Response {
     builder
         .body(Body::from(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// An error answer in the framing the call used: a unary error, or HTTP 200 with an
+/// end-of-stream frame carrying it.
+pub fn error_response(streaming: bool, err: Error) -> Response {
+    if streaming {
+        stream_error(Codec::Proto, err)
+    } else {
+        unary_error(err)
+    }
 }
 
 /// A unary error: the Connect code's HTTP status and `{"code","message"}` JSON.

@@ -1,4 +1,4 @@
-//! Server-rendered pages. Today: the approval page of `depot login`.
+//! Server-rendered pages. Today: the approval page of `depot login` (`/login/<user code>`).
 
 use axum::Form;
 use axum::Router;
@@ -6,7 +6,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use chrono::Utc;
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -14,7 +13,7 @@ use crate::auth::login;
 use crate::error::Error;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/login/{id}", get(login_page).post(login_decide))
+    Router::new().route("/login/{code}", get(login_page).post(login_decide))
 }
 
 /// Escapes text for HTML element and attribute content.
@@ -47,24 +46,28 @@ input{{width:100%;box-sizing:border-box;padding:.55rem;border:1px solid #c9c3bb;
 button.approve{{background:#b5412a;color:#fff}} button.deny{{background:#fff;color:#b5412a}}
 .code{{font-family:ui-monospace,monospace;background:#f0ede9;padding:.1rem .35rem;border-radius:4px}}
 .error{{color:#a0251b}} .muted{{color:#6d665e;font-size:.9rem}}
+.usercode{{font-family:ui-monospace,monospace;font-size:1.6rem;letter-spacing:.15em;text-align:center;margin:.4rem 0}}
 </style></head><body><main>{body}</main></body></html>"#,
         title = escape(title),
     )
 }
 
-fn message(status: StatusCode, title: &str, text: &str) -> Response {
-    (
-        status,
-        Html(page(
-            title,
-            &format!("<h1>{}</h1><p>{}</p>", escape(title), escape(text)),
-        )),
+/// A page with a heading and one paragraph.
+pub fn message_page(title: &str, text: &str) -> String {
+    page(
+        title,
+        &format!("<h1>{}</h1><p>{}</p>", escape(title), escape(text)),
     )
-        .into_response()
 }
 
-fn form(id: &str, error: Option<&str>) -> String {
-    let short = escape(&id.chars().take(8).collect::<String>());
+fn message(status: StatusCode, title: &str, text: &str) -> Response {
+    (status, Html(message_page(title, text))).into_response()
+}
+
+/// The sign-in form for one login request. The user code is shown so the user can check
+/// it against the link their terminal printed.
+fn form(user_code: &str, error: Option<&str>) -> String {
+    let code = escape(user_code);
     let error = error
         .map(|e| format!(r#"<p class="error" role="alert">{}</p>"#, escape(e)))
         .unwrap_or_default();
@@ -72,7 +75,9 @@ fn form(id: &str, error: Option<&str>) -> String {
         "Approve depot login",
         &format!(
             r#"<h1>Approve <code>depot login</code></h1>
-<p class="muted">A depot CLI asked to sign in (request <span class="code">{short}…</span>). Approve only if you started it.</p>
+<p>A depot CLI asked to sign in with the code</p>
+<p class="usercode" data-testid="user-code">{code}</p>
+<p class="muted">Check that your terminal shows the same code at the end of the link it printed. Approve only if you started it.</p>
 {error}
 <form method="post">
 <label for="email">Email</label><input id="email" name="email" type="email" autocomplete="username" required>
@@ -84,26 +89,37 @@ fn form(id: &str, error: Option<&str>) -> String {
     )
 }
 
-async fn login_page(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    match login::get(&app.db, &id).await {
-        Ok(Some(req))
-            if req.approved_by.is_none()
-                && req.denied_at.is_none()
-                && req.expires_at > Utc::now() =>
-        {
-            Html(form(&id, None)).into_response()
-        }
-        Ok(Some(_)) => message(
-            StatusCode::GONE,
-            "Login request closed",
-            "This request was already decided or has expired. Run `depot login` again.",
-        ),
-        Ok(None) => message(
-            StatusCode::NOT_FOUND,
-            "Unknown login request",
-            "Run `depot login` again and open the link it prints.",
-        ),
-        Err(err) => err.into_response(),
+fn closed() -> Response {
+    message(
+        StatusCode::GONE,
+        "Login request closed",
+        "This request was already decided or has expired. Run `depot login` again.",
+    )
+}
+
+fn unknown() -> Response {
+    message(
+        StatusCode::NOT_FOUND,
+        "Unknown login request",
+        "Run `depot login` again and open the link it prints.",
+    )
+}
+
+/// The open request a user code names, or the page to answer with instead. Cheap: no
+/// password work happens before this.
+async fn open_request(app: &AppState, code: &str) -> Result<login::LoginRequest, Response> {
+    match login::by_user_code(&app.db, code).await {
+        Ok(Some(req)) if req.is_open() => Ok(req),
+        Ok(Some(_)) => Err(closed()),
+        Ok(None) => Err(unknown()),
+        Err(err) => Err(err.into_response()),
+    }
+}
+
+async fn login_page(State(app): State<AppState>, Path(code): Path<String>) -> Response {
+    match open_request(&app, &code).await {
+        Ok(req) => Html(form(&req.user_code, None)).into_response(),
+        Err(page) => page,
     }
 }
 
@@ -114,44 +130,67 @@ struct Decision {
     decision: String,
 }
 
+/// Order matters: the per-client rate limit (middleware), then the request must be open,
+/// then an attempt is reserved for the email (atomically, so concurrent guesses cannot
+/// pass the limit together), and only then is the password checked.
 async fn login_decide(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    Path(code): Path<String>,
     Form(form_data): Form<Decision>,
 ) -> Response {
-    let approve = form_data.decision == "approve";
-    if let Err(wait) = app.sign_ins.check(&form_data.email) {
-        let msg = format!(
-            "Too many failed sign-ins for this email; try again in {} minutes.",
-            wait.as_secs().div_ceil(60)
-        );
-        return (StatusCode::TOO_MANY_REQUESTS, Html(form(&id, Some(&msg)))).into_response();
-    }
+    let request = match open_request(&app, &code).await {
+        Ok(req) => req,
+        Err(page) => return page,
+    };
+    let approve = match form_data.decision.as_str() {
+        "approve" => true,
+        "deny" => false,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Html(form(&request.user_code, Some("Choose approve or deny."))),
+            )
+                .into_response();
+        }
+    };
+    let attempt = match app.sign_ins.begin(&form_data.email) {
+        Ok(attempt) => attempt,
+        Err(wait) => {
+            metrics::counter!("kiln_sign_ins_total", "outcome" => "throttled").increment(1);
+            let msg = format!(
+                "Too many failed sign-ins for this email; try again in {} minutes.",
+                wait.as_secs().div_ceil(60).max(1)
+            );
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                Html(form(&request.user_code, Some(&msg))),
+            )
+                .into_response();
+        }
+    };
     let user = match login::sign_in(&app.db, &form_data.email, &form_data.password).await {
         Ok(user) => {
-            app.sign_ins.succeeded(&form_data.email);
+            attempt.succeeded();
+            metrics::counter!("kiln_sign_ins_total", "outcome" => "ok").increment(1);
             user
         }
         Err(Error::Unauthenticated(msg)) => {
-            app.sign_ins.failed(&form_data.email);
-            return (StatusCode::UNAUTHORIZED, Html(form(&id, Some(&msg)))).into_response();
+            attempt.failed();
+            metrics::counter!("kiln_sign_ins_total", "outcome" => "failed").increment(1);
+            return (
+                StatusCode::UNAUTHORIZED,
+                Html(form(&request.user_code, Some(&msg))),
+            )
+                .into_response();
         }
         Err(err) => return err.into_response(),
     };
-    match login::decide(&app.db, &id, &user.id, approve).await {
-        Ok(()) if approve => {
-            let _ = crate::db::audit::record(
-                &app.db,
-                crate::db::audit::AuditEvent::new("login.approve", ("user", Some(user.id.clone())))
-                    .target("login_request", &id),
-            )
-            .await;
-            message(
-                StatusCode::OK,
-                "Login approved",
-                "You can close this page; the depot CLI is now signed in.",
-            )
-        }
+    match login::decide(&app.db, &request.id, &user, approve).await {
+        Ok(()) if approve => message(
+            StatusCode::OK,
+            "Login approved",
+            "You can close this page; the depot CLI is now signed in.",
+        ),
         Ok(()) => message(
             StatusCode::OK,
             "Login denied",

@@ -1,22 +1,17 @@
-//! The JSON API under `/api/v1`, used by the dashboard and by scripts.
+//! The JSON API under `/api/v1`, used by the dashboard and by scripts. Translation only:
+//! each handler maps the request onto one domain call and the answer to JSON.
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
-use chrono::{Duration, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::extract::{ApiJson, Auth};
 use crate::app::AppState;
-use crate::auth::{Action, Target, TokenKind, authorize, guard};
-use crate::db::audit::{self, AuditEvent};
-use crate::db::ids::is_well_formed;
-use crate::db::orgs;
-use crate::db::projects::{self, ProjectSettings};
-use crate::db::tokens::{self, NewToken, TokenFilter};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::projects::ProjectSettings;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -48,8 +43,7 @@ async fn me(Auth(principal): Auth) -> axum::Json<crate::auth::Principal> {
 }
 
 async fn list_organizations(State(app): State<AppState>, Auth(principal): Auth) -> Result<Json> {
-    let ids = principal.organization_ids();
-    let orgs = orgs::list_organizations(&app.db, Some(&ids)).await?;
+    let orgs = app.orgs.list(&principal).await?;
     Ok(axum::Json(json!({ "organizations": orgs })))
 }
 
@@ -64,8 +58,10 @@ async fn list_audit_events(
     Path(id): Path<String>,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json> {
-    guard::organization(&app.db, &principal, &id, Action::ViewAuditLog).await?;
-    let events = audit::list(&app.db, Some(&id), q.limit.unwrap_or(100)).await?;
+    let events = app
+        .orgs
+        .audit_events(&principal, Some(&id), q.limit.unwrap_or(100))
+        .await?;
     Ok(axum::Json(json!({ "events": events })))
 }
 
@@ -79,12 +75,10 @@ async fn list_projects(
     Auth(principal): Auth,
     Query(q): Query<ProjectListQuery>,
 ) -> Result<Json> {
-    let projects = projects::list(
-        &app.db,
-        &principal.project_reach(),
-        q.organization_id.as_deref(),
-    )
-    .await?;
+    let projects = app
+        .projects
+        .list(&principal, q.organization_id.as_deref())
+        .await?;
     Ok(axum::Json(json!({ "projects": projects })))
 }
 
@@ -100,23 +94,10 @@ async fn create_project(
     Auth(principal): Auth,
     ApiJson(body): ApiJson<CreateProjectBody>,
 ) -> Result<(StatusCode, Json)> {
-    let org = guard::pick_organization(&principal, body.organization_id.as_deref())?;
-    authorize(
-        &principal,
-        Action::CreateProject,
-        Target::Organization { id: &org },
-    )?;
-    let mut tx = app.db.begin().await?;
-    let project = projects::create(&mut *tx, &org, body.settings).await?;
-    audit::record(
-        &mut *tx,
-        AuditEvent::by("project.create", &principal)
-            .org(&org)
-            .target("project", &project.id)
-            .details(json!({ "name": project.name })),
-    )
-    .await?;
-    tx.commit().await?;
+    let project = app
+        .projects
+        .create(&principal, body.organization_id.as_deref(), body.settings)
+        .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({ "project": project })),
@@ -128,7 +109,7 @@ async fn get_project(
     Auth(principal): Auth,
     Path(id): Path<String>,
 ) -> Result<Json> {
-    let project = guard::project(&app.db, &principal, &id, Action::ViewProject).await?;
+    let project = app.projects.get(&principal, Some(&id)).await?;
     Ok(axum::Json(json!({ "project": project })))
 }
 
@@ -136,19 +117,9 @@ async fn update_project(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    ApiJson(mut settings): ApiJson<ProjectSettings>,
+    ApiJson(settings): ApiJson<ProjectSettings>,
 ) -> Result<Json> {
-    settings.validate()?;
-    let before = guard::project(&app.db, &principal, &id, Action::UpdateProject).await?;
-    let project = projects::update(&app.db, &id, settings).await?;
-    audit::record(
-        &app.db,
-        AuditEvent::by("project.update", &principal)
-            .org(&project.organization_id)
-            .target("project", &project.id)
-            .details(json!({ "before": before, "after": project })),
-    )
-    .await?;
+    let project = app.projects.update(&principal, Some(&id), settings).await?;
     Ok(axum::Json(json!({ "project": project })))
 }
 
@@ -157,18 +128,7 @@ async fn delete_project(
     Auth(principal): Auth,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let project = guard::project(&app.db, &principal, &id, Action::DeleteProject).await?;
-    projects::delete(&app.db, &id).await?;
-    audit::record(
-        &app.db,
-        AuditEvent::by("project.delete", &principal)
-            .org(&project.organization_id)
-            .target("project", &project.id)
-            .details(json!({ "name": project.name })),
-    )
-    .await?;
-    // Tokens of the project are gone with it (ON DELETE CASCADE); drop cached ones.
-    app.auth.invalidate(None);
+    app.projects.delete(&principal, Some(&id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -177,12 +137,10 @@ async fn list_project_tokens(
     Auth(principal): Auth,
     Path(id): Path<String>,
 ) -> Result<Json> {
-    guard::project(&app.db, &principal, &id, Action::ManageProjectTokens).await?;
-    let filter = TokenFilter {
-        project_id: Some(id),
-        ..Default::default()
-    };
-    let tokens = tokens::list(&app.db, &filter).await?;
+    let tokens = app
+        .tokens
+        .list_project_tokens(&principal, Some(&id))
+        .await?;
     Ok(axum::Json(json!({ "tokens": tokens })))
 }
 
@@ -199,36 +157,13 @@ async fn create_project_token(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CreateTokenBody>,
 ) -> Result<(StatusCode, Json)> {
-    let project = guard::project(&app.db, &principal, &id, Action::ManageProjectTokens).await?;
-    let expires_at = match body.expires_in_days {
-        None => None,
-        Some(days) if (1..=3650).contains(&days) => Some(Utc::now() + Duration::days(days)),
-        Some(_) => {
-            return Err(Error::invalid(
-                "expires_in_days",
-                "must be between 1 and 3650",
-            ));
-        }
-    };
-    let mut new = NewToken::new(TokenKind::Project, body.name);
-    new.organization_id = Some(project.organization_id.clone());
-    new.project_id = Some(project.id.clone());
-    new.expires_at = expires_at;
-    new.created_by = principal.user_id.clone();
-    let mut tx = app.db.begin().await?;
-    let (info, minted) = tokens::create(&mut *tx, new).await?;
-    audit::record(
-        &mut *tx,
-        AuditEvent::by("token.create", &principal)
-            .org(&project.organization_id)
-            .target("token", &info.id)
-            .details(json!({ "kind": "project", "project_id": project.id, "prefix": info.display_prefix })),
-    )
-    .await?;
-    tx.commit().await?;
+    let (info, secret) = app
+        .tokens
+        .create_project_token(&principal, Some(&id), &body.name, body.expires_in_days)
+        .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "token": info, "secret": minted.secret })),
+        axum::Json(json!({ "token": info, "secret": secret })),
     ))
 }
 
@@ -237,48 +172,14 @@ async fn revoke_token(
     Auth(principal): Auth,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    if !is_well_formed(&id) {
-        return Err(Error::not_found("token", &id));
-    }
-    let info = tokens::get(&app.db, &id)
-        .await?
-        .ok_or_else(|| Error::not_found("token", &id))?;
-    // A token is managed through what it is scoped to; a user may always revoke their own.
-    let own = info.user_id.is_some()
-        && info.user_id == principal.user_id
-        && principal.kind == TokenKind::User;
-    if !own {
-        match (&info.project_id, &info.organization_id) {
-            (Some(project), Some(org)) => authorize(
-                &principal,
-                Action::ManageProjectTokens,
-                Target::Project {
-                    id: project,
-                    organization_id: org,
-                },
-            )?,
-            (None, Some(org)) => authorize(
-                &principal,
-                Action::ManageOrganization,
-                Target::Organization { id: org },
-            )?,
-            _ => return Err(Error::not_found("token", &id)),
-        }
-    }
-    if let Some(hash) = tokens::revoke(&app.db, &id).await? {
-        app.auth.invalidate(Some(&hash));
-        let mut event = AuditEvent::by("token.revoke", &principal).target("token", &id);
-        if let Some(org) = &info.organization_id {
-            event = event.org(org);
-        }
-        audit::record(&app.db, event).await?;
-    }
+    app.tokens.revoke(&principal, None, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
 struct BuildListQuery {
     limit: Option<i64>,
+    page_token: Option<String>,
 }
 
 async fn list_project_builds(
@@ -287,10 +188,18 @@ async fn list_project_builds(
     Path(id): Path<String>,
     Query(q): Query<BuildListQuery>,
 ) -> Result<Json> {
-    let project = guard::project(&app.db, &principal, &id, Action::ViewBuild).await?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let builds = crate::db::builds::list(&app.db, &project.id, None, limit).await?;
-    Ok(axum::Json(json!({ "builds": builds })))
+    let page = app
+        .builds
+        .list(
+            &principal,
+            Some(&id),
+            q.page_token.as_deref().unwrap_or_default(),
+            q.limit.unwrap_or(50).clamp(1, 500),
+        )
+        .await?;
+    Ok(axum::Json(
+        json!({ "builds": page.builds, "next_page_token": page.next_page_token }),
+    ))
 }
 
 /// A build with its platforms and steps: the build insights.
@@ -299,12 +208,8 @@ async fn get_build(
     Auth(principal): Auth,
     Path(id): Path<String>,
 ) -> Result<Json> {
-    let build = app.builds.get(&principal, &id).await?;
-    let platforms = crate::db::builds::platforms(&app.db, &id).await?;
-    let steps = crate::db::builds::steps(&app.db, &id).await?;
-    Ok(axum::Json(
-        json!({ "build": build, "platforms": platforms, "steps": steps }),
-    ))
+    let details = app.builds.details(&principal, &id).await?;
+    Ok(axum::Json(json!(details)))
 }
 
 /// Cancels a running build: the CLI stops it at its next health report (within ~5 s).
@@ -314,19 +219,5 @@ async fn cancel_build(
     Path(id): Path<String>,
 ) -> Result<Json> {
     let canceled = app.builds.cancel(&principal, &id).await?;
-    if canceled {
-        let build = app
-            .builds
-            .lookup(&id)
-            .await?
-            .ok_or_else(|| Error::not_found("build", &id))?;
-        audit::record(
-            &app.db,
-            AuditEvent::by("build.cancel", &principal)
-                .org(&build.organization_id)
-                .target("build", &id),
-        )
-        .await?;
-    }
     Ok(axum::Json(json!({ "canceled": canceled })))
 }

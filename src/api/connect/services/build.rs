@@ -1,17 +1,20 @@
-//! `depot.cli.v1.BuildService`.
+//! `depot.cli.v1.BuildService`. Translation only: each handler maps the request onto
+//! one call of `crate::builds` (or `crate::tokens`) and the answer back.
 
-use base64::Engine;
-use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
+use crate::api::connect::convert::{
+    build_options_json, platform as platform_from_wire, steps_from_statuses, timestamp,
+    to_timestamp,
+};
 use crate::api::connect::{Call, ConnectRouter, client_stream, unary};
-use crate::auth::{Action, Principal, TokenKind, guard};
-use crate::builds::{build_options_json, platform_from_wire, timestamp, to_timestamp};
-use crate::db::builds::{self, Build, Outcome, Step};
-use crate::db::tokens::{self, NewToken};
+use crate::builds::BuildSpec;
+use crate::builds::connection::BuilderConnection;
+use crate::db::builds::{Build, Outcome, Step};
 use crate::error::{Error, Result};
 use crate::proto::depot::cli::v1 as pb;
+use crate::proto::depot::cli::v1::get_build_kit_connection_response::{self as conn, Connection};
 
 pub fn register(router: &mut ConnectRouter) {
     const S: &str = "depot.cli.v1.BuildService";
@@ -30,19 +33,6 @@ pub fn register(router: &mut ConnectRouter) {
         .register(S, "GetPullToken", unary(get_pull_token));
 }
 
-/// Authenticates the call and authorizes `action` on the build it names.
-async fn authorized_build(
-    call: &Call,
-    build_id: &str,
-    action: Action,
-) -> Result<std::sync::Arc<crate::builds::BuildRef>> {
-    let principal = call.principal().await?;
-    call.app
-        .builds
-        .authorize(&principal, build_id, action)
-        .await
-}
-
 fn build_url(call: &Call, build: &Build) -> String {
     call.app.config.public_link(&format!(
         "/dashboard/projects/{}/builds/{}",
@@ -50,16 +40,16 @@ fn build_url(call: &Call, build: &Build) -> String {
     ))
 }
 
+/// An optional id: empty means "not given".
+fn given(id: Option<&str>) -> Option<&str> {
+    id.filter(|s| !s.trim().is_empty())
+}
+
 async fn create_build(call: Call, req: pb::CreateBuildRequest) -> Result<pb::CreateBuildResponse> {
     let principal = call.principal().await?;
     if req.options.len() > 100 {
         return Err(Error::invalid("options", "at most 100 targets per build"));
     }
-    let project = call
-        .app
-        .builds
-        .resolve_project(&principal, req.project_id.as_deref())
-        .await?;
     let command = req
         .options
         .first()
@@ -71,15 +61,18 @@ async fn create_build(call: Call, req: pb::CreateBuildRequest) -> Result<pb::Cre
         })
         .filter(|c| c != "unspecified")
         .unwrap_or_else(|| "build".to_string());
-    let (build, token) = call
+    let spec = BuildSpec {
+        command,
+        options: build_options_json(&req.options),
+        save: req
+            .options
+            .iter()
+            .any(|o| o.save || !o.save_tags.is_empty()),
+    };
+    let (build, token, project) = call
         .app
         .builds
-        .create(
-            &principal,
-            &project,
-            &command,
-            build_options_json(&req.options),
-        )
+        .create(&principal, given(req.project_id.as_deref()), spec)
         .await?;
     Ok(pb::CreateBuildResponse {
         build_url: build_url(&call, &build),
@@ -138,7 +131,39 @@ async fn get_buildkit_connection(
 ) -> Result<pb::GetBuildKitConnectionResponse> {
     let principal = call.principal().await?;
     let platform = platform_from_wire(req.platform)?;
-    crate::builds::connection::get(&call.app, &principal, &req.build_id, platform).await
+    let app = &call.app;
+    let connection = crate::builds::connection::get(
+        &app.builds,
+        &app.scheduler,
+        &app.events,
+        &principal,
+        &req.build_id,
+        platform,
+    )
+    .await?;
+    let connection = match connection {
+        BuilderConnection::Active(active) => Connection::Active(conn::ActiveConnection {
+            endpoint: active.endpoint,
+            server_name: active.server_name,
+            cert: Some(pb::Cert {
+                cert: active.client_cert_pem,
+                key: active.client_key_pem,
+            }),
+            ca_cert: Some(pb::Cert {
+                cert: active.ca_cert_pem,
+                key: String::new(),
+            }),
+            compressor: Some(conn::active_connection::Compressor::Identity(
+                conn::active_connection::Identity {},
+            )),
+        }),
+        BuilderConnection::Pending { wait_ms } => Connection::Pending(conn::PendingConnection {
+            wait_ms: i32::try_from(wait_ms).unwrap_or(i32::MAX),
+        }),
+    };
+    Ok(pb::GetBuildKitConnectionResponse {
+        connection: Some(connection),
+    })
 }
 
 async fn report_build_health(
@@ -147,31 +172,15 @@ async fn report_build_health(
 ) -> Result<pb::ReportBuildHealthResponse> {
     // Validated for the client's sake; liveness is tracked per build.
     platform_from_wire(req.platform)?;
-    let build = authorized_build(&call, &req.build_id, Action::WriteBuild).await?;
-    call.app.builds.health.report(&build.id);
-    // A finished build (reaped, or canceled elsewhere) is released at once.
-    let cancels_at = if build.finished {
-        Utc::now()
-    } else {
-        build.cancels_at
-    };
+    let principal = call.principal().await?;
+    let cancels_at = call
+        .app
+        .builds
+        .report_health(&principal, &req.build_id)
+        .await?;
     Ok(pb::ReportBuildHealthResponse {
         cancels_at: Some(to_timestamp(cancels_at)),
     })
-}
-
-async fn record_status_message(
-    call: &Call,
-    principal: &Principal,
-    build_id: &str,
-    statuses: &[crate::proto::moby::buildkit::v1::StatusResponse],
-) -> Result<()> {
-    let build = call
-        .app
-        .builds
-        .authorize(principal, build_id, Action::WriteBuild)
-        .await?;
-    call.app.builds.record_statuses(&build.id, statuses).await
 }
 
 async fn report_status(
@@ -179,7 +188,14 @@ async fn report_status(
     req: pb::ReportStatusRequest,
 ) -> Result<pb::ReportStatusResponse> {
     let principal = call.principal().await?;
-    record_status_message(&call, &principal, &req.build_id, &req.statuses).await?;
+    call.app
+        .builds
+        .record_steps(
+            &principal,
+            &req.build_id,
+            steps_from_statuses(&req.statuses),
+        )
+        .await?;
     Ok(pb::ReportStatusResponse {})
 }
 
@@ -201,7 +217,14 @@ async fn report_status_stream(
                 "one stream reports on one build",
             ));
         }
-        record_status_message(&call, &principal, &message.build_id, &message.statuses).await?;
+        call.app
+            .builds
+            .record_steps(
+                &principal,
+                &message.build_id,
+                steps_from_statuses(&message.statuses),
+            )
+            .await?;
         stream_build = Some(message.build_id);
     }
     Ok(pb::ReportStatusStreamResponse {})
@@ -211,7 +234,7 @@ async fn report_timings(
     call: Call,
     req: pb::ReportTimingsRequest,
 ) -> Result<pb::ReportTimingsResponse> {
-    let build = authorized_build(&call, &req.build_id, Action::WriteBuild).await?;
+    let principal = call.principal().await?;
     let steps: Vec<Step> = req
         .build_steps
         .iter()
@@ -234,7 +257,10 @@ async fn report_timings(
             }
         })
         .collect();
-    builds::upsert_steps(&call.app.db, &build.id, &steps).await?;
+    call.app
+        .builds
+        .record_steps(&principal, &req.build_id, steps)
+        .await?;
     Ok(pb::ReportTimingsResponse {})
 }
 
@@ -242,47 +268,17 @@ async fn report_build_context(
     call: Call,
     req: pb::ReportBuildContextRequest,
 ) -> Result<pb::ReportBuildContextResponse> {
-    let build = authorized_build(&call, &req.build_id, Action::WriteBuild).await?;
-    if req.dockerfiles.len() > 100 {
-        return Err(Error::invalid("dockerfiles", "at most 100 per build"));
-    }
-    let files: Vec<(String, String, String)> = req
+    let principal = call.principal().await?;
+    let files = req
         .dockerfiles
         .into_iter()
-        .map(|d| {
-            (
-                d.target.chars().take(200).collect(),
-                d.filename.chars().take(1000).collect(),
-                d.contents,
-            )
-        })
+        .map(|d| (d.target, d.filename, d.contents))
         .collect();
-    builds::upsert_dockerfiles(&call.app.db, &build.id, &files).await?;
+    call.app
+        .builds
+        .record_context(&principal, &req.build_id, files)
+        .await?;
     Ok(pb::ReportBuildContextResponse {})
-}
-
-fn encode_page_token(created_at: DateTime<Utc>, id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(format!("{}:{id}", created_at.timestamp_micros()))
-}
-
-fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, String)>> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || {
-        Error::invalid(
-            "page_token",
-            "is not a token this server issued; start from the first page",
-        )
-    };
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (micros, id) = text.split_once(':').ok_or_else(bad)?;
-    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
-    Ok(Some((at, id.to_string())))
 }
 
 fn status_of(build: &Build) -> pb::BuildStatus {
@@ -296,33 +292,19 @@ fn status_of(build: &Build) -> pb::BuildStatus {
 
 async fn list_builds(call: Call, req: pb::ListBuildsRequest) -> Result<pb::ListBuildsResponse> {
     let principal = call.principal().await?;
-    let project_id = match (req.project_id.trim(), &principal.project_id) {
-        ("", Some(own)) => own.clone(),
-        ("", None) => {
-            return Err(Error::invalid(
-                "project_id",
-                "is required; pass --project <id>",
-            ));
-        }
-        (id, _) => id.to_string(),
-    };
-    let project = guard::project(&call.app.db, &principal, &project_id, Action::ViewBuild).await?;
-    let page_size = match req.page_size {
-        n if n <= 0 => 100,
-        n => i64::from(n.min(1000)),
-    };
-    let after = decode_page_token(&req.page_token)?;
-    let mut list = builds::list(&call.app.db, &project.id, after, page_size + 1).await?;
-    let next_page_token = if list.len() as i64 > page_size {
-        list.truncate(page_size as usize);
-        list.last()
-            .map(|b| encode_page_token(b.created_at, &b.id))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
+    let page = call
+        .app
+        .builds
+        .list(
+            &principal,
+            given(Some(&req.project_id)),
+            &req.page_token,
+            i64::from(req.page_size),
+        )
+        .await?;
     Ok(pb::ListBuildsResponse {
-        builds: list
+        builds: page
+            .builds
             .iter()
             .map(|b| pb::Build {
                 id: b.id.clone(),
@@ -331,25 +313,8 @@ async fn list_builds(call: Call, req: pb::ListBuildsRequest) -> Result<pb::ListB
                 finished_at: b.finished_at.map(to_timestamp),
             })
             .collect(),
-        next_page_token,
+        next_page_token: page.next_page_token,
     })
-}
-
-async fn mint_pull_token(
-    call: &Call,
-    principal: &Principal,
-    project_id: &str,
-    organization_id: &str,
-) -> Result<String> {
-    let mut token = NewToken::new(TokenKind::Pull, "depot pull-token");
-    token.organization_id = Some(organization_id.to_string());
-    token.project_id = Some(project_id.to_string());
-    token.expires_at = Some(super::projects::pull_token_expiry(
-        call.app.config.registry.pull_token_ttl_seconds,
-    ));
-    token.created_by = principal.user_id.clone();
-    let (_, minted) = tokens::create(&call.app.db, token).await?;
-    Ok(minted.secret)
 }
 
 async fn get_pull_token(
@@ -357,61 +322,30 @@ async fn get_pull_token(
     req: pb::GetPullTokenRequest,
 ) -> Result<pb::GetPullTokenResponse> {
     let principal = call.principal().await?;
-    let build_id = req
-        .build_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty());
-    let project_id = req
-        .project_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty());
-    let (project_id, organization_id) = match (build_id, project_id) {
-        (Some(build_id), requested) => {
-            let build = call
-                .app
-                .builds
-                .authorize(&principal, build_id, Action::PullImages)
-                .await?;
-            if requested.is_some_and(|p| p != build.project_id) {
-                return Err(Error::invalid(
-                    "build_id",
-                    "the build belongs to another project",
-                ));
-            }
-            (build.project_id.clone(), build.organization_id.clone())
-        }
-        (None, requested) => {
-            let id = requested
-                .map(str::to_string)
-                .or_else(|| principal.project_id.clone())
-                .ok_or_else(|| Error::invalid("project_id", "is required; pass --project <id>"))?;
-            let project = guard::project(&call.app.db, &principal, &id, Action::PullImages).await?;
-            (project.id, project.organization_id)
-        }
-    };
-    let token = mint_pull_token(&call, &principal, &project_id, &organization_id).await?;
+    let token = call
+        .app
+        .tokens
+        .mint_pull_token(
+            &principal,
+            req.project_id.as_deref(),
+            req.build_id.as_deref(),
+        )
+        .await?;
     Ok(pb::GetPullTokenResponse {
-        token,
+        token: token.secret,
         registry_host: call.app.config.registry_host(),
     })
 }
 
 async fn get_pull_info(call: Call, req: pb::GetPullInfoRequest) -> Result<pb::GetPullInfoResponse> {
     let principal = call.principal().await?;
-    let build = call
+    let (build, token) = call
         .app
         .builds
-        .authorize(&principal, &req.build_id, Action::PullImages)
+        .pull_info(&principal, &call.app.tokens, &req.build_id)
         .await?;
-    let full = builds::get(&call.app.db, &build.id)
-        .await?
-        .ok_or_else(|| Error::not_found("build", &build.id))?;
-    let password =
-        mint_pull_token(&call, &principal, &build.project_id, &build.organization_id).await?;
     let registry_host = call.app.config.registry_host();
-    let options: Vec<pb::BuildOptions> = full
+    let options: Vec<pb::BuildOptions> = build
         .options
         .as_array()
         .into_iter()
@@ -435,30 +369,9 @@ async fn get_pull_info(call: Call, req: pb::GetPullInfoRequest) -> Result<pb::Ge
     Ok(pb::GetPullInfoResponse {
         reference: format!("{registry_host}/{}:{}", build.project_id, build.id),
         username: "x-token".into(),
-        password,
+        password: token.secret,
         options,
         save_for_load: false,
         registry_host,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
-        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
-        let token = encode_page_token(at, "abc");
-        assert_eq!(
-            decode_page_token(&token).unwrap(),
-            Some((at, "abc".to_string()))
-        );
-        assert_eq!(decode_page_token("").unwrap(), None);
-        assert!(decode_page_token("!!!").is_err());
-        assert!(
-            decode_page_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("nope"))
-                .is_err()
-        );
-    }
 }

@@ -1,4 +1,4 @@
-//! `depot.cli.v1beta1.LoginService`: the device flow of `depot login`.
+//! `depot.cli.v1beta1.LoginService`: the device flow of `depot login` (`auth::login`).
 
 use std::time::Duration;
 
@@ -21,36 +21,42 @@ pub fn register(router: &mut ConnectRouter) {
         );
 }
 
+/// `id` is the claim secret, known to this CLI only; the URL carries the user code.
 async fn start_login(call: Call, _req: pb::StartLoginRequest) -> Result<pb::StartLoginResponse> {
-    let ttl = Duration::from_secs(call.app.config.login.request_ttl_seconds);
-    let request = login::start(&call.app.db, ttl).await?;
+    let config = &call.app.config.login;
+    let started = login::start(
+        &call.app.db,
+        Duration::from_secs(config.request_ttl_seconds),
+        config.max_open_requests,
+    )
+    .await?;
     let approve_url = call
         .app
         .config
-        .public_link(&format!("/login/{}", request.id));
+        .public_link(&format!("/login/{}", started.user_code));
     Ok(pb::StartLoginResponse {
-        id: request.id,
+        id: started.claim_secret,
         approve_url,
     })
 }
 
-/// Holds the stream open until the request is approved (woken by NOTIFY, re-checked every
-/// few seconds as a fallback), then sends the token once.
+/// Holds the stream open until the request is decided (woken by NOTIFY, re-checked every
+/// few seconds as a fallback), then sends the token once. Ends when the request expires.
 async fn finish_login(
     call: Call,
     req: pb::FinishLoginRequest,
 ) -> Result<impl futures_util::Stream<Item = Result<pb::FinishLoginResponse>>> {
     let mut events = call.app.events.subscribe();
     let token = loop {
-        match login::claim(&call.app.db, &req.id).await? {
+        let request_id = match login::claim(&call.app.db, &req.id).await? {
             Claim::Token(token) => break token,
-            Claim::Pending => {}
-        }
+            Claim::Pending { request_id } => request_id,
+        };
         let wait = async {
             loop {
                 match events.recv().await {
                     Ok(event)
-                        if event.channel == login::LOGIN_CHANNEL && event.payload == req.id =>
+                        if event.channel == login::LOGIN_CHANNEL && event.payload == request_id =>
                     {
                         return;
                     }
@@ -64,7 +70,14 @@ async fn finish_login(
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(3), wait).await;
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_secs(3), wait) => {}
+            _ = call.app.stopping.cancelled() => {
+                return Err(crate::error::Error::Unavailable(
+                    "this server is shutting down; run `depot login` again".into(),
+                ));
+            }
+        }
     };
     Ok(futures_util::stream::once(async move {
         Ok(pb::FinishLoginResponse { token })

@@ -1,18 +1,15 @@
 //! `depot.cli.v1beta1.ProjectsService`, `depot.core.v1.ProjectService` and
 //! `depot.core.v1.OrganizationService`.
 
-use chrono::{Duration, Utc};
-use serde_json::json;
+//!
+//! Translation only: each handler maps the request onto one domain call
+//! (`crate::projects`, `crate::tokens`, `crate::orgs`, `crate::cache`) and the answer back.
 
+use crate::api::connect::convert::to_timestamp;
 use crate::api::connect::{Call, ConnectRouter, unary};
-use crate::auth::{Action, Target, TokenKind, authorize, guard};
-use crate::builds::to_timestamp;
-use crate::db::audit::{self, AuditEvent};
-use crate::db::ids::new_id;
-use crate::db::orgs;
-use crate::db::projects::{self, Project, ProjectSettings};
-use crate::db::tokens::{self, NewToken, TokenFilter};
 use crate::error::{Error, Result};
+use crate::projects::trust::{TrustPolicy, TrustProvider};
+use crate::projects::{Project, ProjectSettings};
 use crate::proto::depot::cli::v1beta1 as cli;
 use crate::proto::depot::core::v1 as core;
 
@@ -102,28 +99,25 @@ pub fn register(router: &mut ConnectRouter) {
         );
 }
 
+/// An optional id: empty means "not given".
+fn given(id: &str) -> Option<&str> {
+    Some(id).filter(|s| !s.trim().is_empty())
+}
+
 async fn cli_list_projects(
     call: Call,
     _req: cli::ListProjectsRequest,
 ) -> Result<cli::ListProjectsResponse> {
     let principal = call.principal().await?;
-    let db = &call.app.db;
-    let projects = projects::list(db, &principal.project_reach(), None).await?;
-    let orgs = orgs::list_organizations(db, Some(&principal.organization_ids())).await?;
-    let org_name = |id: &str| {
-        orgs.iter()
-            .find(|o| o.id == id)
-            .map(|o| o.name.clone())
-            .unwrap_or_default()
-    };
+    let projects = call.app.projects.summaries(&principal).await?;
     Ok(cli::ListProjectsResponse {
         projects: projects
             .into_iter()
             .map(|p| cli::list_projects_response::Project {
-                org_name: org_name(&p.organization_id),
                 id: p.id,
                 name: p.name,
                 org_id: p.organization_id,
+                org_name: p.organization_name,
             })
             .collect(),
     })
@@ -134,12 +128,10 @@ async fn reset_project_cache(
     req: cli::ResetProjectCacheRequest,
 ) -> Result<cli::ResetProjectCacheResponse> {
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::ResetCache).await?;
-    crate::cache::reset(&call.app.db, &principal, &project).await?;
-    let org = orgs::get_organization(&call.app.db, &project.organization_id).await?;
+    let reset = crate::cache::reset(&call.app.db, &principal, given(&req.project_id)).await?;
     Ok(cli::ResetProjectCacheResponse {
-        name: project.name,
-        org_name: org.map(|o| o.name).unwrap_or_default(),
+        name: reset.project.name,
+        org_name: reset.organization_name,
     })
 }
 
@@ -148,29 +140,8 @@ async fn reset_project(
     req: core::ResetProjectRequest,
 ) -> Result<core::ResetProjectResponse> {
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::ResetCache).await?;
-    crate::cache::reset(&call.app.db, &principal, &project).await?;
+    crate::cache::reset(&call.app.db, &principal, given(&req.project_id)).await?;
     Ok(core::ResetProjectResponse {})
-}
-
-/// Loads and authorizes a project; an empty id uses the token's own project.
-async fn project_for(
-    call: &Call,
-    principal: &crate::auth::Principal,
-    id: &str,
-    action: Action,
-) -> Result<Project> {
-    let id = match (id.trim(), &principal.project_id) {
-        ("", Some(own)) => own.clone(),
-        ("", None) => {
-            return Err(Error::invalid(
-                "project_id",
-                "is required; pass --project <id>",
-            ));
-        }
-        (id, _) => id.to_string(),
-    };
-    guard::project(&call.app.db, principal, &id, action).await
 }
 
 async fn list_organizations(
@@ -178,7 +149,7 @@ async fn list_organizations(
     _req: core::ListOrganizationsRequest,
 ) -> Result<core::ListOrganizationResponse> {
     let principal = call.principal().await?;
-    let orgs = orgs::list_organizations(&call.app.db, Some(&principal.organization_ids())).await?;
+    let orgs = call.app.orgs.list(&principal).await?;
     Ok(core::ListOrganizationResponse {
         organizations: orgs
             .into_iter()
@@ -263,7 +234,7 @@ async fn list_projects(
     _req: core::ListProjectsRequest,
 ) -> Result<core::ListProjectsResponse> {
     let principal = call.principal().await?;
-    let list = projects::list(&call.app.db, &principal.project_reach(), None).await?;
+    let list = call.app.projects.list(&principal, None).await?;
     Ok(core::ListProjectsResponse {
         projects: list.into_iter().map(to_core).collect(),
     })
@@ -271,7 +242,11 @@ async fn list_projects(
 
 async fn get_project(call: Call, req: core::GetProjectRequest) -> Result<core::GetProjectResponse> {
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::ViewProject).await?;
+    let project = call
+        .app
+        .projects
+        .get(&principal, given(&req.project_id))
+        .await?;
     Ok(core::GetProjectResponse {
         project: Some(to_core(project)),
     })
@@ -282,32 +257,20 @@ async fn create_project(
     req: core::CreateProjectRequest,
 ) -> Result<core::CreateProjectResponse> {
     let principal = call.principal().await?;
-    let org = guard::pick_organization(&principal, req.organization_id.as_deref())?;
-    authorize(
-        &principal,
-        Action::CreateProject,
-        Target::Organization { id: &org },
-    )?;
     let mut settings = ProjectSettings {
         name: Some(req.name.clone()),
-        region: (!req.region_id.is_empty()).then(|| req.region_id.clone()),
+        region: given(&req.region_id).map(str::to_string),
         ..Default::default()
     };
     apply_policy(&mut settings, req.cache_policy.as_ref())?;
     if let Some(hw) = req.hardware {
         settings.builder_size = builder_size(hw)?;
     }
-    let mut tx = call.app.db.begin().await?;
-    let project = projects::create(&mut *tx, &org, settings).await?;
-    audit::record(
-        &mut *tx,
-        AuditEvent::by("project.create", &principal)
-            .org(&org)
-            .target("project", &project.id)
-            .details(json!({"name": project.name})),
-    )
-    .await?;
-    tx.commit().await?;
+    let project = call
+        .app
+        .projects
+        .create(&principal, req.organization_id.as_deref(), settings)
+        .await?;
     Ok(core::CreateProjectResponse {
         project: Some(to_core(project)),
     })
@@ -318,7 +281,6 @@ async fn update_project(
     req: core::UpdateProjectRequest,
 ) -> Result<core::UpdateProjectResponse> {
     let principal = call.principal().await?;
-    let before = project_for(&call, &principal, &req.project_id, Action::UpdateProject).await?;
     let mut settings = ProjectSettings {
         name: req.name.clone(),
         region: req.region_id.clone(),
@@ -328,15 +290,11 @@ async fn update_project(
     if let Some(hw) = req.hardware {
         settings.builder_size = builder_size(hw)?;
     }
-    let project = projects::update(&call.app.db, &before.id, settings).await?;
-    audit::record(
-        &call.app.db,
-        AuditEvent::by("project.update", &principal)
-            .org(&project.organization_id)
-            .target("project", &project.id)
-            .details(json!({"before": before, "after": project})),
-    )
-    .await?;
+    let project = call
+        .app
+        .projects
+        .update(&principal, given(&req.project_id), settings)
+        .await?;
     Ok(core::UpdateProjectResponse {
         project: Some(to_core(project)),
     })
@@ -347,71 +305,49 @@ async fn delete_project(
     req: core::DeleteProjectRequest,
 ) -> Result<core::DeleteProjectResponse> {
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::DeleteProject).await?;
-    projects::delete(&call.app.db, &project.id).await?;
-    audit::record(
-        &call.app.db,
-        AuditEvent::by("project.delete", &principal)
-            .org(&project.organization_id)
-            .target("project", &project.id)
-            .details(json!({"name": project.name})),
-    )
-    .await?;
-    call.app.auth.invalidate(None);
+    call.app
+        .projects
+        .delete(&principal, given(&req.project_id))
+        .await?;
     Ok(core::DeleteProjectResponse {})
 }
 
-#[derive(sqlx::FromRow)]
-struct TrustPolicyRow {
-    id: String,
-    provider: String,
-    claims: serde_json::Value,
-}
-
-fn claim(claims: &serde_json::Value, key: &str) -> String {
-    claims
-        .get(key)
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn to_trust_policy(row: TrustPolicyRow) -> core::TrustPolicy {
+fn to_trust_policy(policy: TrustPolicy) -> core::TrustPolicy {
     use core::trust_policy::{Buildkite, CircleCi, GitHub, GitLab, Provider};
-    let c = &row.claims;
-    let provider = match row.provider.as_str() {
-        "github" => Provider::Github(GitHub {
-            repository_owner: claim(c, "repository_owner"),
-            repository: claim(c, "repository"),
+    let provider = match policy.provider {
+        TrustProvider::GitHub {
+            repository_owner,
+            repository,
+        } => Provider::Github(GitHub {
+            repository_owner,
+            repository,
         }),
-        "circleci" => Provider::Circleci(CircleCi {
-            organization_uuid: claim(c, "organization_uuid"),
-            project_uuid: claim(c, "project_uuid"),
+        TrustProvider::CircleCi {
+            organization_uuid,
+            project_uuid,
+        } => Provider::Circleci(CircleCi {
+            organization_uuid,
+            project_uuid,
         }),
-        "buildkite" => Provider::Buildkite(Buildkite {
-            organization_slug: claim(c, "organization_slug"),
-            pipeline_slug: claim(c, "pipeline_slug"),
+        TrustProvider::Buildkite {
+            organization_slug,
+            pipeline_slug,
+        } => Provider::Buildkite(Buildkite {
+            organization_slug,
+            pipeline_slug,
         }),
-        _ => Provider::Gitlab(GitLab {
-            project_path: claim(c, "project_path"),
-            r#ref: claim(c, "ref"),
+        TrustProvider::GitLab {
+            project_path,
+            git_ref,
+        } => Provider::Gitlab(GitLab {
+            project_path,
+            r#ref: git_ref,
         }),
     };
     core::TrustPolicy {
-        trust_policy_id: row.id,
+        trust_policy_id: policy.id,
         provider: Some(provider),
     }
-}
-
-fn required(field: &str, value: &str) -> Result<String> {
-    let value = value.trim();
-    if value.is_empty() || value.len() > 200 || value.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            field,
-            "must be 1 to 200 printable characters",
-        ));
-    }
-    Ok(value.to_string())
 }
 
 async fn list_trust_policies(
@@ -419,15 +355,13 @@ async fn list_trust_policies(
     req: core::ListTrustPoliciesRequest,
 ) -> Result<core::ListTrustPoliciesResponse> {
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::ViewProject).await?;
-    let rows: Vec<TrustPolicyRow> = sqlx::query_as(
-        "SELECT id, provider, claims FROM trust_policies WHERE project_id = $1 ORDER BY created_at",
-    )
-    .bind(&project.id)
-    .fetch_all(&call.app.db)
-    .await?;
+    let policies = call
+        .app
+        .projects
+        .trust_policies(&principal, given(&req.project_id))
+        .await?;
     Ok(core::ListTrustPoliciesResponse {
-        trust_policies: rows.into_iter().map(to_trust_policy).collect(),
+        trust_policies: policies.into_iter().map(to_trust_policy).collect(),
     })
 }
 
@@ -437,24 +371,23 @@ async fn add_trust_policy(
 ) -> Result<core::AddTrustPolicyResponse> {
     use core::add_trust_policy_request::Provider;
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::UpdateProject).await?;
-    let (provider, claims) = match req.provider {
-        Some(Provider::Github(g)) => (
-            "github",
-            json!({"repository_owner": required("github.repository_owner", &g.repository_owner)?, "repository": required("github.repository", &g.repository)?}),
-        ),
-        Some(Provider::Circleci(c)) => (
-            "circleci",
-            json!({"organization_uuid": required("circleci.organization_uuid", &c.organization_uuid)?, "project_uuid": required("circleci.project_uuid", &c.project_uuid)?}),
-        ),
-        Some(Provider::Buildkite(b)) => (
-            "buildkite",
-            json!({"organization_slug": required("buildkite.organization_slug", &b.organization_slug)?, "pipeline_slug": required("buildkite.pipeline_slug", &b.pipeline_slug)?}),
-        ),
-        Some(Provider::Gitlab(g)) => (
-            "gitlab",
-            json!({"project_path": required("gitlab.project_path", &g.project_path)?, "ref": g.r#ref.trim()}),
-        ),
+    let provider = match req.provider {
+        Some(Provider::Github(g)) => TrustProvider::GitHub {
+            repository_owner: g.repository_owner,
+            repository: g.repository,
+        },
+        Some(Provider::Circleci(c)) => TrustProvider::CircleCi {
+            organization_uuid: c.organization_uuid,
+            project_uuid: c.project_uuid,
+        },
+        Some(Provider::Buildkite(b)) => TrustProvider::Buildkite {
+            organization_slug: b.organization_slug,
+            pipeline_slug: b.pipeline_slug,
+        },
+        Some(Provider::Gitlab(g)) => TrustProvider::GitLab {
+            project_path: g.project_path,
+            git_ref: g.r#ref,
+        },
         None => {
             return Err(Error::invalid(
                 "provider",
@@ -462,25 +395,13 @@ async fn add_trust_policy(
             ));
         }
     };
-    let row: TrustPolicyRow = sqlx::query_as(
-        "INSERT INTO trust_policies (id, project_id, provider, claims) VALUES ($1, $2, $3, $4) RETURNING id, provider, claims",
-    )
-    .bind(new_id())
-    .bind(&project.id)
-    .bind(provider)
-    .bind(&claims)
-    .fetch_one(&call.app.db)
-    .await?;
-    audit::record(
-        &call.app.db,
-        AuditEvent::by("trust_policy.add", &principal)
-            .org(&project.organization_id)
-            .target("trust_policy", &row.id)
-            .details(json!({"project_id": project.id, "provider": provider, "claims": claims})),
-    )
-    .await?;
+    let policy = call
+        .app
+        .projects
+        .add_trust_policy(&principal, given(&req.project_id), provider)
+        .await?;
     Ok(core::AddTrustPolicyResponse {
-        trust_policy: Some(to_trust_policy(row)),
+        trust_policy: Some(to_trust_policy(policy)),
     })
 }
 
@@ -489,44 +410,23 @@ async fn remove_trust_policy(
     req: core::RemoveTrustPolicyRequest,
 ) -> Result<core::RemoveTrustPolicyResponse> {
     let principal = call.principal().await?;
-    let project = project_for(&call, &principal, &req.project_id, Action::UpdateProject).await?;
-    let removed = sqlx::query("DELETE FROM trust_policies WHERE id = $1 AND project_id = $2")
-        .bind(&req.trust_policy_id)
-        .bind(&project.id)
-        .execute(&call.app.db)
-        .await?
-        .rows_affected();
-    if removed == 0 {
-        return Err(Error::not_found("trust policy", &req.trust_policy_id));
-    }
-    audit::record(
-        &call.app.db,
-        AuditEvent::by("trust_policy.remove", &principal)
-            .org(&project.organization_id)
-            .target("trust_policy", &req.trust_policy_id),
-    )
-    .await?;
+    call.app
+        .projects
+        .remove_trust_policy(&principal, given(&req.project_id), &req.trust_policy_id)
+        .await?;
     Ok(core::RemoveTrustPolicyResponse {})
 }
 
 async fn list_tokens(call: Call, req: core::ListTokensRequest) -> Result<core::ListTokensResponse> {
     let principal = call.principal().await?;
-    let project = project_for(
-        &call,
-        &principal,
-        &req.project_id,
-        Action::ManageProjectTokens,
-    )
-    .await?;
-    let filter = TokenFilter {
-        project_id: Some(project.id),
-        ..Default::default()
-    };
-    let list = tokens::list(&call.app.db, &filter).await?;
+    let list = call
+        .app
+        .tokens
+        .list_project_tokens(&principal, given(&req.project_id))
+        .await?;
     Ok(core::ListTokensResponse {
         tokens: list
             .into_iter()
-            .filter(|t| t.kind == "project")
             .map(|t| core::Token {
                 token_id: t.id,
                 description: t.name,
@@ -544,66 +444,30 @@ async fn create_token(
     req: core::CreateTokenRequest,
 ) -> Result<core::CreateTokenResponse> {
     let principal = call.principal().await?;
-    let project = project_for(
-        &call,
-        &principal,
-        &req.project_id,
-        Action::ManageProjectTokens,
-    )
-    .await?;
-    let mut new = NewToken::new(TokenKind::Project, req.description.trim());
-    new.organization_id = Some(project.organization_id.clone());
-    new.project_id = Some(project.id.clone());
-    new.created_by = principal.user_id.clone();
-    let mut tx = call.app.db.begin().await?;
-    let (info, minted) = tokens::create(&mut *tx, new).await?;
-    audit::record(
-        &mut *tx,
-        AuditEvent::by("token.create", &principal)
-            .org(&project.organization_id)
-            .target("token", &info.id)
-            .details(
-                json!({"kind": "project", "project_id": project.id, "prefix": info.display_prefix}),
-            ),
-    )
-    .await?;
-    tx.commit().await?;
+    let (info, secret) = call
+        .app
+        .tokens
+        .create_project_token(&principal, given(&req.project_id), &req.description, None)
+        .await?;
     Ok(core::CreateTokenResponse {
         token_id: info.id,
-        secret: minted.secret,
+        secret,
     })
-}
-
-/// Authenticates the call, authorizes token management on the project, and loads one
-/// of its project tokens.
-async fn project_token(
-    call: &Call,
-    project_id: &str,
-    token_id: &str,
-) -> Result<(
-    std::sync::Arc<crate::auth::Principal>,
-    Project,
-    tokens::TokenInfo,
-)> {
-    let principal = call.principal().await?;
-    let project = project_for(call, &principal, project_id, Action::ManageProjectTokens).await?;
-    let token = tokens::get(&call.app.db, token_id)
-        .await?
-        .filter(|t| t.project_id.as_deref() == Some(project.id.as_str()) && t.kind == "project")
-        .ok_or_else(|| Error::not_found("token", token_id))?;
-    Ok((principal, project, token))
 }
 
 async fn update_token(
     call: Call,
     req: core::UpdateTokenRequest,
 ) -> Result<core::UpdateTokenResponse> {
-    let (_, _, token) = project_token(&call, &req.project_id, &req.token_id).await?;
-    let name: String = req.description.trim().chars().take(100).collect();
-    sqlx::query("UPDATE tokens SET name = $2 WHERE id = $1")
-        .bind(&token.id)
-        .bind(&name)
-        .execute(&call.app.db)
+    let principal = call.principal().await?;
+    call.app
+        .tokens
+        .rename(
+            &principal,
+            given(&req.project_id),
+            &req.token_id,
+            &req.description,
+        )
         .await?;
     Ok(core::UpdateTokenResponse {})
 }
@@ -612,21 +476,11 @@ async fn delete_token(
     call: Call,
     req: core::DeleteTokenRequest,
 ) -> Result<core::DeleteTokenResponse> {
-    let (principal, project, token) = project_token(&call, &req.project_id, &req.token_id).await?;
-    if let Some(hash) = tokens::revoke(&call.app.db, &token.id).await? {
-        call.app.auth.invalidate(Some(&hash));
-        audit::record(
-            &call.app.db,
-            AuditEvent::by("token.revoke", &principal)
-                .org(&project.organization_id)
-                .target("token", &token.id),
-        )
+    let principal = call.principal().await?;
+    let project_id = crate::projects::resolve_id(&principal, given(&req.project_id))?;
+    call.app
+        .tokens
+        .revoke(&principal, Some(&project_id), &req.token_id)
         .await?;
-    }
     Ok(core::DeleteTokenResponse {})
-}
-
-/// Expiry of pull tokens minted for `depot pull-token`.
-pub fn pull_token_expiry(ttl_seconds: u64) -> chrono::DateTime<Utc> {
-    Utc::now() + Duration::seconds(ttl_seconds as i64)
 }
