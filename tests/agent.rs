@@ -8,12 +8,9 @@ use std::time::Duration;
 use kiln::db::builds::Outcome;
 use kiln::proto::kiln::agent::v1 as pb;
 use kiln::proto::kiln::agent::v1::machine_agent_service_client::MachineAgentServiceClient;
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-use common::{TestDb, free_port, tenant, wait_for};
-
-const KEK_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+use common::{Server, TestDb, free_port, tenant, wait_for};
 
 fn kek() -> [u8; 32] {
     let mut kek = [0u8; 32];
@@ -24,64 +21,24 @@ fn kek() -> [u8; 32] {
 }
 
 /// `kiln serve` in this process; local builders run `kiln agent` around the stand-in.
-struct Server {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+async fn start(db: &TestDb, overrides: &[(&str, &str)]) -> Server {
+    let command = common::standin_command();
+    let mut env: Vec<(&str, &str)> = vec![
+        ("KILN_BUILDERS__LOCAL__COMMAND", &command),
+        (
+            "KILN_BUILDERS__LOCAL__KILN_BINARY",
+            env!("CARGO_BIN_EXE_kiln"),
+        ),
+        ("KILN_BUILDERS__AGENT_HEALTH_INTERVAL_SECONDS", "1"),
+    ];
+    env.extend_from_slice(overrides);
+    Server::start(db, &env).await
 }
 
-impl Server {
-    async fn start(db: &TestDb, overrides: &[(&str, &str)]) -> Server {
-        let standin = env!("CARGO_BIN_EXE_buildkitd-standin");
-        let command = format!(
-            r#"["{standin}", "--listen", "{{listen}}", "--cert", "{{cert}}", "--key", "{{key}}", "--ca", "{{ca}}"]"#
-        );
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let url = format!("http://{listen}");
-        let mut env: Vec<(&str, &str)> = vec![
-            ("KILN_SERVER__LISTEN", &listen),
-            ("KILN_SERVER__PUBLIC_URL", &url),
-            ("KILN_SECRETS__KEY_ENCRYPTION_KEY", KEK_B64),
-            ("KILN_BUILDERS__LOCAL__COMMAND", &command),
-            (
-                "KILN_BUILDERS__LOCAL__KILN_BINARY",
-                env!("CARGO_BIN_EXE_kiln"),
-            ),
-            ("KILN_BUILDERS__AGENT_HEALTH_INTERVAL_SECONDS", "1"),
-        ];
-        env.extend_from_slice(overrides);
-        let config = common::config(&db.url, &env);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(kiln::app::serve(config, async move {
-            let _ = stopped.await;
-        }));
-        let server = Server {
-            url: url.clone(),
-            stop: Some(stop),
-            done,
-        };
-        wait_for("kiln to serve", Duration::from_secs(30), || async {
-            reqwest::get(format!("{url}/readyz"))
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        server
-    }
-
-    async fn client(&self) -> MachineAgentServiceClient<Channel> {
-        MachineAgentServiceClient::connect(self.url.clone())
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.done).await;
-    }
+async fn agent_client(server: &Server) -> MachineAgentServiceClient<Channel> {
+    MachineAgentServiceClient::connect(server.url.clone())
+        .await
+        .unwrap()
 }
 
 fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -164,7 +121,7 @@ async fn accepts(endpoint: &str) -> bool {
 async fn an_agent_registers_serves_its_project_reports_health_and_drains() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "agent").await;
-    let server = Server::start(&db, &[]).await;
+    let server = start(&db, &[]).await;
 
     let build = new_build(&db, &t.project.id, &t.org_id).await;
     wait_for(
@@ -254,7 +211,7 @@ async fn an_agent_registers_serves_its_project_reports_health_and_drains() {
 async fn a_warm_standby_agent_starts_buildkit_when_a_project_adopts_it() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "warm").await;
-    let server = Server::start(&db, &[("KILN_BUILDERS__WARM_POOL_AMD64", "1")]).await;
+    let server = start(&db, &[("KILN_BUILDERS__WARM_POOL_AMD64", "1")]).await;
 
     wait_for("a registered standby", Duration::from_secs(30), || async {
         let n: i64 = sqlx::query_scalar(
@@ -294,8 +251,8 @@ async fn a_warm_standby_agent_starts_buildkit_when_a_project_adopts_it() {
 async fn bad_agent_input_is_refused_and_audited() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "bad").await;
-    let server = Server::start(&db, &[]).await;
-    let mut client = server.client().await;
+    let server = start(&db, &[]).await;
+    let mut client = agent_client(&server).await;
 
     // A machine waiting for its agent, with a known nonce.
     sqlx::query(
@@ -476,7 +433,7 @@ async fn bad_agent_input_is_refused_and_audited() {
         "the revocation to apply",
         Duration::from_secs(10),
         || async {
-            let mut client = server.client().await;
+            let mut client = agent_client(&server).await;
             client
                 .report_health(authed(health("machinebad01"), &token))
                 .await
@@ -491,7 +448,7 @@ async fn bad_agent_input_is_refused_and_audited() {
 async fn an_agent_whose_token_is_revoked_stops_serving() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "revoked").await;
-    let server = Server::start(&db, &[]).await;
+    let server = start(&db, &[]).await;
     let build = new_build(&db, &t.project.id, &t.org_id).await;
     wait_for("the builder to serve", Duration::from_secs(30), || async {
         platform_state(&db, &build).await == "ready"
@@ -539,7 +496,7 @@ async fn agents_can_use_a_listener_of_their_own() {
     let t = tenant(&db.pool, "port").await;
     let agent_port = free_port();
     let agent_listen = format!("127.0.0.1:{agent_port}");
-    let server = Server::start(&db, &[("KILN_SERVER__AGENT_LISTEN", &agent_listen)]).await;
+    let server = start(&db, &[("KILN_SERVER__AGENT_LISTEN", &agent_listen)]).await;
     let build = new_build(&db, &t.project.id, &t.org_id).await;
     wait_for("the builder to serve", Duration::from_secs(30), || async {
         platform_state(&db, &build).await == "ready"

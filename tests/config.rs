@@ -148,3 +148,61 @@ fn the_documented_defaults_file_is_the_one_compiled_in() {
             .unwrap();
     assert_eq!(on_disk, kiln::config::DEFAULT_TOML);
 }
+
+#[test]
+fn builder_durations_are_range_checked_not_cast() {
+    // Values that would overflow an i32 cast or a doubling are refused at start, each
+    // naming its key, instead of wrapping into nonsense deadlines.
+    for (key, value, name) in [
+        (
+            "KILN_BUILDERS__MAX_LIFETIME_HOURS",
+            "3000000000",
+            "builders.max_lifetime_hours",
+        ),
+        (
+            "KILN_BUILDERS__BOOT_TIMEOUT_SECONDS",
+            "18446744073709551615",
+            "builders.boot_timeout_seconds",
+        ),
+        (
+            "KILN_BUILDERS__SERVER_CERT_HOURS",
+            "0",
+            "builders.server_cert_hours",
+        ),
+        (
+            "KILN_BUILDERS__LAUNCH_MAX_ATTEMPTS",
+            "0",
+            "builders.launch_max_attempts",
+        ),
+        (
+            "KILN_SERVER__REQUEST_TIMEOUT_SECONDS",
+            "0",
+            "server.request_timeout_seconds",
+        ),
+        (
+            "KILN_JOBS__LEASE_SECONDS",
+            "999999999",
+            "jobs.lease_seconds",
+        ),
+        (
+            "KILN_LIMITS__CLIENT_IP_HEADER",
+            "not a header",
+            "limits.client_ip_header",
+        ),
+    ] {
+        let err = Config::load_from(None, env(&[(key, value)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name), "{key}={value}: {err}");
+    }
+    let err = Config::load_from(
+        None,
+        env(&[
+            ("KILN_BUILDERS__SERVER_CERT_HOURS", "24"),
+            ("KILN_BUILDERS__MAX_LIFETIME_HOURS", "48"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("outlive"), "{err}");
+}

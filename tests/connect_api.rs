@@ -7,77 +7,10 @@ use http_body_util::BodyExt;
 use kiln::auth::TokenKind;
 use kiln::proto::depot::cli::v1 as pb;
 use prost::Message;
-use serde_json::Value;
 use tower::ServiceExt;
 
+use common::http::{post, unary};
 use common::{TestDb, project_token, tenant};
-
-struct Reply {
-    status: StatusCode,
-    content_type: String,
-    body: bytes::Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
-    }
-}
-
-async fn post(
-    router: &axum::Router,
-    path: &str,
-    token: Option<&str>,
-    content_type: &str,
-    body: impl Into<Body>,
-) -> Reply {
-    let mut req = Request::builder()
-        .method("POST")
-        .uri(path)
-        .header(header::CONTENT_TYPE, content_type);
-    if let Some(t) = token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let res = router
-        .clone()
-        .oneshot(req.body(body.into()).unwrap())
-        .await
-        .unwrap();
-    let status = res.status();
-    let content_type = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        content_type,
-        body,
-    }
-}
-
-async fn unary<Req: Message, Resp: Message + Default>(
-    router: &axum::Router,
-    method: &str,
-    token: &str,
-    req: &Req,
-) -> Result<Resp, Value> {
-    let reply = post(
-        router,
-        &format!("/{method}"),
-        Some(token),
-        "application/proto",
-        req.encode_to_vec(),
-    )
-    .await;
-    if reply.status == StatusCode::OK {
-        assert_eq!(reply.content_type, "application/proto");
-        Ok(Resp::decode(reply.body).unwrap())
-    } else {
-        Err(reply.json())
-    }
-}
 
 async fn create_build(
     router: &axum::Router,

@@ -4,7 +4,6 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use http_body_util::BodyExt;
 use kiln::auth::TokenKind;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -39,15 +38,12 @@ async fn call(
 }
 
 async fn raw(router: &axum::Router, req: Request<Body>) -> Response {
-    let res = router.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let body = serde_json::from_slice(&bytes)
-        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    let reply = common::http::send(router, req).await;
+    let body = serde_json::from_slice(&reply.body)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&reply.body).into()));
     Response {
-        status,
-        headers,
+        status: reply.status,
+        headers: reply.headers,
         body,
     }
 }
@@ -540,4 +536,65 @@ async fn the_login_page_checks_the_request_before_any_password() {
     // The sign-in throttle for that email was never touched.
     let wrong = post(format!("/login/{}", request.user_code)).await;
     assert_eq!(wrong, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn requests_are_bounded_by_the_server_deadline() {
+    let db = TestDb::new().await;
+    let a = tenant(&db.pool, "a").await;
+    let app = kiln::app::App::new(
+        common::config(
+            &db.url,
+            &[
+                ("KILN_SERVER__REQUEST_TIMEOUT_SECONDS", "1"),
+                ("KILN_BUILDS__CONNECTION_WAIT_SECONDS", "0"),
+            ],
+        ),
+        db.pool.clone(),
+    );
+    app.mark_migrated();
+    let router = kiln::api::router(app);
+    // Someone else holds the project's row: an update waits on the lock.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projects WHERE id = $1 FOR UPDATE")
+        .bind(&a.project.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let rest = call(
+        &router,
+        "PATCH",
+        &format!("/api/v1/projects/{}", a.project.id),
+        Some(&a.user_token),
+        Some(json!({"cache_size_gb_amd64": 99})),
+    )
+    .await;
+    assert_eq!(rest.status, StatusCode::GATEWAY_TIMEOUT, "{:?}", rest.body);
+    assert_eq!(rest.body["code"], "deadline_exceeded");
+    // No connect-timeout-ms from the client: the server's bound still applies.
+    let connect = common::http::unary::<_, kiln::proto::depot::core::v1::UpdateProjectResponse>(
+        &router,
+        "depot.core.v1.ProjectService/UpdateProject",
+        &a.user_token,
+        &kiln::proto::depot::core::v1::UpdateProjectRequest {
+            project_id: a.project.id.clone(),
+            name: Some("renamed".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(connect["code"], "deadline_exceeded", "{connect}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    holder.rollback().await.unwrap();
+    let project = kiln::db::projects::get(&db.pool, &a.project.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        project.cache_size_gb_amd64, 50,
+        "the timed-out writes changed nothing"
+    );
+    assert_ne!(project.name, "renamed");
 }

@@ -222,9 +222,20 @@ async fn the_runner_retries_until_success_and_wakes_on_notify() {
     tokio::time::timeout(Duration::from_secs(10), connected_rx.recv())
         .await
         .unwrap();
+    let idle = runner.idle_workers();
+    let workers = jobs_config(300).workers;
     let run = tokio::spawn(runner.run(cancel.clone()));
-    // Let the workers reach their idle wait before enqueueing.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every worker has looked for work, found none and waits (poll: 5 minutes), so only
+    // the notification of the enqueue can get this job picked up in time.
+    wait_for(
+        "every worker to wait for work",
+        Duration::from_secs(10),
+        || {
+            let idle = idle.clone();
+            async move { idle.load(Ordering::SeqCst) == workers }
+        },
+    )
+    .await;
     jobs::enqueue(&db.pool, NewJob::new("flaky", json!({})))
         .await
         .unwrap();
@@ -305,4 +316,149 @@ async fn periodic_jobs_are_enqueued_once_per_period_across_replicas() {
         }
     }
     assert_eq!(winners, 1);
+}
+
+#[tokio::test]
+async fn a_last_attempt_that_hangs_past_its_lease_still_gets_its_give_up_hook() {
+    let db = TestDb::new().await;
+    let mut config = jobs_config(1);
+    config.lease_seconds = 5;
+    let mut runner = JobRunner::new(db.pool.clone(), config);
+    let gave_up = Arc::new(std::sync::Mutex::new(
+        Vec::<(serde_json::Value, String)>::new(),
+    ));
+    runner
+        .register("hangs", |_job| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .on_give_up("hangs", gave_up.clone(), |seen, job, error| async move {
+            seen.lock().unwrap().push((job.payload, error));
+            Ok(())
+        });
+    jobs::enqueue(
+        &db.pool,
+        NewJob::new("hangs", json!({"machine_id": "m1"})).max_attempts(1),
+    )
+    .await
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(runner.run(cancel.clone()));
+    wait_for("the give-up hook", Duration::from_secs(20), || {
+        let gave_up = gave_up.clone();
+        async move { !gave_up.lock().unwrap().is_empty() }
+    })
+    .await;
+    let (payload, error) = gave_up.lock().unwrap()[0].clone();
+    assert_eq!(payload, json!({"machine_id": "m1"}));
+    assert!(error.contains("timed out"), "{error}");
+    let pool = db.pool.clone();
+    wait_for(
+        "the job to be marked failed",
+        Duration::from_secs(10),
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>("SELECT state FROM jobs")
+                    .fetch_one(&pool)
+                    .await
+                    .is_ok_and(|s| s == "failed")
+            }
+        },
+    )
+    .await;
+    assert_eq!(gave_up.lock().unwrap().len(), 1, "the hook runs once");
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+}
+
+#[tokio::test]
+async fn housekeeping_purges_what_unauthenticated_callers_leave_behind() {
+    let db = TestDb::new().await;
+    // Closed login requests (expired two days ago) and one still open.
+    for (age, open) in [("2 days", false), ("2 days", false), ("0 days", true)] {
+        let expires = if open {
+            "now() + interval '10 minutes'".to_string()
+        } else {
+            format!("now() - interval '{age}'")
+        };
+        sqlx::query(&format!(
+            "INSERT INTO login_requests (id, claim_hash, user_code, expires_at)
+             VALUES ($1, $2, $3, {expires})"
+        ))
+        .bind(kiln::db::ids::new_id())
+        .bind((0..32).map(|_| rand_byte()).collect::<Vec<u8>>())
+        .bind(format!("BCDF-{}", random_code()))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    // Refusal audits: two old, one recent; and an old audit of another kind, kept.
+    for (action, age) in [
+        ("machine.registration_refused", "40 days"),
+        ("machine.malformed_request", "40 days"),
+        ("machine.registration_refused", "1 day"),
+        ("project.update", "400 days"),
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO audit_events (actor_kind, action, occurred_at)
+             VALUES ('agent', $1, now() - interval '{age}')"
+        ))
+        .bind(action)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let config = common::config(&db.url, &[]);
+    let mut runner = JobRunner::new(db.pool.clone(), jobs_config(1));
+    kiln::jobs::register_foundation_jobs(&mut runner, db.pool.clone(), config.retention);
+    jobs::enqueue(
+        &db.pool,
+        NewJob::new(kiln::jobs::MAINTENANCE_JOB, json!({})),
+    )
+    .await
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(runner.run(cancel.clone()));
+    let pool = db.pool.clone();
+    wait_for("the purge to run", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 0
+        }
+    })
+    .await;
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+    let logins: i64 = sqlx::query_scalar("SELECT count(*) FROM login_requests")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(logins, 1, "only the open request is left");
+    let audits: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM audit_events ORDER BY occurred_at")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audits,
+        vec!["project.update", "machine.registration_refused"],
+        "old refusals are gone, the rest is kept"
+    );
+}
+
+fn rand_byte() -> u8 {
+    kiln::db::ids::random_alphanumeric(1).as_bytes()[0]
+}
+
+fn random_code() -> String {
+    const ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
+    kiln::db::ids::random_alphanumeric(4)
+        .bytes()
+        .map(|b| ALPHABET[b as usize % ALPHABET.len()] as char)
+        .collect()
 }

@@ -3,33 +3,26 @@
 //! directly so each step is observed.
 mod common;
 
+use std::time::Duration;
+
 use kiln::app::AppState;
 use kiln::db::builds::{Outcome, Platform};
 use kiln::db::jobs::ClaimedJob;
 use kiln::error::Error;
 use kiln::scheduler::Assignment;
-use secrecy::SecretString;
 
 use common::{TestDb, tenant};
 
 fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
-    let standin = env!("CARGO_BIN_EXE_buildkitd-standin");
-    let command = format!(
-        r#"["{standin}", "--listen", "{{listen}}", "--cert", "{{cert}}", "--key", "{{key}}", "--ca", "{{ca}}"]"#
-    );
+    let command = common::standin_command();
     let mut env: Vec<(&str, &str)> = vec![
         ("KILN_BUILDERS__LOCAL__COMMAND", command.as_str()),
         // Machine handlers are driven directly here; agents are covered in tests/agent.rs.
         ("KILN_BUILDERS__LOCAL__AGENT", "false"),
-        (
-            "KILN_SECRETS__KEY_ENCRYPTION_KEY",
-            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-        ),
+        ("KILN_SECRETS__KEY_ENCRYPTION_KEY", common::KEK_B64),
     ];
     env.extend_from_slice(overrides);
-    let mut config = common::config(&db.url, &env);
-    config.database.url = SecretString::from(db.url.clone());
-    let app = kiln::app::App::new(config, db.pool.clone());
+    let app = kiln::app::App::new(common::config(&db.url, &env), db.pool.clone());
     app.mark_migrated();
     app
 }
@@ -423,4 +416,101 @@ async fn the_reconciler_requeues_builds_of_vanished_builders_and_reaps_orphans()
     let report = s.reconcile().await.unwrap();
     assert_eq!(report.terminated_orphans, vec![orphan.clone()]);
     assert!(!s.provider.is_alive(&orphan).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_launch_that_ended_without_a_machine_frees_its_slot() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let app = app_with(&db, &[("KILN_BUILDERS__BOOT_TIMEOUT_SECONDS", "10")]);
+    let s = &app.scheduler;
+    let build = new_build(&app, &t.project.id).await;
+    s.assign(&build, Platform::Amd64).await.unwrap();
+    let job = claim(&app, kiln::scheduler::LAUNCH_JOB).await;
+    let (machine_id, _, _) = machine(&app, &t.project.id).await;
+    // The launch job died on its last attempt without cleaning up (the pre-fix bug):
+    // the row sits in `launching` holding the slot, and no job will ever run again.
+    sqlx::query(
+        "UPDATE machines SET state = 'launching', launched_at = now() - interval '1 minute'
+         WHERE id = $1",
+    )
+    .bind(&machine_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE jobs SET state = 'failed' WHERE id = $1")
+        .bind(job.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let report = s.reconcile().await.unwrap();
+    assert_eq!(report.stalled, vec![machine_id.clone()]);
+    assert_eq!(machine(&app, &t.project.id).await.1, "failed");
+    // The build gets a new machine: the slot is free again.
+    assert_eq!(
+        s.assign(&build, Platform::Amd64).await.unwrap(),
+        Assignment::Waiting
+    );
+    assert_ne!(machine(&app, &t.project.id).await.0, machine_id);
+
+    // A launch still being retried is left to its job.
+    let (second, _, _) = machine(&app, &t.project.id).await;
+    sqlx::query(
+        "UPDATE machines SET state = 'launching', launched_at = now() - interval '1 minute'
+         WHERE id = $1",
+    )
+    .bind(&second)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(s.reconcile().await.unwrap().stalled.is_empty());
+}
+
+#[tokio::test]
+async fn the_scheduler_is_woken_by_notify() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "a").await;
+    let command = common::standin_command();
+    // Poll every ten minutes: only a notification can wake the scheduler in time.
+    let server = common::Server::start(
+        &db,
+        &[
+            ("KILN_BUILDERS__LOCAL__COMMAND", &command),
+            ("KILN_BUILDERS__LOCAL__AGENT", "false"),
+            ("KILN_BUILDERS__SCHEDULER_POLL_SECONDS", "600"),
+        ],
+    )
+    .await;
+    let platform_state = |build: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM build_platforms WHERE build_id = $1")
+                .bind(build)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // A build queued before the scheduler's first pass: proves that pass ran.
+    let first = common::new_build(&db.pool, &t.project.id, &t.org_id).await;
+    kiln::scheduler::notify_scheduler(&db.pool).await;
+    common::wait_for("the first pass", Duration::from_secs(10), || {
+        let first = first.clone();
+        async move { platform_state(first).await != "pending" }
+    })
+    .await;
+    // Requeued work announced by NOTIFY is picked up at once.
+    let other = common::project(&db.pool, &t.org_id, "second").await;
+    let second = common::new_build(&db.pool, &other.id, &t.org_id).await;
+    kiln::scheduler::notify_scheduler(&db.pool).await;
+    common::wait_for(
+        "the notified scheduler to assign the build",
+        Duration::from_secs(5),
+        || {
+            let second = second.clone();
+            async move { platform_state(second).await != "pending" }
+        },
+    )
+    .await;
+    server.stop().await;
 }

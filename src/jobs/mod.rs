@@ -36,6 +36,8 @@ pub struct JobRunner {
     give_up: HashMap<&'static str, GiveUpHandler>,
     periodic: Vec<Periodic>,
     wake: Arc<Notify>,
+    /// Workers waiting for work (on NOTIFY or the poll).
+    idle: Arc<std::sync::atomic::AtomicUsize>,
     worker_prefix: String,
 }
 
@@ -48,6 +50,7 @@ impl JobRunner {
             give_up: HashMap::new(),
             periodic: Vec::new(),
             wake: Arc::new(Notify::new()),
+            idle: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             worker_prefix: format!("{}-{}", hostname(), std::process::id()),
         }
     }
@@ -103,6 +106,11 @@ impl JobRunner {
         self.wake.clone()
     }
 
+    /// How many workers are waiting for work right now.
+    pub fn idle_workers(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.idle.clone()
+    }
+
     /// Retry delay after `attempts` failures: base·2^(n-1), capped, ±25% jitter so that
     /// failures that happened together don't retry together.
     pub fn backoff(config: &JobsConfig, attempts: i32) -> Duration {
@@ -153,11 +161,13 @@ impl JobRunner {
                     continue;
                 }
                 Ok(_) => {
+                    self.idle.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::select! {
                         _ = &mut notified => {}
                         _ = tokio::time::sleep(poll) => {}
                         _ = cancel.cancelled() => {}
                     }
+                    self.idle.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, "job claim failed; backing off");

@@ -2,6 +2,7 @@
 //! and helpers to build the app and seed tenants.
 #![allow(dead_code)]
 
+pub mod ec2;
 pub mod fault_proxy;
 pub mod http;
 
@@ -19,6 +20,17 @@ use kiln::tokens::NewToken;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection, PgPool};
+
+/// The key-encryption key every test configures (base64 of 32 bytes 0..31).
+pub const KEK_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// `builders.local.command` running the BuildKit stand-in built with the tests.
+pub fn standin_command() -> String {
+    let standin = env!("CARGO_BIN_EXE_buildkitd-standin");
+    format!(
+        r#"["{standin}", "--listen", "{{listen}}", "--cert", "{{cert}}", "--key", "{{key}}", "--ca", "{{ca}}"]"#
+    )
+}
 
 /// The admin URL of the test server, started by scripts/test.sh.
 pub fn admin_url() -> String {
@@ -154,6 +166,13 @@ pub fn config(db_url: &str, overrides: &[(&str, &str)]) -> Config {
     let mut config = Config::load_from(None, env).expect("test config is valid");
     config.database.url = SecretString::from(db_url.to_string());
     config
+}
+
+/// An in-process app on the test database with `KILN_*` overrides, marked migrated.
+pub fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
+    let app = App::new(config(&db.url, overrides), db.pool.clone());
+    app.mark_migrated();
+    app
 }
 
 /// An in-process app on the test database, marked migrated.
@@ -434,4 +453,80 @@ pub async fn claim_job(pool: &PgPool, kind: &str) -> kiln::db::jobs::ClaimedJob 
         }
     }
     found.unwrap_or_else(|| panic!("no {kind} job queued"))
+}
+
+/// `kiln serve` in this process on a free port, with the test KEK and `overrides`.
+pub struct Server {
+    pub url: String,
+    pub port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(db: &TestDb, overrides: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let url = format!("http://{listen}");
+        let mut env: Vec<(&str, &str)> = vec![
+            ("KILN_SERVER__LISTEN", &listen),
+            ("KILN_SERVER__PUBLIC_URL", &url),
+            ("KILN_SECRETS__KEY_ENCRYPTION_KEY", KEK_B64),
+        ];
+        env.extend_from_slice(overrides);
+        let config = config(&db.url, &env);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(kiln::app::serve(config, async move {
+            let _ = stopped.await;
+        }));
+        let server = Server {
+            url: url.clone(),
+            port,
+            stop: Some(stop),
+            done,
+        };
+        wait_for("kiln to serve", Duration::from_secs(30), || async {
+            reqwest::get(format!("{url}/readyz"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        server
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.done).await;
+    }
+}
+
+/// A unary Connect call over the network (binary protobuf): the answer, or the error's
+/// HTTP status and Connect code.
+pub async fn connect_call<Req: prost::Message, Resp: prost::Message + Default>(
+    http: &reqwest::Client,
+    base: &str,
+    method: &str,
+    token: &str,
+    request: &Req,
+) -> Result<Resp, (u16, String)> {
+    let response = http
+        .post(format!("{base}/{method}"))
+        .header("content-type", "application/proto")
+        .header("authorization", format!("Bearer {token}"))
+        .body(request.encode_to_vec())
+        .send()
+        .await
+        .map_err(|e| (0, format!("transport: {e}")))?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| (0, e.to_string()))?;
+    if status.is_success() {
+        return Resp::decode(body).map_err(|e| (200, e.to_string()));
+    }
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    Err((status.as_u16(), code))
 }
