@@ -243,7 +243,15 @@ fn read_dev_line(child: &mut Child) -> (String, String, String) {
                 field("DEPOT_TOKEN"),
                 field("DEPOT_PROJECT_ID"),
             );
-            assert!(line.ends_with("depot projects list"), "{line}");
+            // The hint names a depot CLI that exists: `depot` on PATH, or the pinned copy
+            // scripts/test.sh installed.
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert!(line.ends_with(" projects list"), "{line}");
+            let program = words[words.len() - 3];
+            assert!(
+                program == "depot" || Path::new(program).is_file(),
+                "{program} does not exist: {line}"
+            );
             std::thread::spawn(move || for _ in lines {});
             return result;
         }
@@ -320,7 +328,44 @@ async fn kiln_dev_boots_from_nothing_and_reuses_its_data() {
         .unwrap()
         .status();
     assert_eq!(status, 200);
-    assert!(second.terminate().success());
+
+    // The postmaster dies: kiln dev starts it again on the same port and says so, and
+    // the service answers again without anyone's help.
+    let pid_file = data.join("postgres/data/postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: killing the test's own PostgreSQL postmaster.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    common::wait_for(
+        "kiln dev to restart PostgreSQL",
+        Duration::from_secs(60),
+        || async { second.logs().contains("the dev PostgreSQL is back") },
+    )
+    .await;
+    assert!(
+        second.logs().contains("stopped unexpectedly"),
+        "{}",
+        second.logs()
+    );
+    common::wait_for("readiness again", Duration::from_secs(30), || async {
+        second.status("/readyz").await == Some(200)
+    })
+    .await;
+    let status = reqwest::Client::new()
+        .get(format!("{api_url}/api/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert!(second.terminate().success(), "{}", second.logs());
     assert!(!postgres_running(&data));
 }
 

@@ -272,3 +272,81 @@ pub async fn machine_of(app: &AppState, project_id: &str) -> (String, String) {
     .await
     .unwrap()
 }
+
+/// Plays `kiln agent` for one machine over gRPC, as a real agent would against a set of
+/// replicas: registers with the token from the machine's user data, then reports
+/// BuildKit serving the current directive every 500 ms to the first replica that
+/// answers. Stops when dropped.
+pub struct PlayedAgent {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PlayedAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn play_agent(world: &World, machine_id: &str, urls: &[String]) -> PlayedAgent {
+    use kiln::proto::kiln::agent::v1 as pb;
+    use kiln::proto::kiln::agent::v1::machine_agent_service_client::MachineAgentServiceClient;
+    let token = world
+        .registration_token(machine_id)
+        .await
+        .expect("the user data carries a registration token");
+    let mut machine_token = None;
+    for url in urls {
+        let Ok(mut client) = MachineAgentServiceClient::connect(url.clone()).await else {
+            continue;
+        };
+        if let Ok(registered) = client
+            .register(pb::RegisterRequest {
+                machine_id: machine_id.to_string(),
+                registration_token: token.clone(),
+                agent_version: "test".into(),
+                buildkit_address: String::new(),
+                identity: None,
+            })
+            .await
+        {
+            machine_token = Some(registered.into_inner().machine_token);
+            break;
+        }
+    }
+    let bearer = format!(
+        "Bearer {}",
+        machine_token.expect("a replica registered the agent")
+    );
+    let (machine_id, urls) = (machine_id.to_string(), urls.to_vec());
+    let task = tokio::spawn(async move {
+        let mut generation = 0;
+        loop {
+            for url in &urls {
+                let Ok(mut client) = MachineAgentServiceClient::connect(url.clone()).await else {
+                    continue;
+                };
+                let mut health = tonic::Request::new(pb::ReportHealthRequest {
+                    machine_id: machine_id.clone(),
+                    generation,
+                    buildkit_up: true,
+                    disk_free_bytes: 1 << 30,
+                    disk_total_bytes: 2 << 30,
+                });
+                health
+                    .metadata_mut()
+                    .insert("authorization", bearer.parse().unwrap());
+                if let Ok(answer) = client.report_health(health).await {
+                    let answer = answer.into_inner();
+                    if answer.generation != generation {
+                        // Report the directive we now serve at once.
+                        generation = answer.generation;
+                        continue;
+                    }
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    PlayedAgent { task }
+}

@@ -92,13 +92,29 @@ async fn ensure_template() -> String {
             .execute(&mut conn)
             .await
             .unwrap();
-        let pool = PgPool::connect(&url_for(&building)).await.unwrap();
-        db::migrate(&pool).await.unwrap();
-        pool.close().await;
-        sqlx::query(&format!("ALTER DATABASE {building} RENAME TO {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        // One plain connection, closed before the rename: a pool returns connections in
+        // the background and may still hold one when the rename runs.
+        let mut migrating = PgConnection::connect(&url_for(&building)).await.unwrap();
+        db::MIGRATOR.run(&mut migrating).await.unwrap();
+        migrating.close().await.unwrap();
+        // A closed connection's backend may take a moment to exit.
+        let mut attempt = 0;
+        loop {
+            let renamed = sqlx::query(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+                .execute(&mut conn)
+                .await;
+            match renamed {
+                Ok(_) => break,
+                Err(err)
+                    if attempt < 50
+                        && err.to_string().contains("being accessed by other users") =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(err) => panic!("renaming the template database: {err}"),
+            }
+        }
     }
     sqlx::query("SELECT pg_advisory_unlock(7200101)")
         .execute(&mut conn)
