@@ -21,12 +21,12 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use crate::auth::TokenKind;
+use crate::auth::token::{NewToken, issue};
 use crate::db::audit::{self, AuditEvent};
 use crate::db::ids::{new_id, random_alphanumeric};
 use crate::db::notify;
 use crate::db::orgs::User;
 use crate::error::{Error, Result};
-use crate::tokens::{self, NewToken};
 
 pub const LOGIN_CHANNEL: &str = "kiln_login";
 
@@ -329,7 +329,7 @@ pub async fn claim(pool: &PgPool, claim_secret: &str) -> Result<Claim> {
     let mut token = NewToken::new(TokenKind::User, "depot login");
     token.user_id = Some(user_id.clone());
     token.created_by = Some(user_id.clone());
-    let (info, minted) = tokens::issue(&mut *tx, token).await?;
+    let (info, minted) = issue(&mut *tx, token).await?;
     audit::record(
         &mut *tx,
         AuditEvent::new("token.create", ("user", Some(user_id)))

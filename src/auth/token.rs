@@ -1,11 +1,16 @@
-//! Token kinds, scopes, minting and hashing. Only the SHA-256 of a token is stored.
+//! Token kinds, scopes, minting and hashing, and [`issue`], the one place a token is
+//! created. Only the SHA-256 of a token is stored.
 
 use std::fmt;
 use std::str::FromStr;
 
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
+use sqlx::PgExecutor;
 
 use crate::db::ids::random_alphanumeric;
+use crate::db::tokens::{self as rows, TokenInfo, TokenRow};
+use crate::error::{Error, Result};
 
 pub const TOKEN_PREFIX: &str = "kiln_";
 const SECRET_LEN: usize = 40;
@@ -231,6 +236,127 @@ pub fn mint(kind: TokenKind) -> MintedToken {
 
 pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// A token to issue. Which subject fields must be set depends on `kind`.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub kind: TokenKind,
+    pub name: String,
+    pub user_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub project_id: Option<String>,
+    pub build_id: Option<String>,
+    pub machine_id: Option<String>,
+    /// `None`: the kind's default scopes.
+    pub scopes: Option<Scopes>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_by: Option<String>,
+}
+
+impl NewToken {
+    pub fn new(kind: TokenKind, name: impl Into<String>) -> Self {
+        NewToken {
+            kind,
+            name: name.into(),
+            user_id: None,
+            organization_id: None,
+            project_id: None,
+            build_id: None,
+            machine_id: None,
+            scopes: None,
+            expires_at: None,
+            created_by: None,
+        }
+    }
+}
+
+/// A token's name: at most 100 characters, no control characters. Returns it trimmed.
+pub fn validate_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.chars().count() > 100 {
+        return Err(Error::invalid("name", "must be at most 100 characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "name",
+            "must not contain control characters",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn validate(new: &mut NewToken) -> Result<()> {
+    new.name = validate_name(&new.name)?;
+    if let Some(scopes) = new.scopes
+        && !scopes.is_subset_of(new.kind.default_scopes())
+    {
+        return Err(Error::invalid(
+            "scopes",
+            format!(
+                "a {} token can hold at most: {}",
+                new.kind,
+                new.kind.default_scopes().to_strings().join(", ")
+            ),
+        ));
+    }
+    if let Some(at) = new.expires_at
+        && at <= Utc::now()
+    {
+        return Err(Error::invalid("expires_at", "must be in the future"));
+    }
+    let need = |present: bool, field: &str| {
+        if present {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                field,
+                format!("is required for a {} token", new.kind),
+            ))
+        }
+    };
+    match new.kind {
+        TokenKind::User => need(new.user_id.is_some(), "user_id"),
+        TokenKind::Organization => need(new.organization_id.is_some(), "organization_id"),
+        TokenKind::Project | TokenKind::Pull => {
+            need(new.organization_id.is_some(), "organization_id")?;
+            need(new.project_id.is_some(), "project_id")
+        }
+        TokenKind::Build => {
+            need(new.project_id.is_some(), "project_id")?;
+            need(new.build_id.is_some(), "build_id")
+        }
+        TokenKind::Machine => need(new.machine_id.is_some(), "machine_id"),
+    }
+}
+
+/// Validates a token, mints its secret and inserts its hash. The secret exists only in
+/// the returned value. Callers write their audit entry in the same transaction.
+pub async fn issue<'e>(
+    db: impl PgExecutor<'e>,
+    mut new: NewToken,
+) -> Result<(TokenInfo, MintedToken)> {
+    validate(&mut new)?;
+    let minted = mint(new.kind);
+    let row = TokenRow {
+        kind: new.kind.as_str(),
+        name: new.name,
+        display_prefix: minted.display_prefix.clone(),
+        token_hash: minted.hash,
+        user_id: new.user_id,
+        organization_id: new.organization_id,
+        project_id: new.project_id,
+        build_id: new.build_id,
+        machine_id: new.machine_id,
+        scopes: new
+            .scopes
+            .unwrap_or_else(|| new.kind.default_scopes())
+            .to_strings(),
+        expires_at: new.expires_at,
+        created_by: new.created_by,
+    };
+    let info = rows::insert(db, &row).await?;
+    Ok((info, minted))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::auth::authz::{self, Action, Target};
+use crate::auth::token::{NewToken, issue};
 use crate::auth::{Principal, PrincipalKind, TokenKind};
 use crate::config::BuildsConfig;
 use crate::db::builds::{self, Build, BuildPlatform, NewBuild, Outcome, Step};
@@ -23,7 +24,7 @@ use crate::db::ids::{is_well_formed, new_id};
 use crate::db::projects::Project;
 use crate::db::{audit, notify};
 use crate::error::{Error, Result};
-use crate::tokens::{self, NewToken, Tokens};
+use crate::tokens::{self, Tokens};
 
 /// NOTIFY channel announcing that a build changed (payload: build id), so every replica
 /// drops its cached view of it and wakes connection waiters.
@@ -114,7 +115,7 @@ impl Builds {
         // Outlives the build's deadline so FinishBuild still authenticates after a cancel.
         token.expires_at = Some(build.cancels_at + chrono::Duration::hours(1));
         token.created_by = principal.user_id.clone();
-        let (info, minted) = tokens::issue(&mut *tx, token).await?;
+        let (info, minted) = issue(&mut *tx, token).await?;
         tx.commit().await?;
         self.auth.prime(
             minted.hash,

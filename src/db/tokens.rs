@@ -4,7 +4,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 
-use crate::auth::token::{MintedToken, Scopes, TokenKind};
 use crate::db::ids::new_id;
 use crate::error::{Error, Result};
 
@@ -38,38 +37,22 @@ pub async fn find_by_hash(pool: &PgPool, hash: &[u8; 32]) -> sqlx::Result<Option
     .await
 }
 
-/// A token row to insert. Which fields must be set depends on `kind` (checked by the
-/// domain, `crate::tokens`, and again by the `tokens_subject_check` constraint).
+/// A token row to insert: only the SHA-256 of the secret and a display prefix. Built
+/// and validated by `auth::token::issue`.
 #[derive(Debug, Clone)]
-pub struct NewToken {
-    pub kind: TokenKind,
+pub struct TokenRow {
+    pub kind: &'static str,
     pub name: String,
+    pub display_prefix: String,
+    pub token_hash: [u8; 32],
     pub user_id: Option<String>,
     pub organization_id: Option<String>,
     pub project_id: Option<String>,
     pub build_id: Option<String>,
     pub machine_id: Option<String>,
-    /// `None`: the kind's default scopes.
-    pub scopes: Option<Scopes>,
+    pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_by: Option<String>,
-}
-
-impl NewToken {
-    pub fn new(kind: TokenKind, name: impl Into<String>) -> Self {
-        NewToken {
-            kind,
-            name: name.into(),
-            user_id: None,
-            organization_id: None,
-            project_id: None,
-            build_id: None,
-            machine_id: None,
-            scopes: None,
-            expires_at: None,
-            created_by: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -92,32 +75,26 @@ const INFO_COLUMNS: &str =
     "id, kind, name, display_prefix, user_id, organization_id, project_id, scopes,
     created_at, expires_at, last_used_at, revoked_at";
 
-/// Inserts a token minted as `minted`: only its hash and display prefix are stored.
-pub async fn insert<'e>(
-    db: impl PgExecutor<'e>,
-    new: &NewToken,
-    minted: &MintedToken,
-) -> Result<TokenInfo> {
-    let scopes = new.scopes.unwrap_or_else(|| new.kind.default_scopes());
-    let info: TokenInfo = sqlx::query_as(&format!(
+pub async fn insert<'e>(db: impl PgExecutor<'e>, row: &TokenRow) -> Result<TokenInfo> {
+    sqlx::query_as(&format!(
         "INSERT INTO tokens (id, kind, name, display_prefix, token_hash, user_id, organization_id,
                              project_id, build_id, machine_id, scopes, expires_at, created_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          RETURNING {INFO_COLUMNS}"
     ))
     .bind(new_id())
-    .bind(new.kind.as_str())
-    .bind(&new.name)
-    .bind(&minted.display_prefix)
-    .bind(&minted.hash[..])
-    .bind(&new.user_id)
-    .bind(&new.organization_id)
-    .bind(&new.project_id)
-    .bind(&new.build_id)
-    .bind(&new.machine_id)
-    .bind(scopes.to_strings())
-    .bind(new.expires_at)
-    .bind(&new.created_by)
+    .bind(row.kind)
+    .bind(&row.name)
+    .bind(&row.display_prefix)
+    .bind(&row.token_hash[..])
+    .bind(&row.user_id)
+    .bind(&row.organization_id)
+    .bind(&row.project_id)
+    .bind(&row.build_id)
+    .bind(&row.machine_id)
+    .bind(&row.scopes)
+    .bind(row.expires_at)
+    .bind(&row.created_by)
     .fetch_one(db)
     .await
     .map_err(|err| match &err {
@@ -126,13 +103,13 @@ pub async fn insert<'e>(
             "the user, organization or project does not exist",
         ),
         _ => Error::from(err),
-    })?;
-    Ok(info)
+    })
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct TokenFilter {
-    pub kind: Option<TokenKind>,
+    /// A kind's name (`project`, `pull`, …).
+    pub kind: Option<String>,
     pub organization_id: Option<String>,
     pub project_id: Option<String>,
     pub user_id: Option<String>,
@@ -154,7 +131,7 @@ pub async fn list(pool: &PgPool, filter: &TokenFilter) -> Result<Vec<TokenInfo>>
     .bind(&filter.project_id)
     .bind(&filter.user_id)
     .bind(filter.include_revoked)
-    .bind(filter.kind.map(TokenKind::as_str))
+    .bind(&filter.kind)
     .fetch_all(pool)
     .await?)
 }

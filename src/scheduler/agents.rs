@@ -13,9 +13,9 @@ use super::Scheduler;
 use crate::auth::Principal;
 use crate::auth::authz::{Action, Target, authorize};
 use crate::auth::token::TokenKind;
+use crate::auth::token::{NewToken, issue};
 use crate::db::audit::{self, AuditEvent};
 use crate::error::{Error, Result};
-use crate::tokens::{self, NewToken};
 
 const REGISTRATION_PURPOSE: &[u8] = b"kiln/agent-registration/v1";
 const MAX_FIELD_LEN: usize = 512;
@@ -287,7 +287,7 @@ impl Scheduler {
         new.expires_at = Some(
             chrono::Utc::now() + chrono::Duration::hours(self.config.max_lifetime_hours as i64 + 1),
         );
-        let (info, minted) = tokens::issue(&mut *tx, new).await?;
+        let (info, minted) = issue(&mut *tx, new).await?;
         audit::record(
             &mut *tx,
             AuditEvent::new("machine.registered", ("agent", Some(info.id.clone())))

@@ -1,8 +1,8 @@
-//! API tokens: the one implementation of issuing, listing, renaming and revoking them.
+//! API tokens: the one implementation of creating, listing, renaming and revoking them.
 //!
-//! Every token Kiln hands out goes through [`issue`], which validates the row and mints
-//! the secret; only its SHA-256 and a display prefix are stored. Revocation commits a
-//! NOTIFY with the token's hash, so every replica drops it from its cache at once.
+//! Every token Kiln hands out is minted by `auth::token::issue`, which validates it; only
+//! its SHA-256 and a display prefix are stored. Revocation commits a NOTIFY with the
+//! token's hash, so every replica drops it from its cache at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,85 +12,14 @@ use serde_json::json;
 use sqlx::{PgExecutor, PgPool};
 
 use crate::auth::authz::{self, Action, Target, TokenSubject};
-use crate::auth::token::{self, MintedToken, TokenKind};
+use crate::auth::token::{TokenKind, issue, validate_name};
 use crate::auth::{Authenticator, INVALIDATION_CHANNEL, Principal};
 use crate::db::ids::is_well_formed;
 use crate::db::tokens::{self as rows, TokenFilter, TokenInfo};
 use crate::db::{audit, notify};
 use crate::error::{Error, Result};
 
-pub use crate::db::tokens::NewToken;
-
-/// A token's name: at most 100 characters, no control characters. Returns it trimmed.
-pub fn validate_name(name: &str) -> Result<String> {
-    let name = name.trim();
-    if name.chars().count() > 100 {
-        return Err(Error::invalid("name", "must be at most 100 characters"));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "name",
-            "must not contain control characters",
-        ));
-    }
-    Ok(name.to_string())
-}
-
-fn validate(new: &mut NewToken) -> Result<()> {
-    new.name = validate_name(&new.name)?;
-    if let Some(scopes) = new.scopes
-        && !scopes.is_subset_of(new.kind.default_scopes())
-    {
-        return Err(Error::invalid(
-            "scopes",
-            format!(
-                "a {} token can hold at most: {}",
-                new.kind,
-                new.kind.default_scopes().to_strings().join(", ")
-            ),
-        ));
-    }
-    if let Some(at) = new.expires_at
-        && at <= Utc::now()
-    {
-        return Err(Error::invalid("expires_at", "must be in the future"));
-    }
-    let need = |present: bool, field: &str| {
-        if present {
-            Ok(())
-        } else {
-            Err(Error::invalid(
-                field,
-                format!("is required for a {} token", new.kind),
-            ))
-        }
-    };
-    match new.kind {
-        TokenKind::User => need(new.user_id.is_some(), "user_id"),
-        TokenKind::Organization => need(new.organization_id.is_some(), "organization_id"),
-        TokenKind::Project | TokenKind::Pull => {
-            need(new.organization_id.is_some(), "organization_id")?;
-            need(new.project_id.is_some(), "project_id")
-        }
-        TokenKind::Build => {
-            need(new.project_id.is_some(), "project_id")?;
-            need(new.build_id.is_some(), "build_id")
-        }
-        TokenKind::Machine => need(new.machine_id.is_some(), "machine_id"),
-    }
-}
-
-/// Validates a token row, mints its secret and inserts it. The secret exists only in
-/// the returned value. Callers write their audit entry in the same transaction.
-pub async fn issue<'e>(
-    db: impl PgExecutor<'e>,
-    mut new: NewToken,
-) -> Result<(TokenInfo, MintedToken)> {
-    validate(&mut new)?;
-    let minted = token::mint(new.kind);
-    let info = rows::insert(db, &new, &minted).await?;
-    Ok((info, minted))
-}
+pub use crate::auth::token::NewToken;
 
 fn kind_of(info: &TokenInfo) -> Result<TokenKind> {
     info.kind
@@ -140,7 +69,7 @@ impl Tokens {
         let project =
             crate::projects::load(&self.pool, principal, &id, Action::ManageProjectTokens).await?;
         let filter = TokenFilter {
-            kind: Some(TokenKind::Project),
+            kind: Some(TokenKind::Project.as_str().to_string()),
             project_id: Some(project.id),
             ..Default::default()
         };
