@@ -2,17 +2,14 @@
 //! audit entry in one transaction, and the defects the hardening review found.
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use kiln::auth::{Authenticator, INVALIDATION_CHANNEL, TokenKind};
-use kiln::db::notify::{Event, listen};
+use kiln::auth::TokenKind;
 use kiln::proto::depot::cli::v1 as cli;
 use kiln::proto::depot::cli::v1beta1 as cli_beta;
 use kiln::proto::depot::core::v1 as core;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use common::http::{rest, unary};
 use common::{TestDb, app, project_token, tenant, wait_for};
@@ -123,27 +120,9 @@ async fn deleting_a_project_invalidates_its_tokens_on_every_replica() {
     let t = tenant(&db.pool, "a").await;
     let project_tok = project_token(&db.pool, &t.project, TokenKind::Project).await;
     // Replica B caches tokens for five minutes and learns of changes only by NOTIFY.
-    let config = common::config(&db.url, &[("KILN_AUTH__TOKEN_CACHE_TTL_SECONDS", "300")]);
-    let replica_b = Arc::new(Authenticator::new(db.pool.clone(), &config.auth));
-    let cancel = CancellationToken::new();
-    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel();
-    {
-        let b = replica_b.clone();
-        tokio::spawn(listen(
-            db.pool.clone(),
-            vec![INVALIDATION_CHANNEL],
-            cancel.clone(),
-            move |event| match event {
-                Event::Notification { payload, .. } => b.apply_invalidation(&payload),
-                Event::Connected => {
-                    let _ = connected_tx.send(());
-                }
-            },
-        ));
-    }
-    tokio::time::timeout(Duration::from_secs(10), connected_rx.recv())
-        .await
-        .unwrap();
+    let (replica_b, cancel) =
+        common::listening_authenticator(&db, &[("KILN_AUTH__TOKEN_CACHE_TTL_SECONDS", "300")])
+            .await;
     replica_b
         .authenticate(Some(&bearer(&project_tok)))
         .await
@@ -501,21 +480,28 @@ async fn rest_and_connect_share_one_set_of_rules() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let err = unary::<_, core::UpdateProjectResponse>(
-        &router,
-        "depot.core.v1.ProjectService/UpdateProject",
-        &t.user_token,
-        &core::UpdateProjectRequest {
+    let connect_size = |gb: i32| {
+        let router = router.clone();
+        let request = core::UpdateProjectRequest {
             project_id: t.project.id.clone(),
             cache_policy: Some(core::CachePolicy {
-                keep_gb: 20_000,
+                keep_gb: gb,
                 ..Default::default()
             }),
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        };
+        let token = t.user_token.clone();
+        async move {
+            unary::<_, core::UpdateProjectResponse>(
+                &router,
+                "depot.core.v1.ProjectService/UpdateProject",
+                &token,
+                &request,
+            )
+            .await
+        }
+    };
+    let err = connect_size(20_000).await.unwrap_err();
     assert_eq!(err["code"], "invalid_argument");
     assert_eq!(
         body["message"].as_str().unwrap().split(':').next(),
@@ -531,21 +517,7 @@ async fn rest_and_connect_share_one_set_of_rules() {
         Some(json!({"cache_size_gb_amd64": 70})),
     )
     .await;
-    unary::<_, core::UpdateProjectResponse>(
-        &router,
-        "depot.core.v1.ProjectService/UpdateProject",
-        &t.user_token,
-        &core::UpdateProjectRequest {
-            project_id: t.project.id.clone(),
-            cache_policy: Some(core::CachePolicy {
-                keep_gb: 80,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    connect_size(80).await.unwrap();
     let sizes: Vec<i64> = sqlx::query_scalar(
         "SELECT (details->'after'->>'cache_size_gb_amd64')::bigint FROM audit_events
          WHERE action = 'project.update' ORDER BY id",

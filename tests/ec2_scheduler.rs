@@ -525,22 +525,9 @@ async fn call<Req: Message, Resp: Message + Default>(
     token: &str,
     request: &Req,
 ) -> Resp {
-    let response = http
-        .post(format!("{base}/{method}"))
-        .header("content-type", "application/proto")
-        .header("authorization", format!("Bearer {token}"))
-        .body(request.encode_to_vec())
-        .send()
+    common::connect_call(http, base, method, token, request)
         .await
-        .unwrap();
-    let status = response.status();
-    let body = response.bytes().await.unwrap();
-    assert!(
-        status.is_success(),
-        "{method}: {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    Resp::decode(body).unwrap()
+        .unwrap_or_else(|(status, code)| panic!("{method}: {status} {code}"))
 }
 
 /// Signs an identity document with the test stand-in for AWS's key.

@@ -23,28 +23,20 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Response {
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(token) = token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    let reply = common::http::request(router, method, path, token, body).await;
+    Response {
+        status: reply.status,
+        body: reply.json_or_text(),
+        headers: reply.headers,
     }
-    let req = match body {
-        Some(b) => req
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(b.to_string())),
-        None => req.body(Body::empty()),
-    }
-    .unwrap();
-    raw(router, req).await
 }
 
 async fn raw(router: &axum::Router, req: Request<Body>) -> Response {
     let reply = common::http::send(router, req).await;
-    let body = serde_json::from_slice(&reply.body)
-        .unwrap_or(Value::String(String::from_utf8_lossy(&reply.body).into()));
     Response {
         status: reply.status,
+        body: reply.json_or_text(),
         headers: reply.headers,
-        body,
     }
 }
 

@@ -319,15 +319,17 @@ async fn kiln_dev_boots_from_nothing_and_reuses_its_data() {
     second.wait_ready().await;
     assert_eq!(project2, project, "second start reuses the data");
     assert_ne!(token2, token, "each start mints a fresh token");
+    let me_status = || async {
+        reqwest::Client::new()
+            .get(format!("{api_url}/api/v1/me"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
     // The first token is still valid: its hash is in the reused database.
-    let status = reqwest::Client::new()
-        .get(format!("{api_url}/api/v1/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    assert_eq!(me_status().await, 200);
 
     // The postmaster dies: kiln dev starts it again on the same port and says so, and
     // the service answers again without anyone's help.
@@ -357,14 +359,7 @@ async fn kiln_dev_boots_from_nothing_and_reuses_its_data() {
         second.status("/readyz").await == Some(200)
     })
     .await;
-    let status = reqwest::Client::new()
-        .get(format!("{api_url}/api/v1/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    assert_eq!(me_status().await, 200);
     assert!(second.terminate().success(), "{}", second.logs());
     assert!(!postgres_running(&data));
 }

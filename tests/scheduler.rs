@@ -418,6 +418,17 @@ async fn the_reconciler_requeues_builds_of_vanished_builders_and_reaps_orphans()
     assert!(!s.provider.is_alive(&orphan).await.unwrap());
 }
 
+async fn launching_for_a_minute(db: &TestDb, machine_id: &str) {
+    sqlx::query(
+        "UPDATE machines SET state = 'launching', launched_at = now() - interval '1 minute'
+         WHERE id = $1",
+    )
+    .bind(machine_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_launch_that_ended_without_a_machine_frees_its_slot() {
     let db = TestDb::new().await;
@@ -430,14 +441,7 @@ async fn a_launch_that_ended_without_a_machine_frees_its_slot() {
     let (machine_id, _, _) = machine(&app, &t.project.id).await;
     // The launch job died on its last attempt without cleaning up (the pre-fix bug):
     // the row sits in `launching` holding the slot, and no job will ever run again.
-    sqlx::query(
-        "UPDATE machines SET state = 'launching', launched_at = now() - interval '1 minute'
-         WHERE id = $1",
-    )
-    .bind(&machine_id)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    launching_for_a_minute(&db, &machine_id).await;
     sqlx::query("UPDATE jobs SET state = 'failed' WHERE id = $1")
         .bind(job.id)
         .execute(&db.pool)
@@ -455,14 +459,7 @@ async fn a_launch_that_ended_without_a_machine_frees_its_slot() {
 
     // A launch still being retried is left to its job.
     let (second, _, _) = machine(&app, &t.project.id).await;
-    sqlx::query(
-        "UPDATE machines SET state = 'launching', launched_at = now() - interval '1 minute'
-         WHERE id = $1",
-    )
-    .bind(&second)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    launching_for_a_minute(&db, &second).await;
     assert!(s.reconcile().await.unwrap().stalled.is_empty());
 }
 

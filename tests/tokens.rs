@@ -4,12 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use kiln::auth::{Authenticator, INVALIDATION_CHANNEL, PrincipalKind, TokenKind};
-use kiln::db::notify::{Event, listen};
+use kiln::auth::{Authenticator, PrincipalKind, TokenKind};
 use kiln::db::tokens::{self, TokenFilter};
 use kiln::error::Error;
 use kiln::tokens::{NewToken, Tokens};
-use tokio_util::sync::CancellationToken;
 
 use common::{TestDb, operator, tenant, wait_for};
 
@@ -109,26 +107,7 @@ async fn revocation_reaches_another_replica_through_notify() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "a").await;
     // "Replica B": its own authenticator and LISTEN connection.
-    let replica_b = Arc::new(authenticator(&db));
-    let cancel = CancellationToken::new();
-    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel();
-    {
-        let b = replica_b.clone();
-        tokio::spawn(listen(
-            db.pool.clone(),
-            vec![INVALIDATION_CHANNEL],
-            cancel.clone(),
-            move |event| match event {
-                Event::Notification { payload, .. } => b.apply_invalidation(&payload),
-                Event::Connected => {
-                    let _ = connected_tx.send(());
-                }
-            },
-        ));
-    }
-    tokio::time::timeout(Duration::from_secs(10), connected_rx.recv())
-        .await
-        .unwrap();
+    let (replica_b, cancel) = common::listening_authenticator(&db, &[]).await;
     replica_b
         .authenticate(Some(&bearer(&t.user_token)))
         .await

@@ -36,6 +36,12 @@ impl AuditEvent {
         self
     }
 
+    /// Sets the organization when there is one (tokens of users have none).
+    pub fn org_of(mut self, id: Option<&str>) -> Self {
+        self.organization_id = id.map(str::to_string);
+        self
+    }
+
     pub fn target(mut self, kind: &str, id: impl Into<String>) -> Self {
         self.target_kind = Some(kind.to_string());
         self.target_id = Some(id.into());

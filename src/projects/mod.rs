@@ -127,14 +127,11 @@ pub async fn load<'e>(
     id: &str,
     action: Action,
 ) -> Result<Project> {
-    if !is_well_formed(id) {
-        return Err(Error::not_found("project", id));
-    }
-    let project = rows::get(db, id)
-        .await?
-        .ok_or_else(|| Error::not_found("project", id))?;
-    authz::authorize(principal, action, target(&project))?;
-    Ok(project)
+    let project = match is_well_formed(id) {
+        true => rows::get(db, id).await?,
+        false => None,
+    };
+    authorized(project, principal, id, action)
 }
 
 /// Like [`load`], locking the row for the rest of the transaction.
@@ -144,12 +141,20 @@ pub async fn load_for_update<'e>(
     id: &str,
     action: Action,
 ) -> Result<Project> {
-    if !is_well_formed(id) {
-        return Err(Error::not_found("project", id));
-    }
-    let project = rows::get_for_update(db, id)
-        .await?
-        .ok_or_else(|| Error::not_found("project", id))?;
+    let project = match is_well_formed(id) {
+        true => rows::get_for_update(db, id).await?,
+        false => None,
+    };
+    authorized(project, principal, id, action)
+}
+
+fn authorized(
+    project: Option<Project>,
+    principal: &Principal,
+    id: &str,
+    action: Action,
+) -> Result<Project> {
+    let project = project.ok_or_else(|| Error::not_found("project", id))?;
     authz::authorize(principal, action, target(&project))?;
     Ok(project)
 }

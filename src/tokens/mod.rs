@@ -36,6 +36,23 @@ fn subject(info: &TokenInfo, kind: TokenKind) -> TokenSubject<'_> {
     }
 }
 
+/// A token of one project, created by `principal`.
+fn project_scoped(
+    kind: TokenKind,
+    name: &str,
+    organization_id: &str,
+    project_id: &str,
+    expires_at: Option<chrono::DateTime<Utc>>,
+    principal: &Principal,
+) -> NewToken {
+    let mut new = NewToken::new(kind, name);
+    new.organization_id = Some(organization_id.to_string());
+    new.project_id = Some(project_id.to_string());
+    new.expires_at = expires_at;
+    new.created_by = principal.user_id.clone();
+    new
+}
+
 /// A pull token and the project it pulls from.
 #[derive(Debug)]
 pub struct PullToken {
@@ -100,11 +117,14 @@ impl Tokens {
         let mut tx = self.pool.begin().await?;
         let project =
             crate::projects::load(&mut *tx, principal, &id, Action::ManageProjectTokens).await?;
-        let mut new = NewToken::new(TokenKind::Project, name);
-        new.organization_id = Some(project.organization_id.clone());
-        new.project_id = Some(project.id.clone());
-        new.expires_at = expires_at;
-        new.created_by = principal.user_id.clone();
+        let new = project_scoped(
+            TokenKind::Project,
+            name,
+            &project.organization_id,
+            &project.id,
+            expires_at,
+            principal,
+        );
         let (info, minted) = issue(&mut *tx, new).await?;
         audit::record(
             &mut *tx,
@@ -163,13 +183,11 @@ impl Tokens {
             .manageable(&mut *tx, principal, Some(&project_id), token_id)
             .await?;
         rows::rename(&mut *tx, &info.id, &name).await?;
-        let mut event = principal
+        let event = principal
             .audit("token.rename")
+            .org_of(info.organization_id.as_deref())
             .target("token", &info.id)
             .details(json!({ "before": info.name, "after": name }));
-        if let Some(org) = &info.organization_id {
-            event = event.org(org);
-        }
         audit::record(&mut *tx, event).await?;
         tx.commit().await?;
         Ok(())
@@ -190,13 +208,11 @@ impl Tokens {
         let Some(hash) = rows::revoke(&mut *tx, &info.id).await? else {
             return Ok(false);
         };
-        let mut event = principal
+        let event = principal
             .audit("token.revoke")
+            .org_of(info.organization_id.as_deref())
             .target("token", &info.id)
             .details(json!({ "kind": kind.as_str(), "prefix": info.display_prefix }));
-        if let Some(org) = &info.organization_id {
-            event = event.org(org);
-        }
         audit::record(&mut *tx, event).await?;
         notify::send(&mut *tx, INVALIDATION_CHANNEL, &hex::encode(hash)).await?;
         tx.commit().await?;
@@ -246,15 +262,16 @@ impl Tokens {
                 (project.id, project.organization_id)
             }
         };
-        let mut new = NewToken::new(TokenKind::Pull, "depot pull-token");
-        new.organization_id = Some(organization_id.clone());
-        new.project_id = Some(project_id.clone());
-        new.expires_at = Some(
-            Utc::now()
-                + chrono::Duration::from_std(self.pull_token_ttl)
-                    .unwrap_or(chrono::Duration::hours(1)),
+        let ttl =
+            chrono::Duration::from_std(self.pull_token_ttl).unwrap_or(chrono::Duration::hours(1));
+        let new = project_scoped(
+            TokenKind::Pull,
+            "depot pull-token",
+            &organization_id,
+            &project_id,
+            Some(Utc::now() + ttl),
+            principal,
         );
-        new.created_by = principal.user_id.clone();
         let (info, minted) = issue(&mut *tx, new).await?;
         audit::record(
             &mut *tx,
@@ -296,13 +313,11 @@ impl Tokens {
         }
         let mut tx = self.pool.begin().await?;
         let (info, minted) = issue(&mut *tx, new).await?;
-        let mut event = principal
+        let event = principal
             .audit("token.create")
+            .org_of(info.organization_id.as_deref())
             .target("token", &info.id)
             .details(json!({ "kind": info.kind, "prefix": info.display_prefix }));
-        if let Some(org) = &info.organization_id {
-            event = event.org(org);
-        }
         audit::record(&mut *tx, event).await?;
         tx.commit().await?;
         Ok((info, minted.secret))

@@ -19,6 +19,12 @@ impl Reply {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
     }
+
+    /// The body as JSON, or as a JSON string when it is not JSON.
+    pub fn json_or_text(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&self.body).into()))
+    }
 }
 
 /// Sends `req` through the router.
@@ -80,14 +86,14 @@ pub async fn unary<Req: Message, Resp: Message + Default>(
     }
 }
 
-/// A REST call with an optional JSON body; the answer's body parsed as JSON (or text).
-pub async fn rest(
+/// A request with an optional JSON body.
+pub async fn request(
     router: &axum::Router,
     method: &str,
     path: &str,
     token: Option<&str>,
     body: Option<Value>,
-) -> (StatusCode, Value) {
+) -> Reply {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(token) = token {
         req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -99,8 +105,17 @@ pub async fn rest(
         None => req.body(Body::empty()),
     }
     .unwrap();
-    let reply = send(router, req).await;
-    let body = serde_json::from_slice(&reply.body)
-        .unwrap_or(Value::String(String::from_utf8_lossy(&reply.body).into()));
-    (reply.status, body)
+    send(router, req).await
+}
+
+/// A REST call: the status and the body parsed as JSON (or as a JSON string).
+pub async fn rest(
+    router: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let reply = request(router, method, path, token, body).await;
+    (reply.status, reply.json_or_text())
 }

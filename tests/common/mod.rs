@@ -546,3 +546,40 @@ pub async fn connect_call<Req: prost::Message, Resp: prost::Message + Default>(
         .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
     Err((status.as_u16(), code))
 }
+
+/// Another replica's token cache: an authenticator that learns of revocations only by
+/// LISTEN/NOTIFY, connected before this returns. Cancel the token to stop listening.
+pub async fn listening_authenticator(
+    db: &TestDb,
+    overrides: &[(&str, &str)],
+) -> (
+    Arc<kiln::auth::Authenticator>,
+    tokio_util::sync::CancellationToken,
+) {
+    use kiln::db::notify::{Event, listen};
+    let config = config(&db.url, overrides);
+    let auth = Arc::new(kiln::auth::Authenticator::new(
+        db.pool.clone(),
+        &config.auth,
+    ));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let auth = auth.clone();
+        tokio::spawn(listen(
+            db.pool.clone(),
+            vec![kiln::auth::INVALIDATION_CHANNEL],
+            cancel.clone(),
+            move |event| match event {
+                Event::Notification { payload, .. } => auth.apply_invalidation(&payload),
+                Event::Connected => {
+                    let _ = connected_tx.send(());
+                }
+            },
+        ));
+    }
+    tokio::time::timeout(Duration::from_secs(10), connected_rx.recv())
+        .await
+        .expect("the LISTEN connection");
+    (auth, cancel)
+}
