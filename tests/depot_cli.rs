@@ -373,6 +373,38 @@ async fn exercise_build_onboarding(s: &Setup) {
         .await;
     assert!(!out.ok);
     assert!(out.all().contains("unauthenticated"), "{}", out.all());
+
+    // `--save` would report an image saved that does not exist: refused up front.
+    let builds_before: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let out = s
+        .depot(
+            &[
+                "build",
+                "--project",
+                &s.tenant.project.id,
+                "--save",
+                "--progress",
+                "plain",
+                context,
+            ],
+            Some(&s.tenant.user_token),
+        )
+        .await;
+    assert!(!out.ok, "{}", out.all());
+    assert!(
+        out.all().contains("failed_precondition") && out.all().contains("--save"),
+        "{}",
+        out.all()
+    );
+    assert!(!out.all().contains("depot pull"), "{}", out.all());
+    let builds_after: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(builds_after, builds_before, "no build was started");
 }
 
 async fn exercise_builds(s: &Setup) {
