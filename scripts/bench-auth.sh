@@ -2,6 +2,7 @@
 # Benchmark: idle RSS of `kiln serve`, and throughput/latency of an authenticated no-op
 # request (GET /api/v1/me with a user token) at 200 concurrent connections.
 #   bash scripts/bench-auth.sh [duration_seconds]
+#   BENCH_KILN=/path/to/other/kiln bash scripts/bench-auth.sh   # measure another build
 # Needs wrk (installed from Debian when run as root). Load goes to 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,12 @@ if ! command -v wrk >/dev/null; then
   fi
 fi
 
-cargo build --release --locked --bin kiln
-KILN="${CARGO_TARGET_DIR:-target}/release/kiln"
+if [ -n "${BENCH_KILN:-}" ]; then
+  KILN="$BENCH_KILN"
+else
+  cargo build --release --locked --bin kiln
+  KILN="${CARGO_TARGET_DIR:-target}/release/kiln"
+fi
 
 start_throwaway_postgres
 KILN_PID=""

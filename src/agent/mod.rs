@@ -210,6 +210,8 @@ async fn registered_token(args: &AgentArgs, channel: Channel) -> anyhow::Result<
     Ok(response.machine_token)
 }
 
+/// Worth trying again later: Kiln is unreachable, overloaded, or rate-limiting this
+/// address (many builders behind one NAT address register at once).
 fn retryable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
@@ -217,6 +219,7 @@ fn retryable(status: &tonic::Status) -> bool {
             | tonic::Code::Unknown
             | tonic::Code::Internal
             | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
     )
 }
 
