@@ -838,8 +838,7 @@ async fn floods_of_unauthenticated_requests_leave_bounded_rows() {
     }
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let logins: i64 = count(&db, "SELECT count(*) FROM login_requests").await;
-    // Replicas count open requests before inserting; a few may race past the cap.
-    assert!(logins <= 510, "{logins} login requests (cap 500)");
+    assert!(logins <= 500, "{logins} login requests (cap 500)");
     let audits: i64 = scalar(&db, refusals, "machine.%").await;
     let bound = 60 + (60.0 * minutes).ceil() as i64;
     assert!(audits <= bound, "{audits} refusal audits (bound {bound})");

@@ -162,11 +162,16 @@ fn claim_hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
-/// Opens a login request, unless `max_open` are open already.
+/// Opens a login request, unless `max_open` are open already (exactly: requests count
+/// and insert under one advisory lock, across replicas).
 pub async fn start(pool: &PgPool, ttl: Duration, max_open: i64) -> Result<StartedLogin> {
     for _ in 0..5 {
         let claim_secret = random_alphanumeric(CLAIM_SECRET_LEN);
         let user_code = new_user_code();
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kiln:login-requests'))")
+            .execute(&mut *tx)
+            .await?;
         let inserted = sqlx::query(
             "INSERT INTO login_requests (id, claim_hash, user_code, expires_at)
              SELECT $1, $2, $3, now() + make_interval(secs => $4)
@@ -179,9 +184,10 @@ pub async fn start(pool: &PgPool, ttl: Duration, max_open: i64) -> Result<Starte
         .bind(&user_code)
         .bind(ttl.as_secs_f64())
         .bind(max_open)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        tx.commit().await?;
         if inserted == 1 {
             metrics::counter!("kiln_login_requests_total", "outcome" => "started").increment(1);
             return Ok(StartedLogin {
