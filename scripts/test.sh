@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. Installs what the tests need (PostgreSQL's server
-# binaries, the pinned depot CLI from npm, moto from PyPI into a venv), starts a throwaway
-# PostgreSQL cluster and a moto_server for them, runs the whole suite, and cleans up.
+# binaries, Debian's Ceph, the pinned depot CLI from npm, moto from PyPI into a venv),
+# starts a throwaway PostgreSQL cluster, a single-node Ceph cluster and a moto_server for
+# them, runs the whole suite, and cleans up.
 #   bash scripts/test.sh            # all tests
 #   bash scripts/test.sh jobs       # extra args go to the test runner (a filter here)
 set -euo pipefail
@@ -9,18 +10,25 @@ cd "$(dirname "$0")/.."
 source scripts/lib/postgres.sh
 source scripts/lib/depot-cli.sh
 source scripts/lib/moto.sh
+source scripts/lib/ceph.sh
 
 cleanup() {
   stop_moto
+  stop_throwaway_ceph --purge
   stop_throwaway_postgres
 }
 
 ensure_postgres_binaries
+ensure_ceph
 ensure_depot_cli
 ensure_moto
 start_throwaway_postgres
 trap cleanup EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"
+# Ceph tests (crates/kiln-ceph, the cache allocator) find it through TEST_CEPH_CONF.
+start_throwaway_ceph
+export TEST_CEPH_CONF="$CEPH_CONF" TEST_CEPH_POOL="$CEPH_POOL" TEST_CEPH_DIR="$CEPH_DIR"
+echo "==> Ceph for tests: $TEST_CEPH_CONF (pool $TEST_CEPH_POOL)"
 # kiln-ec2's tests (crates/kiln-ec2/tests/moto.rs) find it through TEST_MOTO_URL.
 start_moto
 echo "==> moto_server for tests at $TEST_MOTO_URL"
