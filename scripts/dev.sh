@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs Kiln on this machine with no setup: installs PostgreSQL's server binaries if
-# they are missing (as root; otherwise prints the apt line) and the pinned depot CLI
+# Runs Kiln on this machine with no setup: installs PostgreSQL's server binaries and the
+# Ceph client libraries kiln links if they are missing (as root; otherwise prints the
+# apt line) and the pinned depot CLI
 # (npm), builds kiln and the local BuildKit stand-in, then runs `kiln dev`, which starts
 # a throwaway PostgreSQL under ./.kiln, seeds a dev org/project/token and serves.
 #   bash scripts/dev.sh                      # http://127.0.0.1:8080
@@ -9,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/postgres.sh
 source scripts/lib/depot-cli.sh
+source scripts/lib/ceph.sh
 ensure_postgres_binaries
+ensure_ceph_client_libs
 # The CLI is a convenience: kiln dev names it in its hint. Without npm, carry on.
 if ensure_depot_cli; then
   export KILN_DEV__DEPOT_CLI="$TEST_DEPOT_CLI"

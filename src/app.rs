@@ -35,6 +35,7 @@ pub struct App {
     pub tokens: Tokens,
     pub builds: Builds,
     pub scheduler: Arc<Scheduler>,
+    pub cache: Arc<crate::cache::Cache>,
     pub connect: ConnectRouter,
     /// Every LISTEN/NOTIFY notification, for in-process waiters (logins, connections).
     pub events: broadcast::Sender<Arc<Notification>>,
@@ -65,16 +66,18 @@ impl App {
     pub fn new(config: Config, db: PgPool) -> AppState {
         let auth = Arc::new(Authenticator::new(db.clone(), &config.auth));
         let builds = Builds::new(db.clone(), auth.clone(), config.builds.clone());
+        let cache = Arc::new(crate::cache::Cache::new(db.clone(), &config));
         let scheduler = Arc::new(Scheduler::new(
             db.clone(),
             config.builders.clone(),
             config.secrets.key_encryption_key(),
             config.limits.refusal_audits_per_minute,
+            cache.clone(),
         ));
         let (events, _) = broadcast::channel(4096);
         Arc::new(App {
             orgs: Orgs::new(db.clone(), auth.clone()),
-            projects: Projects::new(db.clone(), auth.clone()),
+            projects: Projects::new(db.clone(), auth.clone(), cache.clone()),
             tokens: Tokens::new(
                 db.clone(),
                 auth.clone(),
@@ -86,6 +89,7 @@ impl App {
             auth,
             builds,
             scheduler,
+            cache,
             connect: crate::api::connect::services::router(),
             events,
             metrics: crate::telemetry::metrics_handle(),
@@ -182,7 +186,7 @@ pub async fn serve(
 
     let mut runner = JobRunner::new(pool.clone(), app.config.jobs.clone());
     crate::jobs::register_foundation_jobs(&mut runner, pool.clone(), app.config.retention.clone());
-    crate::cache::register_jobs(&mut runner, app.scheduler.clone());
+    crate::cache::register_jobs(&mut runner, app.cache.clone(), app.scheduler.clone());
     register_build_jobs(&mut runner, &app);
     let wake_jobs = runner.waker();
     {

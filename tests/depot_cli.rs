@@ -67,7 +67,12 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 async fn setup(tls: bool) -> Setup {
+    setup_with(tls, &[]).await
+}
+
+async fn setup_with(tls: bool, extra: &[(String, String)]) -> Setup {
     let db = TestDb::new().await;
+    let home = tempfile::tempdir().unwrap();
     let tenant = tenant(&db.pool, "cli").await;
     common::set_password(&db.pool, &tenant.user_id, "correct horse battery").await;
     let port = free_port();
@@ -104,6 +109,11 @@ async fn setup(tls: bool) -> Setup {
         (format!("http://127.0.0.1:{port}"), None, None)
     };
     env.push(("KILN_SERVER__PUBLIC_URL".into(), api_url.clone()));
+    env.push((
+        "KILN_CACHE__LOCAL__DIR".into(),
+        home.path().join("cache").display().to_string(),
+    ));
+    env.extend_from_slice(extra);
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut kiln = Kiln::spawn(&["serve"], &env_refs, port);
     if tls {
@@ -121,7 +131,7 @@ async fn setup(tls: bool) -> Setup {
         tenant,
         api_url,
         ca_file,
-        home: tempfile::tempdir().unwrap(),
+        home,
         _certs: certs,
     }
 }
@@ -618,4 +628,184 @@ async fn depot_cli_with_a_path_prefix() {
         .await;
     assert!(out.ok, "{}", out.all());
     assert!(out.stdout.contains(&s.tenant.project.id));
+}
+
+/// A context the CLI builds (one COPY), for build tests.
+fn build_context() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY hello.txt /\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("hello.txt"), "hi\n").unwrap();
+    dir
+}
+
+/// The machine serving `project`'s amd64 builds, once one serves.
+async fn serving_machine(s: &Setup, project: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT id FROM machines WHERE project_id = $1 AND platform = 'amd64'
+         AND state IN ('ready', 'assigned') ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(project)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn depot_build_keeps_its_cache_on_a_ceph_volume_across_builders() {
+    let Ok(conf) = std::env::var("TEST_CEPH_CONF") else {
+        panic!(
+            "TEST_CEPH_CONF is not set: run the tests through `bash scripts/test.sh`, which starts Ceph"
+        );
+    };
+    let pool = std::env::var("TEST_CEPH_POOL").unwrap_or_else(|_| "kiln-cache".into());
+    let builders = tempfile::tempdir().unwrap();
+    let standin = env!("CARGO_BIN_EXE_buildkitd-standin");
+    let command = format!(
+        r#"["{standin}", "--listen", "{{listen}}", "--cert", "{{cert}}", "--key", "{{key}}", "--ca", "{{ca}}", "--root", "{{root}}"]"#
+    );
+    let extra: Vec<(String, String)> = [
+        (
+            "KILN_BUILDERS__LOCAL__STATE_DIR",
+            builders.path().to_str().unwrap(),
+        ),
+        ("KILN_BUILDERS__LOCAL__COMMAND", command.as_str()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain([
+        ("KILN_CACHE__PROVIDER".to_string(), "ceph".to_string()),
+        ("KILN_CACHE__CEPH__CONF_PATH".to_string(), conf.clone()),
+        ("KILN_CACHE__CEPH__POOL".to_string(), pool.clone()),
+        ("KILN_CACHE__CAPACITY_GB".to_string(), "1000".to_string()),
+    ])
+    .collect();
+    let s = setup_with(false, &extra).await;
+    let project = s.tenant.project.id.clone();
+    let token = s.tenant.user_token.clone();
+    let context = build_context();
+    let context = context.path().to_str().unwrap();
+    let build = |label: &'static str| {
+        let s = &s;
+        let project = project.clone();
+        let token = token.clone();
+        async move {
+            let out = s
+                .depot(
+                    &[
+                        "build",
+                        "--project",
+                        &project,
+                        "--platform",
+                        "linux/amd64",
+                        "--progress",
+                        "plain",
+                        context,
+                    ],
+                    Some(&token),
+                )
+                .await;
+            assert!(
+                out.ok,
+                "{label} build failed:\n{}\nkiln log:\n{}",
+                out.all(),
+                s.kiln.logs()
+            );
+        }
+    };
+
+    build("first").await;
+    let first = serving_machine(&s, &project).await;
+    let (volume_id, namespace, image, state): (String, String, String, String) = sqlx::query_as(
+        "SELECT v.id, v.namespace, v.image, v.state FROM volumes v
+         JOIN machines m ON m.volume_id = v.id WHERE m.id = $1",
+    )
+    .bind(&first)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "attached");
+    assert_eq!(namespace, format!("proj-{project}"));
+    let log_of = |machine: &str| {
+        builders
+            .path()
+            .join(machine)
+            .join("volume/buildkit/solves.log")
+    };
+    let solves = std::fs::read_to_string(log_of(&first)).unwrap();
+    assert_eq!(solves.lines().count(), 1, "{solves}");
+    // BuildKit's root is the mounted Ceph volume.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let mount = builders.path().join(&first).join("volume");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == mount.to_str()),
+        "the volume is mounted at {}",
+        mount.display()
+    );
+
+    // The builder is reaped: the agent drains, unmounts and lets go of the volume.
+    sqlx::query("UPDATE machines SET state = 'draining' WHERE id = $1")
+        .bind(&first)
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    common::wait_for(
+        "the builder to be reaped and the volume released",
+        Duration::from_secs(60),
+        || async {
+            let (machine_state, volume_state): (String, String) = sqlx::query_as(
+                "SELECT m.state, v.state FROM machines m, volumes v WHERE m.id = $1 AND v.id = $2",
+            )
+            .bind(&first)
+            .bind(&volume_id)
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+            machine_state == "terminated" && volume_state == "available"
+        },
+    )
+    .await;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(builders.path().join(&first).to_str().unwrap()),
+        "unmounted"
+    );
+
+    // The next build gets a new builder with the same volume: the first build's files
+    // are there.
+    build("second").await;
+    let second = serving_machine(&s, &project).await;
+    assert_ne!(second, first);
+    let solves = std::fs::read_to_string(log_of(&second)).unwrap();
+    assert_eq!(
+        solves.lines().count(),
+        2,
+        "the first build's record survived: {solves}"
+    );
+    let (ok, du, err) = {
+        let out = std::process::Command::new("rbd")
+            .args([
+                "du",
+                "--format",
+                "json",
+                &format!("{pool}/{namespace}/{image}"),
+            ])
+            .env("CEPH_CONF", &conf)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert!(ok, "{err}");
+    let du: serde_json::Value = serde_json::from_str(&du).unwrap();
+    assert!(du["images"][0]["used_size"].as_i64().unwrap() > 0, "{du}");
+    drop(s.kiln);
 }

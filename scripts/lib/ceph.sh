@@ -3,6 +3,7 @@
 # Debian's Ceph 16.2 (Pacific). Source this file; it defines functions only.
 #
 #   ensure_ceph                 installs the packages when missing (root), or says how
+#   ensure_ceph_client_libs     only what building kiln needs (librados-dev, librbd-dev)
 #   start_throwaway_ceph        new cluster under $CEPH_DIR; sets CEPH_CONF, CEPH_POOL
 #   restart_ceph                starts the daemons of an existing cluster again
 #   stop_throwaway_ceph [--purge]
@@ -29,6 +30,24 @@ ensure_ceph() {
   fi
   echo "Ceph is missing ($missing ). Install it with:" >&2
   echo "    sudo apt-get install -y --no-install-recommends $CEPH_PACKAGES" >&2
+  return 1
+}
+
+# kiln links librados and librbd (crates/kiln-ceph).
+ensure_ceph_client_libs() {
+  local missing=""
+  for lib in librados.so librbd.so; do
+    ldconfig -p 2>/dev/null | grep -q "$lib " || missing="$missing $lib"
+  done
+  [ -z "$missing" ] && return 0
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing the Ceph client libraries (apt-get install librados-dev librbd-dev)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends librados-dev librbd-dev >/dev/null
+    return 0
+  fi
+  echo "Building kiln needs the Ceph client libraries ($missing ). Install them with:" >&2
+  echo "    sudo apt-get install -y --no-install-recommends librados-dev librbd-dev" >&2
   return 1
 }
 
@@ -101,6 +120,9 @@ debug ms = 0/0
 admin socket = $CEPH_DIR/run/\$cluster-\$name.\$pid.\$cctid.asok
 log file = $CEPH_DIR/log/client.\$pid.log
 rbd default features = layering,exclusive-lock,object-map,fast-diff,deep-flatten
+# Calls to a cluster that lost its OSD fail after this instead of waiting forever.
+rados osd op timeout = 20
+rados mon op timeout = 20
 
 [mon]
 mon data = $CEPH_DIR/mon.\$id

@@ -10,27 +10,35 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
+use super::volume::{self, AttachedVolume};
 use super::write_private;
 use crate::proto::kiln::agent::v1 as pb;
 
 /// What decides whether BuildKit must restart: not the certificates, which Kiln
-/// re-issues with every directive.
+/// re-issues with every directive, nor the volume's size, which grows in place.
 #[derive(Debug, Clone, PartialEq)]
 struct TaskKey {
     project_id: String,
     platform: String,
     server_name: String,
-    cache: Option<pb::CacheVolume>,
+    volume: Option<(String, String, String)>,
     gc_keep_bytes: u64,
     max_parallelism: u32,
 }
 
 pub struct Supervisor {
+    machine_id: String,
     state_dir: PathBuf,
     listen: String,
     command: Vec<String>,
+    /// The directive generation applied (what health reports echo).
     generation: u64,
+    /// The task Kiln wants served, and its generation, until it is applied.
+    desired: Option<(u64, pb::BuildKitTask)>,
+    last_attempt: Option<Instant>,
+    failures: u32,
     task: Option<TaskKey>,
+    volume: Option<AttachedVolume>,
     child: Option<Child>,
     started_at: Option<Instant>,
     restarts: u32,
@@ -43,63 +51,118 @@ pub struct Report {
     pub disk_total_bytes: u64,
     /// A task is applied but BuildKit does not answer yet.
     pub applied_but_starting: bool,
+    /// A task waits to be applied (its volume is not free yet, say).
+    pub waiting: bool,
+}
+
+fn task_key(task: &pb::BuildKitTask) -> TaskKey {
+    TaskKey {
+        project_id: task.project_id.clone(),
+        platform: task.platform.clone(),
+        server_name: task.server_name.clone(),
+        volume: task
+            .cache
+            .as_ref()
+            .filter(|c| volume::is_volume(Some(c)))
+            .map(|c| (c.volume_id.clone(), c.kind.clone(), c.source.clone())),
+        gc_keep_bytes: task.gc_keep_bytes,
+        max_parallelism: task.max_parallelism,
+    }
 }
 
 impl Supervisor {
-    pub fn new(state_dir: PathBuf, listen: String, command: Vec<String>) -> Self {
+    pub fn new(
+        machine_id: String,
+        state_dir: PathBuf,
+        listen: String,
+        command: Vec<String>,
+    ) -> Self {
         Supervisor {
+            machine_id,
             state_dir,
             listen,
             command,
             generation: 0,
+            desired: None,
+            last_attempt: None,
+            failures: 0,
             task: None,
+            volume: None,
             child: None,
             started_at: None,
             restarts: 0,
         }
     }
 
+    /// BuildKit's state: on the attached volume, else on the machine's disk.
     fn root(&self) -> PathBuf {
-        self.state_dir.join("buildkit")
+        match &self.volume {
+            Some(volume) => volume.root.clone(),
+            None => self.state_dir.join("buildkit"),
+        }
     }
 
-    /// Serves `task`, restarting BuildKit only if what it serves changed.
+    /// Serves `task` from now on. Applied at once when possible; otherwise (its volume
+    /// is still locked by a draining builder, say) `keep_alive` keeps trying, and health
+    /// reports the old generation until it is.
     pub async fn serve(&mut self, generation: u64, task: pb::BuildKitTask) -> anyhow::Result<()> {
-        let key = TaskKey {
-            project_id: task.project_id.clone(),
-            platform: task.platform.clone(),
-            server_name: task.server_name.clone(),
-            cache: task.cache.clone(),
-            gc_keep_bytes: task.gc_keep_bytes,
-            max_parallelism: task.max_parallelism,
+        self.desired = Some((generation, task));
+        self.failures = 0;
+        self.converge().await
+    }
+
+    async fn converge(&mut self) -> anyhow::Result<()> {
+        let Some((generation, task)) = self.desired.clone() else {
+            return Ok(());
         };
+        self.last_attempt = Some(Instant::now());
+        let key = task_key(&task);
+        let wanted = task.cache.as_ref().filter(|c| volume::is_volume(Some(c)));
+        let attached = self.volume.as_ref().map(|v| v.volume_id.clone());
+        if attached.as_deref() != wanted.map(|c| c.volume_id.as_str()) {
+            self.stop_buildkit().await;
+            self.task = None;
+            if let Some(old) = self.volume.take() {
+                old.detach().await;
+            }
+            if let Some(spec) = wanted {
+                let attached = AttachedVolume::attach(spec, &self.machine_id, &self.state_dir)
+                    .await
+                    .context("attaching the cache volume")?;
+                tracing::info!(volume_id = %spec.volume_id, root = %attached.root.display(), "cache volume attached");
+                self.volume = Some(attached);
+            }
+        }
+        if let (Some(spec), Some(volume)) = (wanted, self.volume.as_mut())
+            && spec.size_bytes > volume.size_bytes
+        {
+            volume.grow(spec.size_bytes).await?;
+        }
         if self.task.as_ref() == Some(&key) && self.running() {
             self.generation = generation;
+            self.desired = None;
             return Ok(());
         }
-        self.stop().await;
+        self.stop_buildkit().await;
         self.write_task(&task)?;
         self.task = Some(key);
         self.restarts = 0;
         self.start()?;
         self.generation = generation;
+        self.desired = None;
         Ok(())
     }
 
     pub async fn standby(&mut self, generation: u64) {
         self.stop().await;
-        self.task = None;
+        self.desired = None;
         self.generation = generation;
     }
 
     fn write_task(&self, task: &pb::BuildKitTask) -> anyhow::Result<()> {
         let tls = self.state_dir.join("tls");
         std::fs::create_dir_all(&tls).with_context(|| format!("creating {tls:?}"))?;
-        // The cache issue attaches a volume here; until then BuildKit's state is local.
-        let root = match task.cache.as_ref() {
-            Some(cache) if !cache.mount_path.is_empty() => PathBuf::from(&cache.mount_path),
-            _ => self.root(),
-        };
+        let root = self.root();
         std::fs::create_dir_all(&root).with_context(|| format!("creating {root:?}"))?;
         write_private(&tls.join("tls.crt"), &task.server_cert_pem)?;
         write_private(&tls.join("tls.key"), &task.server_key_pem)?;
@@ -117,6 +180,7 @@ impl Supervisor {
     fn start(&mut self) -> anyhow::Result<()> {
         let tls = self.state_dir.join("tls");
         let path = |p: PathBuf| p.display().to_string();
+        let root = self.root();
         let args: Vec<String> = self
             .command
             .iter()
@@ -126,7 +190,7 @@ impl Supervisor {
                     .replace("{cert}", &path(tls.join("tls.crt")))
                     .replace("{key}", &path(tls.join("tls.key")))
                     .replace("{ca}", &path(tls.join("tlsca.crt")))
-                    .replace("{root}", &path(self.root()))
+                    .replace("{root}", &path(root.clone()))
             })
             .collect();
         let (program, rest) = args
@@ -167,8 +231,37 @@ impl Supervisor {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Restarts BuildKit if it died while a task is applied, backing off on crash loops.
+    /// Keeps the machine on its directive: retries a task that could not be applied yet
+    /// (backing off), grows the volume's filesystem while BuildKit has no client when it
+    /// could not grow online, and restarts BuildKit if it died.
     pub async fn keep_alive(&mut self) {
+        if self.desired.is_some() {
+            let backoff = Duration::from_millis(500 << self.failures.min(4));
+            if self.last_attempt.is_none_or(|at| at.elapsed() >= backoff) {
+                match self.converge().await {
+                    Ok(()) => self.failures = 0,
+                    Err(err) => {
+                        self.failures += 1;
+                        tracing::warn!(error = %format!("{err:#}"), attempt = self.failures, "cannot serve the directive yet; retrying");
+                    }
+                }
+            }
+            return;
+        }
+        if self.volume.as_ref().is_some_and(|v| v.grow_pending) && !self.in_use() {
+            self.stop_buildkit().await;
+            if let Some(volume) = self.volume.as_mut()
+                && let Err(err) = volume.grow_offline().await
+            {
+                tracing::error!(error = %format!("{err:#}"), "could not grow the cache filesystem");
+            }
+            if self.task.is_some()
+                && let Err(err) = self.start()
+            {
+                tracing::error!(error = %format!("{err:#}"), "could not restart BuildKit");
+            }
+            return;
+        }
         if self.task.is_none() || self.running() {
             return;
         }
@@ -183,8 +276,24 @@ impl Supervisor {
         }
     }
 
-    /// Stops BuildKit: SIGTERM, then SIGKILL after 10 seconds.
+    /// Whether a client is connected to BuildKit (a build may be running).
+    fn in_use(&self) -> bool {
+        self.listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| volume::has_clients(a.port()))
+    }
+
+    /// Stops BuildKit and lets go of the volume.
     pub async fn stop(&mut self) {
+        self.stop_buildkit().await;
+        self.task = None;
+        if let Some(volume) = self.volume.take() {
+            volume.detach().await;
+        }
+    }
+
+    /// Stops BuildKit: SIGTERM, then SIGKILL after 10 seconds.
+    async fn stop_buildkit(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -206,13 +315,17 @@ impl Supervisor {
     pub async fn report(&mut self) -> Report {
         let running = self.running();
         let up = running && self.task.is_some() && accepts_connections(&self.listen).await;
-        let (free, total) = disk_space(&self.state_dir);
+        let (free, total) = match &self.volume {
+            Some(volume) => volume.space(),
+            None => crate::cache::local::filesystem_space(&self.state_dir).unwrap_or((0, 0)),
+        };
         Report {
             generation: self.generation,
             buildkit_up: up,
             disk_free_bytes: free,
             disk_total_bytes: total,
             applied_but_starting: self.task.is_some() && !up,
+            waiting: self.desired.is_some(),
         }
     }
 }
@@ -232,20 +345,6 @@ async fn accepts_connections(listen: &str) -> bool {
         .await,
         Ok(Ok(_))
     )
-}
-
-fn disk_space(path: &Path) -> (u64, u64) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return (0, 0);
-    };
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return (0, 0);
-    }
-    let block = stat.f_frsize as u64;
-    (stat.f_bavail as u64 * block, stat.f_blocks as u64 * block)
 }
 
 /// buildkitd's configuration: mTLS listener, state root, and a GC policy that keeps the

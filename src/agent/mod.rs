@@ -9,6 +9,7 @@
 
 mod buildkitd;
 mod imds;
+pub mod volume;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,6 +92,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .context("the machine token is not a valid header value")?;
     let client: Client = MachineAgentServiceClient::with_interceptor(channel, Bearer(bearer));
     let supervisor = Arc::new(Mutex::new(Supervisor::new(
+        args.machine_id.clone(),
         args.state_dir.clone(),
         args.buildkit_listen.clone(),
         args.buildkitd.clone(),
@@ -368,6 +370,8 @@ async fn health_loop(
         // moment it answers: builds are waiting for it.
         let wait = if report.applied_but_starting {
             Duration::from_millis(5)
+        } else if report.waiting {
+            Duration::from_millis(250)
         } else {
             interval
         };

@@ -137,9 +137,19 @@ fn to_proto(directive: Directive) -> pb::Directive {
             server_cert_pem: task.server_cert_pem,
             server_key_pem: task.server_key_pem,
             ca_cert_pem: task.ca_cert_pem,
-            cache: Some(pb::CacheVolume {
-                kind: "none".into(),
-                ..Default::default()
+            cache: Some(match task.cache {
+                Some(cache) => pb::CacheVolume {
+                    kind: cache.attachment.kind.into(),
+                    source: cache.attachment.source,
+                    mount_path: String::new(),
+                    options: cache.attachment.options.into_iter().collect(),
+                    volume_id: cache.volume_id,
+                    size_bytes: cache.size_bytes,
+                },
+                None => pb::CacheVolume {
+                    kind: "none".into(),
+                    ..Default::default()
+                },
             }),
             gc_keep_bytes: task.gc_keep_bytes,
             max_parallelism: task.max_parallelism,

@@ -25,6 +25,7 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub builds: BuildsConfig,
     pub builders: BuildersConfig,
+    pub cache: CacheConfig,
     pub registry: RegistryConfig,
     pub login: LoginConfig,
     pub limits: LimitsConfig,
@@ -250,6 +251,73 @@ pub struct LocalBuildersConfig {
     pub kiln_binary: PathBuf,
 }
 
+/// The layer-cache allocator: one volume per project and architecture.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub provider: CacheProviderKind,
+    /// When a project's volumes are created.
+    pub create_on: CacheCreateOn,
+    /// What the allocator may hand out before overcommit, in GiB. 0: the Ceph cluster's
+    /// raw size; no limit for the local provider.
+    pub capacity_gb: u64,
+    /// Provisioned sizes may add up to capacity × this (volumes are thin).
+    pub overcommit_ratio: f64,
+    pub min_size_gb: i32,
+    pub max_size_gb: i32,
+    /// BuildKit's GC keeps the volume's size minus this share, so the filesystem never
+    /// fills.
+    pub gc_margin_percent: u8,
+    /// How often every volume's usage is measured.
+    pub usage_interval_seconds: u64,
+    /// How often images that no row owns are looked for, and how long one must stay
+    /// unowned before it is removed.
+    pub sweep_interval_seconds: u64,
+    pub sweep_grace_seconds: u64,
+    /// Longest one provider call (create, resize, remove, usage) may take.
+    pub call_timeout_seconds: u64,
+    pub ceph: CephCacheConfig,
+    pub local: LocalCacheConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheProviderKind {
+    /// Directories under `cache.local.dir` (kiln dev, tests without Ceph).
+    Local,
+    /// RBD images on a Ceph cluster (crates/kiln-ceph).
+    Ceph,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheCreateOn {
+    /// At the project's first build of each architecture.
+    Build,
+    /// With the project, for both architectures.
+    Project,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CephCacheConfig {
+    /// ceph.conf naming the monitors and Kiln's keyring.
+    pub conf_path: PathBuf,
+    /// The cephx client Kiln connects as (`client.<client>`): it creates images and
+    /// builders' keys, so it needs `mon 'allow *'`-level caps (see docs/ARCHITECTURE.md).
+    pub client: String,
+    pub pool: String,
+    /// Monitor addresses builders use; empty: the cluster's monitor map.
+    pub monitors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalCacheConfig {
+    /// Empty: `<dev.data_dir>/cache` under `kiln dev`, else a directory under /tmp.
+    pub dir: PathBuf,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
@@ -306,6 +374,15 @@ impl Config {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_string(),
             _ => "localhost".to_string(),
+        }
+    }
+
+    /// Where the local cache provider keeps its volumes.
+    pub fn local_cache_dir(&self) -> PathBuf {
+        if self.cache.local.dir.as_os_str().is_empty() {
+            std::env::temp_dir().join("kiln-cache")
+        } else {
+            self.cache.local.dir.clone()
         }
     }
 
@@ -591,6 +668,78 @@ impl Config {
             b.max_parallelism.to_string(),
             "must be between 1 and 1024",
         );
+        let c = &self.cache;
+        check(
+            c.min_size_gb >= 1 && c.min_size_gb <= c.max_size_gb && c.max_size_gb <= 1_000_000,
+            "cache.min_size_gb",
+            format!("{} (max {})", c.min_size_gb, c.max_size_gb),
+            "needs 1 <= min_size_gb <= max_size_gb <= 1000000",
+        );
+        check(
+            c.overcommit_ratio.is_finite() && (0.1..=100.0).contains(&c.overcommit_ratio),
+            "cache.overcommit_ratio",
+            c.overcommit_ratio.to_string(),
+            "must be between 0.1 and 100",
+        );
+        check(
+            c.gc_margin_percent <= 50,
+            "cache.gc_margin_percent",
+            c.gc_margin_percent.to_string(),
+            "must be at most 50",
+        );
+        for (key, value, min, max) in [
+            (
+                "cache.usage_interval_seconds",
+                c.usage_interval_seconds,
+                5,
+                86_400,
+            ),
+            (
+                "cache.sweep_interval_seconds",
+                c.sweep_interval_seconds,
+                10,
+                86_400,
+            ),
+            (
+                "cache.sweep_grace_seconds",
+                c.sweep_grace_seconds,
+                0,
+                30 * 86_400,
+            ),
+            (
+                "cache.call_timeout_seconds",
+                c.call_timeout_seconds,
+                1,
+                3600,
+            ),
+        ] {
+            check(
+                (min..=max).contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {min} and {max}"),
+            );
+        }
+        if c.provider == CacheProviderKind::Ceph {
+            check(
+                c.ceph.conf_path.is_file(),
+                "cache.ceph.conf_path",
+                format!("{:?}", c.ceph.conf_path),
+                "file does not exist",
+            );
+            check(
+                crate::cache::names::is_ceph_name(&c.ceph.pool),
+                "cache.ceph.pool",
+                format!("{:?}", c.ceph.pool),
+                "must be a pool name (letters, digits, '-', '_', '.')",
+            );
+            check(
+                crate::cache::names::is_ceph_name(&c.ceph.client),
+                "cache.ceph.client",
+                format!("{:?}", c.ceph.client),
+                "must be a client id such as \"admin\" or \"kiln\"",
+            );
+        }
         let l = &self.limits;
         check(
             l.unauthenticated_per_minute >= 1 && l.unauthenticated_burst >= 1,

@@ -47,3 +47,17 @@ pub async fn drain<'e>(db: impl sqlx::PgExecutor<'e>, id: &str) -> Result<bool> 
     .rows_affected()
         == 1)
 }
+
+/// Tells a machine's agent that its directive changed for a reason its row does not show
+/// (its volume became ready or grew): bumps the generation and wakes its stream.
+pub async fn bump_directive<'e>(db: impl sqlx::PgExecutor<'e>, id: &str) -> Result<()> {
+    sqlx::query(
+        "WITH bumped AS (UPDATE machines SET directive_generation = directive_generation + 1
+                         WHERE id = $1 AND managed_by_agent RETURNING id)
+         SELECT pg_notify('kiln_machines', id) FROM bumped",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}

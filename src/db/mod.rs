@@ -10,6 +10,7 @@ pub mod orgs;
 pub mod projects;
 pub mod tokens;
 pub mod trust_policies;
+pub mod volumes;
 
 use std::str::FromStr;
 use std::time::Duration;

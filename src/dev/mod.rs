@@ -126,6 +126,10 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     if config.secrets.key_encryption_key.expose_secret().is_empty() {
         config.secrets.key_encryption_key = SecretString::from(secrets.key_encryption_key.clone());
     }
+    if config.cache.local.dir.as_os_str().is_empty() {
+        // Caches outlive `kiln dev` restarts, like its database.
+        config.cache.local.dir = data_dir.join("cache");
+    }
     if let Some(listen) = args.listen {
         config.server.listen = listen;
         config.server.public_url = format!("http://{listen}").parse()?;

@@ -13,6 +13,7 @@ use sqlx::{PgExecutor, PgPool};
 
 use crate::auth::authz::{self, Action, Target, Visible};
 use crate::auth::{Authenticator, INVALIDATE_ALL, INVALIDATION_CHANNEL, Principal};
+use crate::cache::Cache;
 use crate::db::ids::is_well_formed;
 use crate::db::projects::{self as rows, ProjectFilter};
 use crate::db::{audit, notify};
@@ -52,18 +53,6 @@ pub fn validate(settings: &mut ProjectSettings) -> Result<()> {
             return Err(Error::invalid("region", "must look like us-east-1"));
         }
     }
-    in_range(
-        "cache_size_gb_amd64",
-        settings.cache_size_gb_amd64,
-        1,
-        10_000,
-    )?;
-    in_range(
-        "cache_size_gb_arm64",
-        settings.cache_size_gb_arm64,
-        1,
-        10_000,
-    )?;
     in_range(
         "cache_retention_days",
         settings.cache_retention_days,
@@ -199,11 +188,32 @@ pub fn filter_for(visible: Visible, organization_id: Option<&str>) -> Option<Pro
 pub struct Projects {
     pool: PgPool,
     auth: Arc<Authenticator>,
+    cache: Arc<Cache>,
+}
+
+/// A project after an update, and what the caller should be told about it (a cache
+/// shrink that waits for the next reset, say).
+#[derive(Debug, Clone)]
+pub struct Updated {
+    pub project: Project,
+    pub notices: Vec<String>,
 }
 
 impl Projects {
-    pub fn new(pool: PgPool, auth: Arc<Authenticator>) -> Self {
-        Projects { pool, auth }
+    pub fn new(pool: PgPool, auth: Arc<Authenticator>, cache: Arc<Cache>) -> Self {
+        Projects { pool, auth, cache }
+    }
+
+    /// Every check of the settings, the cache sizes' bounds included.
+    fn validate(&self, settings: &mut ProjectSettings) -> Result<()> {
+        validate(settings)?;
+        if let Some(gb) = settings.cache_size_gb_amd64 {
+            self.cache.check_size("cache_size_gb_amd64", gb)?;
+        }
+        if let Some(gb) = settings.cache_size_gb_arm64 {
+            self.cache.check_size("cache_size_gb_arm64", gb)?;
+        }
+        Ok(())
     }
 
     /// Projects the caller may view, optionally within one organization.
@@ -247,12 +257,13 @@ impl Projects {
                 id: &organization_id,
             },
         )?;
-        validate(&mut settings)?;
+        self.validate(&mut settings)?;
         if settings.name.is_none() {
             return Err(Error::invalid("name", "is required"));
         }
         let mut tx = self.pool.begin().await?;
         let project = rows::create(&mut *tx, &organization_id, &settings).await?;
+        self.cache.project_created(&mut tx, &project).await?;
         audit::record(
             &mut *tx,
             principal
@@ -266,30 +277,36 @@ impl Projects {
         Ok(project)
     }
 
+    /// Changes settings. A new cache size reaches the project's volumes in the same
+    /// transaction (a grow within capacity, a shrink recorded for the next reset).
     pub async fn update(
         &self,
         principal: &Principal,
         id: Option<&str>,
         mut settings: ProjectSettings,
-    ) -> Result<Project> {
+    ) -> Result<Updated> {
         let id = resolve_id(principal, id)?;
         let mut tx = self.pool.begin().await?;
         let before = load_for_update(&mut *tx, principal, &id, Action::UpdateProject).await?;
-        validate(&mut settings)?;
+        self.validate(&mut settings)?;
         let after = rows::update(&mut *tx, &before.id, &settings)
             .await?
             .ok_or_else(|| Error::not_found("project", &id))?;
+        let notices = self.cache.apply_settings(&mut tx, &before, &after).await?;
         audit::record(
             &mut *tx,
             principal
                 .audit("project.update")
                 .org(&after.organization_id)
                 .target("project", &after.id)
-                .details(json!({ "before": before, "after": after })),
+                .details(json!({ "before": before, "after": after, "notices": notices })),
         )
         .await?;
         tx.commit().await?;
-        Ok(after)
+        Ok(Updated {
+            project: after,
+            notices,
+        })
     }
 
     /// Deletes a project with its builds, tokens and trust policies. Its builders stop
@@ -307,6 +324,7 @@ impl Projects {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        let volumes = self.cache.project_deleted(&mut tx, &project.id).await?;
         rows::delete(&mut *tx, &project.id).await?;
         audit::record(
             &mut *tx,
@@ -314,7 +332,8 @@ impl Projects {
                 .audit("project.delete")
                 .org(&project.organization_id)
                 .target("project", &project.id)
-                .details(json!({ "name": project.name, "drained_machines": drained })),
+                .details(json!({ "name": project.name, "drained_machines": drained,
+                                 "deleted_volumes": volumes })),
         )
         .await?;
         // Its tokens are gone with it (ON DELETE CASCADE): every replica drops them.

@@ -14,6 +14,7 @@ use crate::auth::Principal;
 use crate::auth::authz::{Action, Target, authorize};
 use crate::auth::token::TokenKind;
 use crate::auth::token::{NewToken, issue};
+use crate::cache::MachineVolume;
 use crate::db::audit::{self, AuditEvent};
 use crate::error::{Error, Result};
 
@@ -49,8 +50,17 @@ pub struct BuildKitTask {
     pub server_cert_pem: String,
     pub server_key_pem: String,
     pub ca_cert_pem: String,
+    /// The layer-cache volume BuildKit keeps its state on; `None`: the machine's disk.
+    pub cache: Option<CacheVolumeSpec>,
     pub gc_keep_bytes: u64,
     pub max_parallelism: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheVolumeSpec {
+    pub volume_id: String,
+    pub size_bytes: u64,
+    pub attachment: crate::cache::Attachment,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -413,6 +423,37 @@ impl Scheduler {
             },
             (_, None) => DirectiveAction::Standby,
             (_, Some(project_id)) => {
+                let default_keep = cache_gb.unwrap_or(50).max(1) as u64 * 1024 * 1024 * 1024;
+                let (cache, gc_keep_bytes) = match self.cache.for_machine(machine_id).await? {
+                    MachineVolume::None => (None, default_keep),
+                    MachineVolume::Waiting => {
+                        // BuildKit starts once its volume exists (the create job bumps
+                        // the directive).
+                        return Ok(Directive {
+                            generation,
+                            action: DirectiveAction::Standby,
+                        });
+                    }
+                    MachineVolume::Failed(reason) => {
+                        return Ok(Directive {
+                            generation,
+                            action: DirectiveAction::Drain { reason },
+                        });
+                    }
+                    MachineVolume::Ready {
+                        volume_id,
+                        size_bytes,
+                        gc_keep_bytes,
+                        attachment,
+                    } => (
+                        Some(CacheVolumeSpec {
+                            volume_id,
+                            size_bytes,
+                            attachment,
+                        }),
+                        gc_keep_bytes,
+                    ),
+                };
                 let pki = self.pki().await?;
                 let server_name = server_name.unwrap_or_else(|| super::server_name_for(machine_id));
                 let cert = pki.server_certificate(
@@ -426,7 +467,8 @@ impl Scheduler {
                     server_cert_pem: cert.cert_pem,
                     server_key_pem: cert.key_pem,
                     ca_cert_pem: pki.ca_pem.clone(),
-                    gc_keep_bytes: cache_gb.unwrap_or(50).max(1) as u64 * 1024 * 1024 * 1024,
+                    cache,
+                    gc_keep_bytes,
                     max_parallelism: self.config.max_parallelism,
                 }))
             }

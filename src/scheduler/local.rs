@@ -294,15 +294,50 @@ impl ComputeProvider for LocalProvider {
                         libc::kill(pid as libc::pid_t, libc::SIGTERM);
                     }
                 }
-                if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+                // It also detaches its cache volume, which takes BuildKit's exit first.
+                if tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
                     .await
                     .is_err()
                 {
                     let _ = child.kill().await;
                 }
             }
-            let _ = std::fs::remove_dir_all(self.state_dir.join(&machine_id));
+            let dir = self.state_dir.join(&machine_id);
+            // A killed agent may leave its volume mounted there: unmount it rather than
+            // delete the cache through it.
+            release_mounts_under(&dir).await;
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(())
         })
+    }
+}
+
+/// Unmounts (lazily) every filesystem mounted under `dir`, deepest first, and detaches
+/// the loop devices behind them.
+async fn release_mounts_under(dir: &std::path::Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let prefix = dir.display().to_string();
+    let mut found: Vec<(String, String)> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let source = fields.next()?.to_string();
+            let target = fields.next()?.replace("\\040", " ");
+            (target == prefix || target.starts_with(&format!("{prefix}/")))
+                .then_some((source, target))
+        })
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.1.len()));
+    for (source, target) in found {
+        let _ = Command::new("umount").arg("-l").arg(&target).status().await;
+        if source.starts_with("/dev/loop") {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&source)
+                .status()
+                .await;
+        }
     }
 }

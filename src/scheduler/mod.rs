@@ -64,6 +64,8 @@ pub struct Reconciled {
 pub struct Scheduler {
     pool: PgPool,
     pub provider: Arc<dyn ComputeProvider>,
+    /// Layer-cache volumes for the machines that take a project's slot.
+    cache: Arc<crate::cache::Cache>,
     config: BuildersConfig,
     kek: Option<[u8; 32]>,
     pki: OnceCell<Arc<Pki>>,
@@ -91,6 +93,7 @@ impl Scheduler {
         config: BuildersConfig,
         kek: Option<[u8; 32]>,
         refusal_audits_per_minute: u32,
+        cache: Arc<crate::cache::Cache>,
     ) -> Self {
         let provider: Arc<dyn ComputeProvider> = match config.provider {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(&config.local)),
@@ -100,6 +103,7 @@ impl Scheduler {
         Scheduler {
             pool,
             provider,
+            cache,
             config,
             kek,
             pki: OnceCell::new(),
@@ -194,6 +198,11 @@ impl Scheduler {
         platform: Platform,
         project_id: &str,
     ) -> Result<Assignment> {
+        // A reset from now on has something to clear (see `cache::Cache::reset`).
+        sqlx::query("UPDATE projects SET cache_used = true WHERE id = $1 AND NOT cache_used")
+            .bind(project_id)
+            .execute(&mut **tx)
+            .await?;
         let mut slot_locked = false;
         for _ in 0..6 {
             let machine: Option<(String, String, bool, bool)> = sqlx::query_as(
@@ -249,6 +258,7 @@ impl Scheduler {
             // A warm standby of this architecture joins the project's slot (milliseconds).
             if let Some((adopted, serving)) = self.adopt_warm(tx, project_id, platform).await? {
                 tracing::debug!(machine_id = %adopted, project_id, "adopted a warm builder");
+                self.give_volume(tx, project_id, platform, &adopted).await?;
                 attach_platform(tx, build_id, platform, &adopted, serving).await?;
                 // An agent first receives the project (certificates, cache) and starts
                 // BuildKit for it; the build waits for its health report.
@@ -277,6 +287,8 @@ impl Scheduler {
             .await?
             .rows_affected();
             if inserted == 1 {
+                self.give_volume(tx, project_id, platform, &machine_id)
+                    .await?;
                 jobs::enqueue(
                     &mut **tx,
                     NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
@@ -290,6 +302,23 @@ impl Scheduler {
         Err(Error::Unavailable(
             "could not settle a builder for this project; retry shortly".into(),
         ))
+    }
+
+    /// Gives the machine taking a slot the slot's cache volume (created if need be).
+    /// Only agents attach volumes; other providers keep BuildKit's state themselves.
+    async fn give_volume(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        project_id: &str,
+        platform: Platform,
+        machine_id: &str,
+    ) -> Result<()> {
+        if self.provider.uses_agent() {
+            self.cache
+                .volume_for_slot(tx, project_id, platform, machine_id)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Refuses a machine for the project beyond its organization's
@@ -951,7 +980,7 @@ impl Scheduler {
 
     /// Marks a machine failed and puts the platforms it served back to pending, so the
     /// scheduler finds them a new builder. False if another pass got there first.
-    async fn fail_and_requeue(&self, machine_id: &str, reason: &str) -> Result<bool> {
+    pub(crate) async fn fail_and_requeue(&self, machine_id: &str, reason: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let failed = sqlx::query(
             "UPDATE machines SET state = 'failed', error = $2, active_builds = 0, terminated_at = now()

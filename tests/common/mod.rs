@@ -179,6 +179,11 @@ pub fn config(db_url: &str, overrides: &[(&str, &str)]) -> Config {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     env.push(("KILN_DATABASE__URL".into(), db_url.into()));
+    if !env.iter().any(|(k, _)| k == "KILN_CACHE__LOCAL__DIR") {
+        // Local cache volumes of tests stay out of the working tree.
+        let dir = std::env::temp_dir().join(format!("kiln-test-cache-{}", std::process::id()));
+        env.push(("KILN_CACHE__LOCAL__DIR".into(), dir.display().to_string()));
+    }
     let mut config = Config::load_from(None, env).expect("test config is valid");
     config.database.url = SecretString::from(db_url.to_string());
     config
@@ -218,7 +223,11 @@ pub fn domain(pool: &PgPool) -> Domain {
     let auth = Arc::new(kiln::auth::Authenticator::new(pool.clone(), &config.auth));
     Domain {
         orgs: kiln::orgs::Orgs::new(pool.clone(), auth.clone()),
-        projects: kiln::projects::Projects::new(pool.clone(), auth.clone()),
+        projects: kiln::projects::Projects::new(
+            pool.clone(),
+            auth.clone(),
+            Arc::new(kiln::cache::Cache::new(pool.clone(), &config)),
+        ),
         tokens: kiln::tokens::Tokens::new(pool.clone(), auth, Duration::from_secs(3600)),
     }
 }

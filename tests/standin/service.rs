@@ -113,14 +113,35 @@ pub struct Standin {
     next_ref: Arc<AtomicU64>,
     /// Advertise the gateway `return` capabilities (see `--gateway-return`).
     gateway_return: bool,
+    /// BuildKit's state directory (`--root`): each finished solve is recorded in
+    /// `solves.log` there, as a real builder's cache would keep its layers.
+    root: Option<std::path::PathBuf>,
 }
 
 impl Standin {
-    pub fn new(gateway_return: bool) -> Standin {
+    pub fn new(gateway_return: bool, root: Option<std::path::PathBuf>) -> Standin {
         Standin {
             builds: Arc::default(),
             next_ref: Arc::default(),
             gateway_return,
+            root,
+        }
+    }
+
+    /// Appends the solve to `<root>/solves.log`.
+    fn record(&self, build_ref: &str) {
+        use std::io::Write;
+        let Some(root) = &self.root else { return };
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("solves.log"))
+            .and_then(|mut f| writeln!(f, "{build_ref}").and_then(|()| f.sync_all()));
+        if let Err(err) = written {
+            eprintln!(
+                "standin: cannot record the solve in {}: {err}",
+                root.display()
+            );
         }
     }
 }
@@ -187,6 +208,7 @@ impl Control for Standin {
         // gateway calls follow, so there is nothing to wait for.
         if !request.frontend.is_empty() || request.definition.is_some() {
             self.builds.finish(&request.r#ref, Ok(()));
+            self.record(&request.r#ref);
             return Ok(Response::new(SolveResponse::default()));
         }
         let _cancel = CancelOnDrop {
@@ -194,7 +216,10 @@ impl Control for Standin {
             build_ref: request.r#ref.clone(),
         };
         match self.builds.wait(&request.r#ref).await {
-            Ok(()) => Ok(Response::new(SolveResponse::default())),
+            Ok(()) => {
+                self.record(&request.r#ref);
+                Ok(Response::new(SolveResponse::default()))
+            }
             Err((code, message)) => Err(Status::new(code, message)),
         }
     }

@@ -7,7 +7,7 @@
 //! delivered its result. Each gRPC call is logged to stderr as one `grpc <path>` line.
 //!
 //! Usage: `buildkitd-standin --listen 127.0.0.1:PORT --cert server.pem --key server.key
-//! --ca ca.pem [--plaintext] [--gateway-return]`
+//! --ca ca.pem [--plaintext] [--gateway-return] [--root DIR]`
 
 mod service;
 mod tls;
@@ -62,6 +62,9 @@ struct Args {
     /// LLBBridge/Return instead of a final LLBBridge/Solve.
     #[arg(long)]
     gateway_return: bool,
+    /// BuildKit's state directory: finished solves are recorded in `solves.log` there.
+    #[arg(long)]
+    root: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -108,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some((Ok::<_, std::io::Error>(conn), rx))
     });
 
-    let standin = Standin::new(args.gateway_return);
+    let standin = Standin::new(args.gateway_return, args.root.clone());
     let stop = Arc::new(Notify::new());
     let stopped = stop.clone();
     // The depot CLI compresses requests with gzip when Kiln hands it `gzip{}`.

@@ -96,6 +96,20 @@ unsafe extern "C" {
     pub fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut rados_pool_stat_t) -> c_int;
     pub fn rados_cluster_stat(cluster: rados_t, result: *mut rados_cluster_stat_t) -> c_int;
     pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
+    pub fn rados_list_lockers(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        name: *const c_char,
+        exclusive: *mut c_int,
+        tag: *mut c_char,
+        tag_len: *mut size_t,
+        clients: *mut c_char,
+        clients_len: *mut size_t,
+        cookies: *mut c_char,
+        cookies_len: *mut size_t,
+        addrs: *mut c_char,
+        addrs_len: *mut size_t,
+    ) -> ssize_t;
 }
 
 #[link(name = "rbd")]
@@ -168,25 +182,6 @@ unsafe extern "C" {
         stripe_unit: u64,
         stripe_count: c_int,
     ) -> c_int;
-    pub fn rbd_lock_exclusive(image: rbd_image_t, cookie: *const c_char) -> c_int;
-    pub fn rbd_unlock(image: rbd_image_t, cookie: *const c_char) -> c_int;
-    pub fn rbd_break_lock(
-        image: rbd_image_t,
-        client: *const c_char,
-        cookie: *const c_char,
-    ) -> c_int;
-    pub fn rbd_list_lockers(
-        image: rbd_image_t,
-        exclusive: *mut c_int,
-        tag: *mut c_char,
-        tag_len: *mut size_t,
-        clients: *mut c_char,
-        clients_len: *mut size_t,
-        cookies: *mut c_char,
-        cookies_len: *mut size_t,
-        addrs: *mut c_char,
-        addrs_len: *mut size_t,
-    ) -> ssize_t;
     pub fn rbd_watchers_list(
         image: rbd_image_t,
         watchers: *mut rbd_image_watcher_t,

@@ -1010,44 +1010,51 @@ impl Rbd {
         .await
     }
 
-    /// Takes the image's advisory exclusive lock under `cookie`; `busy` when another
-    /// holder has it, `exists` when this client already holds it.
+    /// Takes the image's lease under `cookie` (a machine id): `busy` when another holder
+    /// has it, `exists` when this client already holds it.
+    ///
+    /// The lease is a RADOS object lock on `kiln_lease.<image>` next to the image, not
+    /// an RBD advisory lock: those share the header object's lock with the
+    /// exclusive-lock feature, so while one is held every other client's writes (the
+    /// builder's own rbd-fuse or krbd mapping) wait for a lock that never comes.
     pub async fn lock_exclusive(&self, image: &str, cookie: &str) -> Result<()> {
-        let (image, cookie) = (image.to_string(), cookie.to_string());
-        self.with_io("lock image", move |io| {
-            let img = Image::open(io, &image, None)?;
-            let cookie = cstring("lock image", &cookie)?;
-            // SAFETY: live image handle and string.
-            check(
-                "lock image",
-                unsafe { ffi::rbd_lock_exclusive(img.0, cookie.as_ptr()) } as i64,
+        let (object, cookie) = (lease_object(image), cookie.to_string());
+        self.with_io("take lease", move |io| {
+            let mut forever = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            };
+            io.rados_object_lock_exclusive(
+                &object,
+                LEASE_LOCK,
+                &cookie,
+                "kiln builder",
+                &mut forever,
+                0,
             )
-            .map(drop)
+            .map_err(|e| rados_error("take lease", &e))
         })
         .await
     }
 
-    /// Releases this client's lock under `cookie`; succeeds if it holds none.
+    /// Releases this client's lease under `cookie`; succeeds if it holds none.
     pub async fn unlock(&self, image: &str, cookie: &str) -> Result<()> {
-        let (image, cookie) = (image.to_string(), cookie.to_string());
-        self.with_io("unlock image", move |io| {
-            let img = Image::open(io, &image, None)?;
-            let cookie = cstring("unlock image", &cookie)?;
-            // SAFETY: live image handle and string.
-            let code = unsafe { ffi::rbd_unlock(img.0, cookie.as_ptr()) };
-            if code == -libc::ENOENT {
-                return Ok(());
+        let (object, cookie) = (lease_object(image), cookie.to_string());
+        self.with_io("release lease", move |io| {
+            match io.rados_object_unlock(&object, LEASE_LOCK, &cookie) {
+                Err(e) if rados_error("release lease", &e).is_not_found() => Ok(()),
+                other => other.map_err(|e| rados_error("release lease", &e)),
             }
-            check("unlock image", code as i64).map(drop)
         })
         .await
     }
 
-    /// Who holds advisory locks on the image.
+    /// Who holds the image's lease.
     pub async fn lockers(&self, image: &str) -> Result<Vec<Locker>> {
-        let image = image.to_string();
-        self.with_io("list lockers", move |io| {
-            let img = Image::open(io, &image, None)?;
+        let object = lease_object(image);
+        self.with_io("list lease holders", move |io| {
+            let object = cstring("list lease holders", &object)?;
+            let name = cstring("list lease holders", LEASE_LOCK)?;
             let mut sizes = [256usize; 4];
             loop {
                 let mut tag = vec![0u8; sizes[0]];
@@ -1056,11 +1063,13 @@ impl Rbd {
                 let mut addrs = vec![0u8; sizes[3]];
                 let mut exclusive: c_int = 0;
                 let [mut t, mut c, mut k, mut a] = sizes;
-                // SAFETY: each buffer is writable for the size passed with it; librbd
+                // SAFETY: each buffer is writable for the size passed with it; librados
                 // writes NUL-separated strings and updates the sizes.
                 let code = unsafe {
-                    ffi::rbd_list_lockers(
-                        img.0,
+                    ffi::rados_list_lockers(
+                        *io.inner() as ffi::rados_ioctx_t,
+                        object.as_ptr(),
+                        name.as_ptr(),
                         &mut exclusive,
                         tag.as_mut_ptr() as *mut c_char,
                         &mut t,
@@ -1074,14 +1083,17 @@ impl Rbd {
                 };
                 if code == -(libc::ERANGE as isize) {
                     sizes = [
-                        t.max(sizes[0]),
-                        c.max(sizes[1]),
-                        k.max(sizes[2]),
-                        a.max(sizes[3]),
+                        t.max(sizes[0] * 2),
+                        c.max(sizes[1] * 2),
+                        k.max(sizes[2] * 2),
+                        a.max(sizes[3] * 2),
                     ];
                     continue;
                 }
-                check("list lockers", code as i64)?;
+                if code == -(libc::ENOENT as isize) {
+                    return Ok(Vec::new());
+                }
+                check("list lease holders", code as i64)?;
                 let (clients, cookies, addrs) = (
                     split_nul(&clients, c),
                     split_nul(&cookies, k),
@@ -1102,27 +1114,44 @@ impl Rbd {
         .await
     }
 
-    /// Breaks another client's lock; succeeds if it is gone. librbd blocklists the
-    /// holder first (`rbd_blocklist_on_break_lock`), so a builder that lost its volume
-    /// cannot write to it any more: its calls fail as [`CephError::is_fenced`].
+    /// Breaks another client's lease and fences it: its address is blocklisted first,
+    /// so a builder that lost its volume cannot write to it any more (its calls fail as
+    /// [`CephError::is_fenced`]). Succeeds if the lease is gone.
     pub async fn break_lock(&self, image: &str, locker: &Locker) -> Result<()> {
-        let image = image.to_string();
+        if !locker.address.is_empty() {
+            self.ceph.blocklist(&locker.address, FENCE_SECONDS).await?;
+        }
+        let object = lease_object(image);
         let (client, cookie) = (locker.client.clone(), locker.cookie.clone());
-        self.with_io("break lock", move |io| {
-            let img = Image::open(io, &image, None)?;
-            let (client, cookie) = (
-                cstring("break lock", &client)?,
-                cstring("break lock", &cookie)?,
-            );
-            // SAFETY: live image handle and strings.
-            let code = unsafe { ffi::rbd_break_lock(img.0, client.as_ptr(), cookie.as_ptr()) };
-            if code == -libc::ENOENT {
-                return Ok(());
+        self.with_io("break lease", move |io| {
+            match io.rados_object_break_lock(&object, LEASE_LOCK, &client, &cookie) {
+                Err(e) if rados_error("break lease", &e).is_not_found() => Ok(()),
+                other => other.map_err(|e| rados_error("break lease", &e)),
             }
-            check("break lock", code as i64).map(drop)
         })
         .await
     }
+
+    /// Removes the image's lease object (with the image); succeeds if it is gone.
+    pub async fn remove_lease(&self, image: &str) -> Result<()> {
+        let object = lease_object(image);
+        self.with_io("remove lease", move |io| {
+            match io.rados_object_remove(&object) {
+                Err(e) if rados_error("remove lease", &e).is_not_found() => Ok(()),
+                other => other.map_err(|e| rados_error("remove lease", &e)),
+            }
+        })
+        .await
+    }
+}
+
+/// The lock name of image leases.
+const LEASE_LOCK: &str = "kiln";
+/// How long a fenced holder stays blocklisted: longer than any builder lives.
+const FENCE_SECONDS: u32 = 7 * 24 * 3600;
+
+fn lease_object(image: &str) -> String {
+    format!("kiln_lease.{image}")
 }
 
 /// The files a client needs to reach the cluster as `entity` with `key`: a minimal

@@ -31,6 +31,12 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/tokens/{id}", delete(revoke_token))
         .route("/projects/{id}/builds", get(list_project_builds))
+        .route("/projects/{id}/cache", get(get_project_cache))
+        .route(
+            "/projects/{id}/cache/reset",
+            axum::routing::post(reset_project_cache),
+        )
+        .route("/volumes/{id}", get(get_volume))
         .route("/builds/{id}", get(get_build))
         .route("/builds/{id}/cancel", axum::routing::post(cancel_build))
 }
@@ -119,8 +125,43 @@ async fn update_project(
     Path(id): Path<String>,
     ApiJson(settings): ApiJson<ProjectSettings>,
 ) -> Result<Json> {
-    let project = app.projects.update(&principal, Some(&id), settings).await?;
-    Ok(axum::Json(json!({ "project": project })))
+    let updated = app.projects.update(&principal, Some(&id), settings).await?;
+    Ok(axum::Json(
+        json!({ "project": updated.project, "notices": updated.notices }),
+    ))
+}
+
+/// The project's cache volumes: size, pending changes, usage.
+async fn get_project_cache(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json> {
+    let volumes = app.cache.list(&principal, Some(&id)).await?;
+    Ok(axum::Json(json!({ "volumes": volumes })))
+}
+
+async fn reset_project_cache(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json> {
+    let reset = app.cache.reset(&principal, Some(&id)).await?;
+    Ok(axum::Json(json!({
+        "project_id": reset.project.id,
+        "generation": reset.generation,
+        "took_effect": reset.took_effect,
+        "retired_volumes": reset.retired,
+    })))
+}
+
+async fn get_volume(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json> {
+    let volume = app.cache.get(&principal, &id).await?;
+    Ok(axum::Json(json!({ "volume": volume })))
 }
 
 async fn delete_project(

@@ -128,7 +128,11 @@ async fn reset_project_cache(
     req: cli::ResetProjectCacheRequest,
 ) -> Result<cli::ResetProjectCacheResponse> {
     let principal = call.principal().await?;
-    let reset = crate::cache::reset(&call.app.db, &principal, given(&req.project_id)).await?;
+    let reset = call
+        .app
+        .cache
+        .reset(&principal, given(&req.project_id))
+        .await?;
     Ok(cli::ResetProjectCacheResponse {
         name: reset.project.name,
         org_name: reset.organization_name,
@@ -140,7 +144,10 @@ async fn reset_project(
     req: core::ResetProjectRequest,
 ) -> Result<core::ResetProjectResponse> {
     let principal = call.principal().await?;
-    crate::cache::reset(&call.app.db, &principal, given(&req.project_id)).await?;
+    call.app
+        .cache
+        .reset(&principal, given(&req.project_id))
+        .await?;
     Ok(core::ResetProjectResponse {})
 }
 
@@ -296,7 +303,7 @@ async fn update_project(
         .update(&principal, given(&req.project_id), settings)
         .await?;
     Ok(core::UpdateProjectResponse {
-        project: Some(to_core(project)),
+        project: Some(to_core(project.project)),
     })
 }
 
