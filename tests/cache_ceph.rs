@@ -956,3 +956,307 @@ async fn an_osd_killed_during_resize_and_reset_jobs_loses_nothing_and_leaves_no_
         "owned images stay"
     );
 }
+
+/// `kiln serve` in process with the Ceph provider; local builders run `kiln agent`
+/// around the stand-in, whose root (and `solves.log`) is the attached volume.
+async fn ceph_server(db: &TestDb, conf: &str, pool: &str, builders: &Path) -> common::Server {
+    let standin = env!("CARGO_BIN_EXE_buildkitd-standin");
+    let command = format!(
+        r#"["{standin}", "--listen", "{{listen}}", "--cert", "{{cert}}", "--key", "{{key}}", "--ca", "{{ca}}", "--root", "{{root}}"]"#
+    );
+    let builders = builders.display().to_string();
+    let env: Vec<(&str, &str)> = vec![
+        ("KILN_BUILDERS__LOCAL__COMMAND", &command),
+        (
+            "KILN_BUILDERS__LOCAL__KILN_BINARY",
+            env!("CARGO_BIN_EXE_kiln"),
+        ),
+        ("KILN_BUILDERS__LOCAL__STATE_DIR", &builders),
+        ("KILN_BUILDERS__AGENT_HEALTH_INTERVAL_SECONDS", "1"),
+        ("KILN_CACHE__PROVIDER", "ceph"),
+        ("KILN_CACHE__CEPH__CONF_PATH", conf),
+        ("KILN_CACHE__CEPH__POOL", pool),
+        ("KILN_CACHE__CAPACITY_GB", "1000"),
+        ("KILN_JOBS__BACKOFF_BASE_SECONDS", "1"),
+    ];
+    common::Server::start(db, &env).await
+}
+
+/// Waits until the build's amd64 platform is ready and returns its builder.
+async fn ready_builder(db: &TestDb, build_id: &str, builders: &Path) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let builder: Option<String> = sqlx::query_scalar::<_, Option<String>>(
+            "SELECT builder_id FROM build_platforms WHERE build_id = $1 AND state = 'ready'",
+        )
+        .bind(build_id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+        .flatten();
+        if let Some(builder) = builder {
+            return builder;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "build {build_id}'s builder was not ready within 60 s\n{}",
+                diagnose(db, builders).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// id, role, state, serving, applied and directive generation, error, volume.
+type MachineRow = (
+    String,
+    String,
+    String,
+    bool,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+);
+/// id, kind, state, machine, error.
+type VolumeRow = (String, String, String, Option<String>, Option<String>);
+
+/// Machines, volumes and jobs, and the builders' logs, for a failure message.
+async fn diagnose(db: &TestDb, builders: &Path) -> String {
+    let machines: Vec<MachineRow> =
+        sqlx::query_as(
+            "SELECT id, role, state, serving, applied_generation, directive_generation, error, volume_id
+             FROM machines ORDER BY created_at",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let volumes: Vec<VolumeRow> = sqlx::query_as(
+        "SELECT id, kind, state, machine_id, error FROM volumes ORDER BY created_at",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let jobs: Vec<(String, String, i32, Option<String>)> =
+        sqlx::query_as("SELECT kind, state, attempts, last_error FROM jobs ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut logs = String::new();
+    {
+        for entry in std::fs::read_dir(builders).into_iter().flatten().flatten() {
+            let log = std::fs::read_to_string(entry.path().join("builder.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            logs.push_str(&format!(
+                "--- {}\n{}\n",
+                entry.path().display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+    }
+    format!("machines: {machines:#?}\nvolumes: {volumes:#?}\njobs: {jobs:#?}\n{logs}")
+}
+
+async fn new_build(db: &TestDb, project: &kiln::projects::Project, ephemeral: bool) -> String {
+    let id = kiln::db::ids::new_id();
+    kiln::db::builds::insert(
+        &db.pool,
+        kiln::db::builds::NewBuild {
+            id: &id,
+            project_id: &project.id,
+            organization_id: &project.organization_id,
+            command: "build",
+            options: json!([]),
+            created_by: None,
+            timeout_minutes: 60,
+            ephemeral_cache: ephemeral,
+        },
+    )
+    .await
+    .unwrap();
+    kiln::db::builds::request_platform(&db.pool, &id, kiln::db::builds::Platform::Amd64)
+        .await
+        .unwrap();
+    kiln::scheduler::notify_scheduler(&db.pool).await;
+    id
+}
+
+fn sync_filesystems() {
+    assert!(Command::new("sync").status().unwrap().success());
+}
+
+async fn machine_volume(db: &TestDb, machine: &str) -> Volume {
+    kiln::db::volumes::of_machine(&db.pool, machine)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("machine {machine} has no volume"))
+}
+
+async fn machine_state(db: &TestDb, machine: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM machines WHERE id = $1")
+        .bind(machine)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn autoscaling_spreads_builds_over_clones_that_never_write_the_projects_cache() {
+    let (conf, pool) = (ceph_conf(), ceph_pool());
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "autoscale").await;
+    let replica = ceph_app(&db, &conf, &pool, &[("KILN_CACHE__CREATE_ON", "build")]);
+    let project = replica
+        .projects
+        .update(
+            &operator(),
+            Some(&t.project.id),
+            ProjectSettings {
+                cache_size_gb_amd64: Some(1),
+                autoscaling_enabled: Some(true),
+                autoscaling_builds_per_builder: Some(1),
+                autoscaling_max_builders: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .project;
+    let builders = tempfile::tempdir().unwrap();
+    let _server = ceph_server(&db, &conf, &pool, builders.path()).await;
+    let root = |machine: &str| builders.path().join(machine).join("volume/buildkit");
+
+    // The first build gets the primary builder, on the project's volume.
+    let first = new_build(&db, &project, false).await;
+    let primary = ready_builder(&db, &first, builders.path()).await;
+    let project_volume = machine_volume(&db, &primary).await;
+    assert_eq!(project_volume.kind, "project");
+    std::fs::write(root(&primary).join("layer-from-primary"), b"primary").unwrap();
+    sync_filesystems();
+
+    // The second, concurrent one exceeds the cap of 1: an extra builder, on a clone that
+    // sees the primary's layers.
+    let second = new_build(&db, &project, false).await;
+    let extra = ready_builder(&db, &second, builders.path()).await;
+    assert_ne!(extra, primary);
+    let role: String = sqlx::query_scalar("SELECT role FROM machines WHERE id = $1")
+        .bind(&extra)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(role, "extra");
+    let clone = machine_volume(&db, &extra).await;
+    assert_eq!(
+        (clone.kind.as_str(), clone.parent_volume_id.as_deref()),
+        ("clone", Some(project_volume.id.as_str()))
+    );
+    assert_eq!(clone.namespace, format!("proj-{}-x", project.id));
+    assert_eq!(
+        std::fs::read(root(&extra).join("layer-from-primary")).unwrap(),
+        b"primary",
+        "the clone starts with the primary's layers"
+    );
+    std::fs::write(root(&extra).join("layer-from-extra"), b"extra").unwrap();
+    sync_filesystems();
+
+    // A third one finds both builders at their cap and the slot at its maximum: it waits.
+    let third = new_build(&db, &project, false).await;
+    assert_eq!(
+        replica
+            .scheduler
+            .assign(&third, kiln::db::builds::Platform::Amd64)
+            .await
+            .unwrap(),
+        kiln::scheduler::Assignment::Queued
+    );
+    // When the first finishes, the third takes its place on the primary.
+    kiln::db::builds::finish(&db.pool, &first, &kiln::db::builds::Outcome::Success)
+        .await
+        .unwrap();
+    assert_eq!(ready_builder(&db, &third, builders.path()).await, primary);
+
+    // The extra builder is reaped: its clone goes, and what it wrote never reached the
+    // project's volume.
+    kiln::db::builds::finish(&db.pool, &second, &kiln::db::builds::Outcome::Success)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE machines SET state = 'draining' WHERE id = $1")
+        .bind(&extra)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_state(&replica, &clone.id, "deleted", Duration::from_secs(60)).await;
+    assert_eq!(machine_state(&db, &extra).await, "terminated");
+    assert!(rbd_ls(&conf, &pool, &clone.namespace).is_empty());
+    let snaps = rbd_json_on(&conf, &["snap", "ls", &spec(&pool, &project_volume)]);
+    assert_eq!(
+        snaps.as_array().unwrap().len(),
+        0,
+        "the clone's snapshot is gone: {snaps}"
+    );
+    assert!(!root(&primary).join("layer-from-extra").exists());
+    assert!(root(&primary).join("layer-from-primary").exists());
+}
+
+#[tokio::test]
+async fn an_ephemeral_build_gets_its_own_builder_and_volume_and_both_go_with_it() {
+    let (conf, pool) = (ceph_conf(), ceph_pool());
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "ephemeral").await;
+    let replica = ceph_app(&db, &conf, &pool, &[("KILN_CACHE__CREATE_ON", "build")]);
+    let project = replica
+        .projects
+        .update(&operator(), Some(&t.project.id), sizes("eph", 1, 1))
+        .await
+        .unwrap()
+        .project;
+    let builders = tempfile::tempdir().unwrap();
+    let _server = ceph_server(&db, &conf, &pool, builders.path()).await;
+
+    // A trusted build first: the project's builder and volume.
+    let trusted = new_build(&db, &project, false).await;
+    let primary = ready_builder(&db, &trusted, builders.path()).await;
+    let project_volume = machine_volume(&db, &primary).await;
+
+    let build = new_build(&db, &project, true).await;
+    let machine = ready_builder(&db, &build, builders.path()).await;
+    assert_ne!(machine, primary, "never the project's builder");
+    let (role, for_build): (String, Option<String>) =
+        sqlx::query_as("SELECT role, build_id FROM machines WHERE id = $1")
+            .bind(&machine)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (role.as_str(), for_build.as_deref()),
+        ("ephemeral", Some(build.as_str()))
+    );
+    let volume = machine_volume(&db, &machine).await;
+    assert_eq!(volume.kind, "ephemeral");
+    assert_eq!(volume.namespace, format!("build-{build}"));
+    assert_ne!(volume.id, project_volume.id);
+    let root = builders.path().join(&machine).join("volume/buildkit");
+    assert!(
+        root.is_dir(),
+        "BuildKit's root is on the build's own volume"
+    );
+    assert!(
+        std::fs::read_dir(&root).unwrap().next().is_none(),
+        "it starts empty"
+    );
+
+    // The build ends: its builder drains and ends, and its volume is deleted.
+    kiln::db::builds::finish(&db.pool, &build, &kiln::db::builds::Outcome::Success)
+        .await
+        .unwrap();
+    wait_state(&replica, &volume.id, "deleted", Duration::from_secs(60)).await;
+    assert_eq!(machine_state(&db, &machine).await, "terminated");
+    assert!(!rbd_namespaces(&conf, &pool).contains(&volume.namespace));
+    // The project's volume is untouched, still attached to its builder.
+    let project_now = kiln::db::volumes::get(&db.pool, &project_volume.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(project_now.state, "attached");
+    assert_eq!(project_now.machine_id.as_deref(), Some(primary.as_str()));
+}

@@ -807,5 +807,51 @@ async fn depot_build_keeps_its_cache_on_a_ceph_volume_across_builders() {
     assert!(ok, "{err}");
     let du: serde_json::Value = serde_json::from_str(&du).unwrap();
     assert!(du["images"][0]["used_size"].as_i64().unwrap() > 0, "{du}");
+
+    // A project whose cache does not fit what remains: the build is refused with the
+    // reason, and no builder or volume is left behind.
+    let big = common::domain(&s.db.pool)
+        .projects
+        .create(
+            &common::operator(),
+            Some(&s.tenant.org_id),
+            kiln::projects::ProjectSettings {
+                name: Some("huge cache".into()),
+                cache_size_gb_amd64: Some(5000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let out = s
+        .depot(
+            &[
+                "build",
+                "--project",
+                &big.id,
+                "--platform",
+                "linux/amd64",
+                "--progress",
+                "plain",
+                context,
+            ],
+            Some(&token),
+        )
+        .await;
+    assert!(!out.ok, "{}", out.all());
+    assert!(
+        out.all().contains("resource_exhausted")
+            && out.all().contains("not enough build-cache capacity"),
+        "{}",
+        out.all()
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM machines WHERE project_id = $1) + (SELECT count(*) FROM volumes WHERE project_id = $1)",
+    )
+    .bind(&big.id)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
     drop(s.kiln);
 }

@@ -105,6 +105,7 @@ impl Builds {
                 options: spec.options,
                 created_by: Some(&principal.token_id),
                 timeout_minutes: project.build_timeout_minutes,
+                ephemeral_cache: spec.ephemeral_cache,
             },
         )
         .await?;
@@ -415,6 +416,9 @@ pub struct BuildSpec {
     pub options: serde_json::Value,
     /// The client wants the image saved to Kiln's registry (`--save`).
     pub save: bool,
+    /// Build on an ephemeral builder with a cache volume of its own, deleted when the
+    /// build ends; the project's cache is never read or written.
+    pub ephemeral_cache: bool,
 }
 
 impl BuildSpec {
@@ -501,6 +505,7 @@ mod tests {
             command: "build".into(),
             options: serde_json::json!([]),
             save: true,
+            ephemeral_cache: false,
         };
         assert!(matches!(spec.validate(), Err(Error::FailedPrecondition(_))));
     }

@@ -70,6 +70,11 @@ impl Cache {
                         "the parent volume {parent_id} of clone {volume_id} is gone"
                     ))
                 })?;
+                if parent.state == "creating" {
+                    return Err(crate::error::Error::Unavailable(format!(
+                        "the parent volume {parent_id} of clone {volume_id} is still being created"
+                    )));
+                }
                 let parent = ImageRef::new(&parent.namespace, &parent.image);
                 self.provider.clone_image(&parent, snapshot, &image).await?;
             }

@@ -312,6 +312,117 @@ impl Cache {
         ))
     }
 
+    /// An extra (autoscaled) builder's volume: a copy-on-write clone of the slot's project
+    /// volume, in the project's clone namespace, so the builder starts with the project's
+    /// layers and nothing it writes reaches the project's image. Deleted with the builder.
+    pub async fn clone_for_machine(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        project_id: &str,
+        platform: Platform,
+        machine_id: &str,
+    ) -> Result<Volume> {
+        let parent = rows::live_project_volume(&mut **tx, project_id, platform.as_str())
+            .await?
+            .ok_or_else(|| {
+                Error::Unavailable(
+                    "the project's cache volume is not ready for a second builder yet; retry shortly"
+                        .into(),
+                )
+            })?;
+        self.reserve(
+            tx,
+            parent.size_bytes,
+            "a second builder's copy of the cache",
+        )
+        .await?;
+        let id = new_id();
+        let volume = rows::insert(
+            &mut **tx,
+            &NewVolume {
+                id: &id,
+                kind: "clone",
+                project_id: Some(project_id),
+                organization_id: &parent.organization_id,
+                platform: platform.as_str(),
+                generation: parent.generation,
+                namespace: &names::clone_namespace(project_id)?,
+                image: &names::clone_image(platform, machine_id)?,
+                size_bytes: parent.size_bytes,
+                parent_volume_id: Some(&parent.id),
+                snapshot: Some(&names::clone_snapshot(machine_id)?),
+                build_id: None,
+            },
+        )
+        .await?
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("clone volume {id} collided")))?;
+        self.hand_to(tx, &volume, machine_id).await?;
+        Ok(volume)
+    }
+
+    /// An ephemeral build's volume: new and empty, in a namespace of the build's own, so
+    /// the build never reads or writes the project's cache. Deleted with its builder,
+    /// which serves only this build.
+    pub async fn ephemeral_for_machine(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        project_id: &str,
+        build_id: &str,
+        platform: Platform,
+        machine_id: &str,
+    ) -> Result<Volume> {
+        let project = crate::db::projects::get(&mut **tx, project_id)
+            .await?
+            .ok_or_else(|| Error::not_found("project", project_id))?;
+        let size = Self::configured_size(&project, platform);
+        self.reserve(tx, size, "the build's own cache").await?;
+        let id = new_id();
+        let volume = rows::insert(
+            &mut **tx,
+            &NewVolume {
+                id: &id,
+                kind: "ephemeral",
+                project_id: Some(project_id),
+                organization_id: &project.organization_id,
+                platform: platform.as_str(),
+                generation: 0,
+                namespace: &names::ephemeral_namespace(build_id)?,
+                image: &names::ephemeral_image(platform),
+                size_bytes: size,
+                parent_volume_id: None,
+                snapshot: None,
+                build_id: Some(build_id),
+            },
+        )
+        .await?
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "build {build_id} already has an ephemeral {} cache",
+                platform.as_str()
+            ))
+        })?;
+        self.hand_to(tx, &volume, machine_id).await?;
+        Ok(volume)
+    }
+
+    /// Attaches a new volume to its machine and queues its creation.
+    async fn hand_to(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        volume: &Volume,
+        machine_id: &str,
+    ) -> Result<()> {
+        rows::attach(&mut **tx, &volume.id, machine_id).await?;
+        sqlx::query("UPDATE machines SET volume_id = $2 WHERE id = $1")
+            .bind(machine_id)
+            .bind(&volume.id)
+            .execute(&mut **tx)
+            .await?;
+        enqueue(tx, CREATE_JOB, &volume.id).await?;
+        metrics::counter!("kiln_cache_volumes_created_total").increment(1);
+        Ok(())
+    }
+
     /// With `cache.create_on = "project"`, a new project's volumes are created with it.
     pub async fn project_created(
         &self,

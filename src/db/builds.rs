@@ -65,12 +65,16 @@ pub struct NewBuild<'a> {
     pub options: serde_json::Value,
     pub created_by: Option<&'a str>,
     pub timeout_minutes: i32,
+    /// Build on an ephemeral builder with a cache volume of its own, never the
+    /// project's (untrusted builds such as fork pull requests).
+    pub ephemeral_cache: bool,
 }
 
 pub async fn insert<'e>(db: impl PgExecutor<'e>, new: NewBuild<'_>) -> Result<Build> {
     Ok(sqlx::query_as(&format!(
-        "INSERT INTO builds (id, project_id, organization_id, command, options, created_by, cancels_at)
-         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(mins => $7))
+        "INSERT INTO builds (id, project_id, organization_id, command, options, created_by, cancels_at,
+                             ephemeral_cache)
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(mins => $7), $8)
          RETURNING {COLUMNS}"
     ))
     .bind(new.id)
@@ -80,6 +84,7 @@ pub async fn insert<'e>(db: impl PgExecutor<'e>, new: NewBuild<'_>) -> Result<Bu
     .bind(new.options)
     .bind(new.created_by)
     .bind(new.timeout_minutes)
+    .bind(new.ephemeral_cache)
     .fetch_one(db)
     .await?)
 }
@@ -193,7 +198,8 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
         > 0;
     if finished {
         // Release the platforms and give their builders back: a builder with no builds
-        // left goes from assigned to ready (idle).
+        // left goes from assigned to ready (idle), an ephemeral one to draining (it served
+        // this build only). Builds waiting for a builder at its autoscaling cap wake.
         sqlx::query(
             "WITH released AS (
                  UPDATE build_platforms SET state = 'released', released_at = now()
@@ -203,10 +209,19 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
              UPDATE machines m SET
                  active_builds = GREATEST(m.active_builds - counts.n, 0),
                  last_released_at = now(),
-                 state = CASE WHEN m.state = 'assigned' AND m.active_builds - counts.n <= 0 THEN 'ready' ELSE m.state END
+                 state = CASE WHEN m.role = 'ephemeral' AND m.state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+                                   AND m.active_builds - counts.n <= 0 THEN 'draining'
+                              WHEN m.state = 'assigned' AND m.active_builds - counts.n <= 0 THEN 'ready'
+                              ELSE m.state END
              FROM counts WHERE m.id = counts.builder_id",
         )
         .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "SELECT pg_notify('kiln_scheduler', '')
+             WHERE EXISTS (SELECT 1 FROM build_platforms WHERE state = 'pending')",
+        )
         .execute(&mut *tx)
         .await?;
     }

@@ -85,6 +85,26 @@ pub enum Assignment {
     Waiting,
     /// Nothing to do: already released, or locked by another replica right now.
     Skipped,
+    /// Every builder of the project's slot is at its autoscaling cap, and the slot has
+    /// its most builders: the platform stays pending until a build finishes.
+    Queued,
+}
+
+/// A live builder of a project's slot, as assignment sees it.
+#[derive(Debug, sqlx::FromRow)]
+struct SlotMachine {
+    id: String,
+    state: String,
+    serving: bool,
+    stale: bool,
+    role: String,
+    active_builds: i32,
+}
+
+impl SlotMachine {
+    fn ready(&self) -> bool {
+        (self.state == "ready" || self.state == "assigned") && self.serving
+    }
 }
 
 impl Scheduler {
@@ -190,7 +210,11 @@ impl Scheduler {
         Ok(outcome)
     }
 
-    /// Assigns a locked pending platform to its slot's machine, requesting one if needed.
+    /// Assigns a locked pending platform to a builder of its project and architecture,
+    /// requesting one if needed: the slot's primary builder, or with autoscaling the
+    /// least busy builder under `autoscaling_builds_per_builder`, adding extra builders
+    /// up to `autoscaling_max_builders`. Builds asking for an ephemeral cache get a
+    /// builder of their own.
     async fn assign_locked(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -198,41 +222,65 @@ impl Scheduler {
         platform: Platform,
         project_id: &str,
     ) -> Result<Assignment> {
+        let (ephemeral, autoscaling, per_builder, max_builders): (bool, bool, i32, i32) =
+            sqlx::query_as(
+                "SELECT b.ephemeral_cache, p.autoscaling_enabled, p.autoscaling_builds_per_builder,
+                        p.autoscaling_max_builders
+                 FROM builds b JOIN projects p ON p.id = b.project_id WHERE b.id = $1",
+            )
+            .bind(build_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        if ephemeral {
+            return self
+                .assign_ephemeral(tx, build_id, platform, project_id)
+                .await;
+        }
         // A reset from now on has something to clear (see `cache::Cache::reset`).
         sqlx::query("UPDATE projects SET cache_used = true WHERE id = $1 AND NOT cache_used")
             .bind(project_id)
             .execute(&mut **tx)
             .await?;
         let mut slot_locked = false;
-        for _ in 0..6 {
-            let machine: Option<(String, String, bool, bool)> = sqlx::query_as(
-                "SELECT m.id, m.state, m.serving, m.cache_generation < p.cache_generation
+        for _ in 0..8 {
+            let machines: Vec<SlotMachine> = sqlx::query_as(
+                "SELECT m.id, m.state, m.serving, m.cache_generation < p.cache_generation AS stale,
+                        m.role, m.active_builds
                  FROM machines m JOIN projects p ON p.id = m.project_id
-                 WHERE m.project_id = $1 AND m.platform = $2
+                 WHERE m.project_id = $1 AND m.platform = $2 AND m.role IN ('primary', 'extra')
                    AND m.state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+                 ORDER BY m.role = 'primary' DESC, m.created_at
                  FOR UPDATE OF m",
             )
             .bind(project_id)
             .bind(platform.as_str())
-            .fetch_optional(&mut **tx)
+            .fetch_all(&mut **tx)
             .await?;
-            if let Some((machine_id, state, _, true)) = &machine {
+            if let Some(stale) = machines.iter().find(|m| m.stale) {
                 // Started before the project's cache was reset: it must not serve
                 // another build of the project. The slot frees for a fresh builder.
-                retire(tx, machine_id, state).await?;
+                retire(tx, &stale.id, &stale.state).await?;
                 continue;
             }
-            if let Some((machine_id, state, serving, _)) = machine {
-                let ready = (state == "ready" || state == "assigned") && serving;
+            let chosen = if autoscaling {
+                machines
+                    .iter()
+                    .filter(|m| m.active_builds < per_builder)
+                    .min_by_key(|m| (!m.ready(), m.active_builds, m.role != "primary"))
+            } else {
+                machines.iter().find(|m| m.role == "primary")
+            };
+            if let Some(machine) = chosen {
+                let ready = machine.ready();
                 sqlx::query(
                     "UPDATE machines SET active_builds = active_builds + 1, last_assigned_at = now(),
                          state = CASE WHEN state = 'ready' THEN 'assigned' ELSE state END
                      WHERE id = $1",
                 )
-                .bind(&machine_id)
+                .bind(&machine.id)
                 .execute(&mut **tx)
                 .await?;
-                attach_platform(tx, build_id, platform, &machine_id, ready).await?;
+                attach_platform(tx, build_id, platform, &machine.id, ready).await?;
                 if ready {
                     metrics::counter!("kiln_builder_assignments_total", "source" => "idle")
                         .increment(1);
@@ -240,8 +288,8 @@ impl Scheduler {
                 }
                 return Ok(Assignment::Waiting);
             }
-            // The slot is empty. Serialize changes to this slot, then look again: another
-            // replica may have filled it meanwhile.
+            // Serialize changes to this slot, then look again: another replica may have
+            // filled it meanwhile.
             if !slot_locked {
                 sqlx::query(
                     "SELECT pg_advisory_xact_lock(hashtext('kiln:slot:' || $1 || ':' || $2))",
@@ -253,10 +301,39 @@ impl Scheduler {
                 slot_locked = true;
                 continue;
             }
-            // The project gains a machine either way: its organization's cap applies.
+            if machines.iter().any(|m| m.role == "primary") {
+                // Autoscaling, and every builder is at its cap.
+                if machines.len() as i64 >= i64::from(max_builders) {
+                    metrics::counter!("kiln_autoscaling_queued_total").increment(1);
+                    return Ok(Assignment::Queued);
+                }
+                self.check_org_cap(tx, project_id).await?;
+                self.check_total_cap(tx).await?;
+                let machine_id = new_id();
+                self.request_machine(tx, &machine_id, platform, project_id, "extra", None)
+                    .await?;
+                if self.provider.uses_agent() {
+                    self.cache
+                        .clone_for_machine(tx, project_id, platform, &machine_id)
+                        .await?;
+                }
+                metrics::counter!("kiln_autoscaling_builders_added_total").increment(1);
+                tracing::info!(
+                    machine_id,
+                    project_id,
+                    builders = machines.len() + 1,
+                    "autoscaling: adding a builder"
+                );
+                continue;
+            }
+            // The slot is empty. The project gains a machine either way: its
+            // organization's cap applies.
             self.check_org_cap(tx, project_id).await?;
             // A warm standby of this architecture joins the project's slot (milliseconds).
-            if let Some((adopted, serving)) = self.adopt_warm(tx, project_id, platform).await? {
+            if let Some((adopted, serving)) = self
+                .adopt_warm(tx, project_id, platform, "primary", None)
+                .await?
+            {
                 tracing::debug!(machine_id = %adopted, project_id, "adopted a warm builder");
                 self.give_volume(tx, project_id, platform, &adopted).await?;
                 attach_platform(tx, build_id, platform, &adopted, serving).await?;
@@ -271,37 +348,135 @@ impl Scheduler {
             // Otherwise request a new machine, within the total cap too.
             self.check_total_cap(tx).await?;
             let machine_id = new_id();
-            let inserted = sqlx::query(
-                "INSERT INTO machines (id, provider, platform, project_id, managed_by_agent, cache_generation)
-                 VALUES ($1, $2, $3, $4, $5, (SELECT cache_generation FROM projects WHERE id = $4))
-                 ON CONFLICT (project_id, platform)
-                     WHERE state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
-                 DO NOTHING",
-            )
-            .bind(&machine_id)
-            .bind(self.provider.name())
-            .bind(platform.as_str())
-            .bind(project_id)
-            .bind(self.provider.uses_agent())
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
+            if self
+                .request_machine(tx, &machine_id, platform, project_id, "primary", None)
+                .await?
+            {
                 self.give_volume(tx, project_id, platform, &machine_id)
                     .await?;
-                jobs::enqueue(
-                    &mut **tx,
-                    NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
-                        .dedupe(machine_id.clone())
-                        .max_attempts(self.config.launch_max_attempts),
-                )
-                .await?;
-                metrics::counter!("kiln_machines_requested_total").increment(1);
             }
         }
         Err(Error::Unavailable(
             "could not settle a builder for this project; retry shortly".into(),
         ))
+    }
+
+    /// A build with an ephemeral cache gets a builder of its own (a warm standby, or a
+    /// new machine) with a new, empty volume; both go when the build ends.
+    async fn assign_ephemeral(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        build_id: &str,
+        platform: Platform,
+        project_id: &str,
+    ) -> Result<Assignment> {
+        let existing: Option<(String, String, bool)> = sqlx::query_as(
+            "SELECT id, state, serving FROM machines
+             WHERE build_id = $1 AND platform = $2 AND role = 'ephemeral'
+               AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+             FOR UPDATE",
+        )
+        .bind(build_id)
+        .bind(platform.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let (machine_id, ready) = match existing {
+            Some((id, state, serving)) => {
+                let ready = (state == "ready" || state == "assigned") && serving;
+                sqlx::query(
+                    "UPDATE machines SET active_builds = active_builds + 1, last_assigned_at = now(),
+                         state = CASE WHEN state = 'ready' THEN 'assigned' ELSE state END
+                     WHERE id = $1",
+                )
+                .bind(&id)
+                .execute(&mut **tx)
+                .await?;
+                (id, ready)
+            }
+            None => {
+                self.check_org_cap(tx, project_id).await?;
+                let (id, ready) = match self
+                    .adopt_warm(tx, project_id, platform, "ephemeral", Some(build_id))
+                    .await?
+                {
+                    // An agent first attaches the new volume, so it is not ready yet.
+                    Some(adopted) => adopted,
+                    None => {
+                        self.check_total_cap(tx).await?;
+                        let id = new_id();
+                        self.request_machine(
+                            tx,
+                            &id,
+                            platform,
+                            project_id,
+                            "ephemeral",
+                            Some(build_id),
+                        )
+                        .await?;
+                        sqlx::query("UPDATE machines SET active_builds = 1, last_assigned_at = now() WHERE id = $1")
+                            .bind(&id)
+                            .execute(&mut **tx)
+                            .await?;
+                        (id, false)
+                    }
+                };
+                if self.provider.uses_agent() {
+                    self.cache
+                        .ephemeral_for_machine(tx, project_id, build_id, platform, &id)
+                        .await?;
+                }
+                (id, ready)
+            }
+        };
+        attach_platform(tx, build_id, platform, &machine_id, ready).await?;
+        Ok(if ready {
+            Assignment::Ready
+        } else {
+            Assignment::Waiting
+        })
+    }
+
+    /// Inserts a machine row and queues its launch. False when a primary for the slot
+    /// exists already (another replica won).
+    async fn request_machine(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        machine_id: &str,
+        platform: Platform,
+        project_id: &str,
+        role: &str,
+        build_id: Option<&str>,
+    ) -> Result<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO machines (id, provider, platform, project_id, managed_by_agent, cache_generation, role, build_id)
+             VALUES ($1, $2, $3, $4, $5, (SELECT cache_generation FROM projects WHERE id = $4), $6, $7)
+             ON CONFLICT (project_id, platform)
+                 WHERE role = 'primary' AND state IN ('requested', 'launching', 'booting', 'ready', 'assigned')
+             DO NOTHING",
+        )
+        .bind(machine_id)
+        .bind(self.provider.name())
+        .bind(platform.as_str())
+        .bind(project_id)
+        .bind(self.provider.uses_agent())
+        .bind(role)
+        .bind(build_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            jobs::enqueue(
+                &mut **tx,
+                NewJob::new(LAUNCH_JOB, json!({ "machine_id": machine_id }))
+                    .dedupe(machine_id.to_string())
+                    .max_attempts(self.config.launch_max_attempts),
+            )
+            .await?;
+            metrics::counter!("kiln_machines_requested_total", "role" => role.to_string())
+                .increment(1);
+        }
+        Ok(inserted)
     }
 
     /// Gives the machine taking a slot the slot's cache volume (created if need be).
@@ -389,10 +564,12 @@ impl Scheduler {
         tx: &mut Transaction<'_, Postgres>,
         project_id: &str,
         platform: Platform,
+        role: &str,
+        build_id: Option<&str>,
     ) -> Result<Option<(String, bool)>> {
         let adopted: Option<(String, bool)> = sqlx::query_as(
             "UPDATE machines SET project_id = $2, state = 'assigned', active_builds = 1, last_assigned_at = now(),
-                 serving = NOT managed_by_agent,
+                 serving = NOT managed_by_agent, role = $3, build_id = $4,
                  cache_generation = (SELECT cache_generation FROM projects WHERE id = $2)
              WHERE id = (SELECT id FROM machines
                          WHERE project_id IS NULL AND platform = $1 AND state = 'ready'
@@ -401,6 +578,8 @@ impl Scheduler {
         )
         .bind(platform.as_str())
         .bind(project_id)
+        .bind(role)
+        .bind(build_id)
         .fetch_optional(&mut **tx)
         .await?;
         if adopted.is_some() {
@@ -641,7 +820,7 @@ impl Scheduler {
                 continue;
             };
             match self.assign(&build_id, platform).await? {
-                Assignment::Skipped => {}
+                Assignment::Skipped | Assignment::Queued => {}
                 Assignment::Ready => {
                     handled += 1;
                     notify_build(&self.pool, &build_id).await;

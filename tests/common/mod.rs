@@ -449,6 +449,7 @@ pub async fn new_build(pool: &PgPool, project_id: &str, organization_id: &str) -
             options: serde_json::json!([]),
             created_by: None,
             timeout_minutes: 60,
+            ephemeral_cache: false,
         },
     )
     .await

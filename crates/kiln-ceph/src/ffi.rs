@@ -9,6 +9,10 @@ use libc::{c_char, c_int, c_void, size_t, ssize_t, time_t};
 pub type rados_t = *mut c_void;
 pub type rados_ioctx_t = *mut c_void;
 pub type rbd_image_t = *mut c_void;
+pub type rbd_image_options_t = *mut c_void;
+pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
+pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 pub type librbd_progress_fn_t = Option<extern "C" fn(u64, u64, *mut c_void) -> c_int>;
 
 pub const RBD_MAX_BLOCK_NAME_SIZE: usize = 24;
@@ -171,16 +175,20 @@ unsafe extern "C" {
     pub fn rbd_snap_exists(image: rbd_image_t, name: *const c_char, exists: *mut bool) -> c_int;
     pub fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int;
     pub fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int;
-    pub fn rbd_clone2(
+    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    pub fn rbd_image_options_set_uint64(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: u64,
+    ) -> c_int;
+    pub fn rbd_clone3(
         p_ioctx: rados_ioctx_t,
         p_name: *const c_char,
         p_snapname: *const c_char,
         c_ioctx: rados_ioctx_t,
         c_name: *const c_char,
-        features: u64,
-        c_order: *mut c_int,
-        stripe_unit: u64,
-        stripe_count: c_int,
+        c_opts: rbd_image_options_t,
     ) -> c_int;
     pub fn rbd_watchers_list(
         image: rbd_image_t,

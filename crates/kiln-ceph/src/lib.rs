@@ -459,6 +459,36 @@ pub struct Locker {
     pub address: String,
 }
 
+/// Image options for a v2 clone with Kiln's features; destroyed when dropped.
+struct CloneOptions(ffi::rbd_image_options_t);
+
+impl CloneOptions {
+    fn new() -> Result<CloneOptions> {
+        let mut raw: ffi::rbd_image_options_t = std::ptr::null_mut();
+        // SAFETY: librbd allocates the options and writes the handle.
+        unsafe { ffi::rbd_image_options_create(&mut raw) };
+        let options = CloneOptions(raw);
+        for (name, value) in [
+            (ffi::RBD_IMAGE_OPTION_FEATURES, IMAGE_FEATURES),
+            (ffi::RBD_IMAGE_OPTION_ORDER, IMAGE_ORDER as u64),
+            (ffi::RBD_IMAGE_OPTION_CLONE_FORMAT, 2),
+        ] {
+            // SAFETY: a live options handle.
+            check("clone options", unsafe {
+                ffi::rbd_image_options_set_uint64(options.0, name, value)
+            } as i64)?;
+        }
+        Ok(options)
+    }
+}
+
+impl Drop for CloneOptions {
+    fn drop(&mut self) {
+        // SAFETY: created by rbd_image_options_create, destroyed once.
+        unsafe { ffi::rbd_image_options_destroy(self.0) };
+    }
+}
+
 /// An open image; closed when dropped.
 struct Image(ffi::rbd_image_t);
 
@@ -935,7 +965,8 @@ impl Rbd {
     }
 
     /// Clones `image@snap` of this namespace as `child` in `target`'s namespace:
-    /// copy-on-write, instant, and writes to the clone never reach the parent.
+    /// copy-on-write, instant, and writes to the clone never reach the parent. Always a
+    /// v2 clone, which crossing namespaces requires.
     pub async fn clone_to(&self, image: &str, snap: &str, target: &Rbd, child: &str) -> Result<()> {
         let (image, snap, child) = (image.to_string(), snap.to_string(), child.to_string());
         let (pool, parent_ns, child_pool, child_ns) = (
@@ -953,19 +984,16 @@ impl Rbd {
                     cstring("clone image", &snap)?,
                     cstring("clone image", &child)?,
                 );
-                let mut order = IMAGE_ORDER;
-                // SAFETY: live io contexts and strings; librbd writes `order`.
+                let options = CloneOptions::new()?;
+                // SAFETY: live io contexts, strings and options.
                 check("clone image", unsafe {
-                    ffi::rbd_clone2(
+                    ffi::rbd_clone3(
                         *parent_io.inner() as ffi::rados_ioctx_t,
                         image.as_ptr(),
                         snap.as_ptr(),
                         *child_io.inner() as ffi::rados_ioctx_t,
                         child.as_ptr(),
-                        IMAGE_FEATURES,
-                        &mut order,
-                        0,
-                        0,
+                        options.0,
                     )
                 } as i64)
                 .map(drop)

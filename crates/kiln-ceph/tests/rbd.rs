@@ -196,16 +196,22 @@ async fn clones_see_the_parent_and_keep_their_writes() {
     rbd.write("scratch-1", 0, b"child!".to_vec()).await.unwrap();
     assert_eq!(rbd.read("scratch-1", 0, 6).await.unwrap(), b"child!");
     assert_eq!(rbd.read("cache-amd64", 0, 6).await.unwrap(), b"parent");
-    // The snapshot cannot go while a clone depends on it.
-    assert!(
-        rbd.snapshot_remove("cache-amd64", "s1")
-            .await
-            .unwrap_err()
-            .is_busy()
-    );
+    // A clone in another namespace (v2 clones allow it) sees the parent too.
+    let other = fresh(&ceph, "clone-x").await;
+    rbd.clone_to("cache-amd64", "s1", &other, "scratch-2")
+        .await
+        .unwrap();
+    assert_eq!(other.read("scratch-2", 0, 6).await.unwrap(), b"parent");
+    // With v2 clones the snapshot can go while clones depend on it: it waits in the
+    // snapshot trash until the last clone is gone, and the clones keep reading it.
+    rbd.snapshot_remove("cache-amd64", "s1").await.unwrap();
+    rbd.snapshot_remove("cache-amd64", "s1").await.unwrap();
+    assert_eq!(other.read("scratch-2", 0, 6).await.unwrap(), b"parent");
+    // The parent cannot go while clones depend on it.
+    assert!(rbd.remove("cache-amd64").await.is_err());
     rbd.remove("scratch-1").await.unwrap();
-    rbd.snapshot_remove("cache-amd64", "s1").await.unwrap();
-    rbd.snapshot_remove("cache-amd64", "s1").await.unwrap();
+    other.remove("scratch-2").await.unwrap();
+    other.namespace_remove().await.unwrap();
     rbd.remove("cache-amd64").await.unwrap();
     rbd.namespace_remove().await.unwrap();
 }

@@ -68,6 +68,8 @@ async fn create_build(call: Call, req: pb::CreateBuildRequest) -> Result<pb::Cre
             .options
             .iter()
             .any(|o| o.save || !o.save_tags.is_empty()),
+        // The depot CLI has no way to ask; untrusted callers get one by policy (OIDC).
+        ephemeral_cache: false,
     };
     let (build, token, project) = call
         .app
