@@ -808,6 +808,60 @@ async fn depot_build_keeps_its_cache_on_a_ceph_volume_across_builders() {
     let du: serde_json::Value = serde_json::from_str(&du).unwrap();
     assert!(du["images"][0]["used_size"].as_i64().unwrap() > 0, "{du}");
 
+    // BuildKit's GC keeps the volume's size less the margin (10%); raising the cache
+    // size grows the volume and its filesystem, and the GC limit follows, once BuildKit
+    // is idle (the CLI has gone).
+    let keep_bytes = |machine: &str| -> u64 {
+        let toml = std::fs::read_to_string(builders.path().join(machine).join("buildkitd.toml"))
+            .unwrap_or_default();
+        toml.lines()
+            .find_map(|l| l.strip_prefix("keepBytes = "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    const GIB: u64 = 1 << 30;
+    assert_eq!(keep_bytes(&second), 50 * GIB / 100 * 90);
+    common::domain(&s.db.pool)
+        .projects
+        .update(
+            &common::operator(),
+            Some(&project),
+            kiln::projects::ProjectSettings {
+                cache_size_gb_amd64: Some(60),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mounted = builders.path().join(&second).join("volume");
+    let filesystem_size = || -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["-B1", "--output=size"])
+            .arg(&mounted)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    common::wait_for(
+        "the volume, its filesystem and the GC limit to grow",
+        Duration::from_secs(90),
+        || async { keep_bytes(&second) == 60 * GIB / 100 * 90 && filesystem_size() > 55 * GIB },
+    )
+    .await;
+    assert_eq!(rbd_size_of(&conf, &pool, &namespace, &image), 60 * GIB);
+    build("after the grow").await;
+    assert_eq!(serving_machine(&s, &project).await, second, "same builder");
+    let solves = std::fs::read_to_string(log_of(&second)).unwrap();
+    assert_eq!(
+        solves.lines().count(),
+        3,
+        "the cache survived the grow: {solves}"
+    );
+
     // A project whose cache does not fit what remains: the build is refused with the
     // reason, and no builder or volume is left behind.
     let big = common::domain(&s.db.pool)
@@ -854,4 +908,24 @@ async fn depot_build_keeps_its_cache_on_a_ceph_volume_across_builders() {
     .unwrap();
     assert_eq!(left, 0);
     drop(s.kiln);
+}
+
+fn rbd_size_of(conf: &str, pool: &str, namespace: &str, image: &str) -> u64 {
+    let out = std::process::Command::new("rbd")
+        .args([
+            "info",
+            "--format",
+            "json",
+            &format!("{pool}/{namespace}/{image}"),
+        ])
+        .env("CEPH_CONF", conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["size"].as_u64().unwrap()
 }

@@ -47,6 +47,9 @@ pub enum AdminCommand {
     /// Builder machines
     #[command(subcommand)]
     Machines(MachinesCommand),
+    /// Layer-cache volumes
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// The audit log
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -191,6 +194,20 @@ pub enum MachinesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// A project's cache volumes: size, pending changes, usage
+    List {
+        #[arg(long, value_name = "PROJECT_ID")]
+        project: String,
+    },
+    /// Reset a project's cache: its builders drain, its volumes are replaced by empty ones
+    Reset {
+        #[arg(long, value_name = "PROJECT_ID")]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Show recent audit events
     List {
@@ -242,6 +259,39 @@ pub async fn run(config: Config, args: AdminArgs) -> anyhow::Result<()> {
                     "machine {id:?} is not ready or assigned (see `kiln admin machines list`)"
                 ))
             }
+        }
+        AdminCommand::Cache(CacheCommand::List { project }) => {
+            let volumes = app.cache.list(&me, Some(&project)).await?;
+            let rows: Vec<serde_json::Value> = volumes
+                .iter()
+                .map(|v| {
+                    json!({
+                        "id": v.volume.id, "kind": v.volume.kind, "platform": v.volume.platform,
+                        "state": v.volume.state,
+                        "image": format!("{}/{}", v.volume.namespace, v.volume.image),
+                        "size_gib": v.volume.size_bytes / crate::cache::GIB,
+                        "used_bytes": v.volume.used_bytes, "machine": v.volume.machine_id,
+                        "pending": v.pending,
+                    })
+                })
+                .collect();
+            out.rows(&rows);
+            Ok(())
+        }
+        AdminCommand::Cache(CacheCommand::Reset { project }) => {
+            let reset = app.cache.reset(&me, Some(&project)).await?;
+            if reset.took_effect {
+                eprintln!(
+                    "project {project}'s cache is reset (generation {}); {} volume(s) retired",
+                    reset.generation,
+                    reset.retired.len()
+                );
+            } else {
+                eprintln!(
+                    "project {project}'s cache was not used since its last reset; nothing to do"
+                );
+            }
+            Ok(())
         }
         AdminCommand::Audit(AuditCommand::List { org, limit }) => {
             out.rows(&app.orgs.audit_events(&me, org.as_deref(), limit).await?);

@@ -14,15 +14,15 @@ use super::volume::{self, AttachedVolume};
 use super::write_private;
 use crate::proto::kiln::agent::v1 as pb;
 
-/// What decides whether BuildKit must restart: not the certificates, which Kiln
-/// re-issues with every directive, nor the volume's size, which grows in place.
+/// What decides whether BuildKit must restart at once: not the certificates, which Kiln
+/// re-issues with every directive, nor the volume's size, which grows in place, nor the
+/// GC limit that follows it (applied at the next moment BuildKit has no client).
 #[derive(Debug, Clone, PartialEq)]
 struct TaskKey {
     project_id: String,
     platform: String,
     server_name: String,
     volume: Option<(String, String, String)>,
-    gc_keep_bytes: u64,
     max_parallelism: u32,
 }
 
@@ -38,6 +38,9 @@ pub struct Supervisor {
     last_attempt: Option<Instant>,
     failures: u32,
     task: Option<TaskKey>,
+    /// The GC limit BuildKit runs with, and a newer one waiting for an idle moment.
+    gc_keep_bytes: u64,
+    pending_gc_keep_bytes: Option<u64>,
     volume: Option<AttachedVolume>,
     child: Option<Child>,
     started_at: Option<Instant>,
@@ -65,7 +68,6 @@ fn task_key(task: &pb::BuildKitTask) -> TaskKey {
             .as_ref()
             .filter(|c| volume::is_volume(Some(c)))
             .map(|c| (c.volume_id.clone(), c.kind.clone(), c.source.clone())),
-        gc_keep_bytes: task.gc_keep_bytes,
         max_parallelism: task.max_parallelism,
     }
 }
@@ -87,6 +89,8 @@ impl Supervisor {
             last_attempt: None,
             failures: 0,
             task: None,
+            gc_keep_bytes: 0,
+            pending_gc_keep_bytes: None,
             volume: None,
             child: None,
             started_at: None,
@@ -139,12 +143,18 @@ impl Supervisor {
             volume.grow(spec.size_bytes).await?;
         }
         if self.task.as_ref() == Some(&key) && self.running() {
+            if task.gc_keep_bytes != self.gc_keep_bytes {
+                // Restarting BuildKit now would kill running builds.
+                self.pending_gc_keep_bytes = Some(task.gc_keep_bytes);
+            }
             self.generation = generation;
             self.desired = None;
             return Ok(());
         }
         self.stop_buildkit().await;
         self.write_task(&task)?;
+        self.gc_keep_bytes = task.gc_keep_bytes;
+        self.pending_gc_keep_bytes = None;
         self.task = Some(key);
         self.restarts = 0;
         self.start()?;
@@ -172,6 +182,21 @@ impl Supervisor {
             &self.listen,
             &tls,
             task.gc_keep_bytes,
+            task.max_parallelism.max(1),
+        );
+        write_private(&self.state_dir.join("buildkitd.toml"), &config)
+    }
+
+    /// Rewrites buildkitd.toml with a new GC limit (BuildKit reads it when it starts).
+    fn rewrite_gc(&self, keep_bytes: u64) -> anyhow::Result<()> {
+        let Some(task) = &self.task else {
+            return Ok(());
+        };
+        let config = buildkitd_toml(
+            &self.root(),
+            &self.listen,
+            &self.state_dir.join("tls"),
+            keep_bytes,
             task.max_parallelism.max(1),
         );
         write_private(&self.state_dir.join("buildkitd.toml"), &config)
@@ -248,12 +273,21 @@ impl Supervisor {
             }
             return;
         }
-        if self.volume.as_ref().is_some_and(|v| v.grow_pending) && !self.in_use() {
+        let grow = self.volume.as_ref().is_some_and(|v| v.grow_pending);
+        if (grow || self.pending_gc_keep_bytes.is_some()) && !self.in_use() {
+            // Maintenance that needs BuildKit stopped, done while no client uses it.
             self.stop_buildkit().await;
-            if let Some(volume) = self.volume.as_mut()
+            if grow
+                && let Some(volume) = self.volume.as_mut()
                 && let Err(err) = volume.grow_offline().await
             {
                 tracing::error!(error = %format!("{err:#}"), "could not grow the cache filesystem");
+            }
+            if let Some(keep) = self.pending_gc_keep_bytes.take() {
+                self.gc_keep_bytes = keep;
+                if let Err(err) = self.rewrite_gc(keep) {
+                    tracing::error!(error = %format!("{err:#}"), "could not update BuildKit's GC limit");
+                }
             }
             if self.task.is_some()
                 && let Err(err) = self.start()

@@ -181,8 +181,10 @@ pub fn config(db_url: &str, overrides: &[(&str, &str)]) -> Config {
     env.push(("KILN_DATABASE__URL".into(), db_url.into()));
     if !env.iter().any(|(k, _)| k == "KILN_CACHE__LOCAL__DIR") {
         // Local cache volumes of tests stay out of the working tree.
-        let dir = std::env::temp_dir().join(format!("kiln-test-cache-{}", std::process::id()));
-        env.push(("KILN_CACHE__LOCAL__DIR".into(), dir.display().to_string()));
+        env.push((
+            "KILN_CACHE__LOCAL__DIR".into(),
+            test_cache_dir().display().to_string(),
+        ));
     }
     let mut config = Config::load_from(None, env).expect("test config is valid");
     config.database.url = SecretString::from(db_url.to_string());
@@ -330,6 +332,13 @@ where
     }
 }
 
+/// The local cache provider's directory for this test process: its own, so no other
+/// test's sweep sees its volumes as orphans. Replicas a test spawns share it, as
+/// replicas on one host would.
+pub fn test_cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-test-cache-{}", std::process::id()))
+}
+
 pub fn kiln_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
@@ -361,6 +370,9 @@ impl Kiln {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log.reopen().unwrap());
+        if !env.iter().any(|(k, _)| *k == "KILN_CACHE__LOCAL__DIR") {
+            cmd.env("KILN_CACHE__LOCAL__DIR", test_cache_dir());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
