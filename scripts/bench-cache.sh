@@ -92,11 +92,18 @@ reap_all() {
 for provider in local ceph; do
   export KILN_CACHE__PROVIDER=$provider
   if [ "$provider" = ceph ]; then
-    export KILN_CACHE__CEPH__CONF_PATH="$CEPH_CONF" KILN_CACHE__CEPH__POOL="$CEPH_POOL"
+    # Volumes are thin; the throwaway cluster's raw size (20 GiB) would not admit twenty
+    # 50 GiB caches.
+    export KILN_CACHE__CEPH__CONF_PATH="$CEPH_CONF" KILN_CACHE__CEPH__POOL="$CEPH_POOL" \
+      KILN_CACHE__CAPACITY_GB=100000
   else
     export KILN_CACHE__LOCAL__DIR="$BUILDERS_DIR/cache"
   fi
-  PROJECTS=$(for i in $(seq 1 "$POOL_SIZE"); do new_project "$provider-$i"; done | paste -sd, -)
+  PROJECTS=""
+  for i in $(seq 1 "$POOL_SIZE"); do
+    id=$(new_project "$provider-$i")
+    PROJECTS="${PROJECTS:+$PROJECTS,}$id"
+  done
   KILN_BUILDERS__WARM_POOL_AMD64=$POOL_SIZE start_kiln
   wait_for "the projects' volumes" "SELECT count(*) = 0 FROM volumes WHERE state = 'creating'"
   adopt_round "standby adopted, $provider volume, first use (formats it)" "$PROJECTS"

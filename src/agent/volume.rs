@@ -3,14 +3,15 @@
 //! RBD images are mapped with krbd (`rbd device map`) where the kernel has it, else
 //! exposed by rbd-fuse and attached to a loop device; either way the block device gets
 //! an ext4 filesystem on first use and is mounted under the agent's state directory.
-//! Directory volumes (the local provider) are used as they are. Before attaching, the
-//! agent takes the volume's exclusive lock (an RBD advisory lock whose cookie is the
+//! Directory volumes (the local provider) are used as they are. Before the device is
+//! attached, the agent holds the volume's lease (a RADOS object lock whose cookie is the
 //! machine id, or an `flock`), so a second builder gets a clear error instead of a
 //! corrupt filesystem.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
@@ -171,6 +172,7 @@ impl AttachedVolume {
         machine_id: &str,
         state_dir: &Path,
     ) -> anyhow::Result<AttachedVolume> {
+        let mut steps = Steps::new();
         let (pool, namespace, image) = image_spec(&spec.source)?;
         let client = option(spec, "client")?;
         let dir = state_dir.join("ceph");
@@ -186,11 +188,6 @@ impl AttachedVolume {
         write_private(&conf, &conf_text)?;
         write_private(&keyring, &keyring_text)?;
 
-        let ceph = kiln_ceph::Ceph::connect(&conf, client)
-            .await
-            .context("connecting to the Ceph cluster with the machine's key")?;
-        let rbd = ceph.rbd(&pool, &namespace);
-        lock_image(&rbd, &image, machine_id, &spec.volume_id).await?;
         let mut volume = AttachedVolume {
             volume_id: spec.volume_id.clone(),
             root: PathBuf::new(),
@@ -199,18 +196,55 @@ impl AttachedVolume {
             mount: None,
             device: None,
             fuse: None,
-            lock: Some(Lock::Rbd {
-                rbd,
-                image: image.clone(),
-                cookie: machine_id.to_string(),
-            }),
+            lock: None,
         };
+        let krbd = Path::new("/sys/bus/rbd").exists();
+        // rbd-fuse connects to the cluster on its own, which takes as long as taking the
+        // lease: start it first. It only opens the image; nothing reads or writes through
+        // it until the lease is held.
+        if !krbd
+            && let Err(err) = volume
+                .start_fuse(&conf, client, &pool, &namespace, &image, state_dir)
+                .await
+        {
+            volume.detach().await;
+            return Err(err);
+        }
+        let leased = async {
+            let ceph = kiln_ceph::Ceph::connect(&conf, client)
+                .await
+                .context("connecting to the Ceph cluster with the machine's key")?;
+            let rbd = ceph.rbd(&pool, &namespace);
+            lock_image(&rbd, &image, machine_id, &spec.volume_id).await?;
+            anyhow::Ok(rbd)
+        }
+        .await;
+        steps.step("lease");
+        match leased {
+            Ok(rbd) => {
+                volume.lock = Some(Lock::Rbd {
+                    rbd,
+                    image: image.clone(),
+                    cookie: machine_id.to_string(),
+                })
+            }
+            Err(err) => {
+                volume.detach().await;
+                return Err(err);
+            }
+        }
         // Whatever fails from here on, `volume` lets go of what it took.
         match volume
-            .map_and_mount(&conf, client, &pool, &namespace, &image, state_dir)
+            .map_and_mount(
+                &conf, client, &pool, &namespace, &image, state_dir, &mut steps,
+            )
             .await
         {
-            Ok(()) => Ok(volume),
+            Ok(()) => {
+                tracing::info!(volume_id = %volume.volume_id, took_ms = steps.total_ms(),
+                    steps = %steps, "attached the cache volume");
+                Ok(volume)
+            }
             Err(err) => {
                 volume.detach().await;
                 Err(err)
@@ -218,7 +252,8 @@ impl AttachedVolume {
         }
     }
 
-    async fn map_and_mount(
+    /// Starts rbd-fuse exposing `image` as a file under `<state>/ceph/fuse`.
+    async fn start_fuse(
         &mut self,
         conf: &Path,
         client: &str,
@@ -227,39 +262,47 @@ impl AttachedVolume {
         image: &str,
         state_dir: &Path,
     ) -> anyhow::Result<()> {
+        let fuse_dir = state_dir.join("ceph").join("fuse");
+        release_mount(&fuse_dir).await;
+        std::fs::create_dir_all(&fuse_dir).with_context(|| format!("creating {fuse_dir:?}"))?;
+        let mut command = Command::new("rbd-fuse");
+        command
+            .arg("-c")
+            .arg(conf)
+            .args(["-p", pool, "-s", namespace, "-r", image])
+            .arg(&fuse_dir)
+            .arg("-f")
+            .env("CEPH_ARGS", format!("--id {client}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; rbd-fuse must not outlive the agent.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("starting rbd-fuse")?;
+        self.fuse = Some((child, fuse_dir));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn map_and_mount(
+        &mut self,
+        conf: &Path,
+        client: &str,
+        pool: &str,
+        namespace: &str,
+        image: &str,
+        state_dir: &Path,
+        steps: &mut Steps,
+    ) -> anyhow::Result<()> {
         let conf_arg = conf.display().to_string();
         let spec = format!("{pool}/{namespace}/{image}");
-        if Path::new("/sys/bus/rbd").exists() {
-            let device = run(
-                "rbd",
-                &["device", "map", "-c", &conf_arg, "--id", client, &spec],
-            )
-            .await
-            .context("mapping the cache volume with krbd")?;
-            self.device = Some(Device::Krbd(device));
-        } else {
-            let fuse_dir = state_dir.join("ceph").join("fuse");
-            release_mount(&fuse_dir).await;
-            std::fs::create_dir_all(&fuse_dir).with_context(|| format!("creating {fuse_dir:?}"))?;
-            let mut command = Command::new("rbd-fuse");
-            command
-                .args(["-c", &conf_arg, "-p", pool, "-s", namespace, "-r", image])
-                .arg(&fuse_dir)
-                .arg("-f")
-                .env("CEPH_ARGS", format!("--id {client}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true);
-            // SAFETY: prctl is async-signal-safe; rbd-fuse must not outlive the agent.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
-            let child = command.spawn().context("starting rbd-fuse")?;
-            self.fuse = Some((child, fuse_dir.clone()));
+        if let Some((_, fuse_dir)) = &self.fuse {
             let file = fuse_dir.join(image);
             let deadline = tokio::time::Instant::now() + FUSE_TIMEOUT;
             while !file.is_file() {
@@ -273,11 +316,22 @@ impl AttachedVolume {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            steps.step("rbd-fuse");
             let file = file.display().to_string();
             let device = run("losetup", &["-f", "--show", &file])
                 .await
                 .context("attaching the cache volume to a loop device")?;
             self.device = Some(Device::Loop(device));
+            steps.step("losetup");
+        } else {
+            let device = run(
+                "rbd",
+                &["device", "map", "-c", &conf_arg, "--id", client, &spec],
+            )
+            .await
+            .context("mapping the cache volume with krbd")?;
+            self.device = Some(Device::Krbd(device));
+            steps.step("rbd map");
         }
         let device = self
             .device
@@ -285,11 +339,8 @@ impl AttachedVolume {
             .map(Device::path)
             .unwrap_or_default()
             .to_string();
-        let fs_type = run("blkid", &["-o", "value", "-s", "TYPE", &device])
-            .await
-            .unwrap_or_default();
-        match fs_type.as_str() {
-            "" => {
+        match probe(&device).await? {
+            Filesystem::Empty => {
                 run(
                     "mkfs.ext4",
                     &[
@@ -302,14 +353,21 @@ impl AttachedVolume {
                 .await
                 .context("formatting the new cache volume")?;
                 tracing::info!(volume_id = %self.volume_id, "formatted a new cache volume");
+                steps.step("mkfs");
             }
-            "ext4" => {
-                if filesystem_needs_growing(&device).await? {
+            Filesystem::Ext4 {
+                bytes,
+                device_bytes,
+            } => {
+                steps.step("probe");
+                // Leave slack for rounding: mkfs and resize2fs use whole block groups.
+                if bytes + (1 << 20) < device_bytes {
                     grow_unmounted(&device).await?;
+                    steps.step("resize2fs");
                 }
             }
-            other => {
-                bail!("the cache volume holds a {other} filesystem, not ext4; reset the cache")
+            Filesystem::Other(kind) => {
+                bail!("the cache volume holds a {kind} filesystem, not ext4; reset the cache")
             }
         }
         let mount = state_dir.join("volume");
@@ -326,6 +384,7 @@ impl AttachedVolume {
         self.mount = Some(mount.clone());
         self.root = mount.join("buildkit");
         std::fs::create_dir_all(&self.root).with_context(|| format!("creating {:?}", self.root))?;
+        steps.step("mount");
         Ok(())
     }
 
@@ -476,22 +535,111 @@ async fn release_mount(path: &Path) {
 
 /// Whether the ext4 filesystem on `device` is smaller than the device (the image grew
 /// while no machine had it).
-async fn filesystem_needs_growing(device: &str) -> anyhow::Result<bool> {
-    let header = run("dumpe2fs", &["-h", device]).await?;
-    let field = |name: &str| -> Option<u64> {
-        header
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
+/// What a cache volume's block device holds.
+enum Filesystem {
+    /// Nothing yet: a new image reads as zeros.
+    Empty,
+    Ext4 {
+        bytes: u64,
+        device_bytes: u64,
+    },
+    Other(String),
+}
+
+/// Reads the device's ext4 superblock directly (a spawned blkid and dumpe2fs would cost
+/// more than the rest of a warm attach). Anything that is neither ext4 nor all zeros at
+/// the start is named by blkid.
+async fn probe(device: &str) -> anyhow::Result<Filesystem> {
+    let path = device.to_string();
+    let (head, device_bytes) = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path)?;
+        let device_bytes = file.seek(SeekFrom::End(0))?;
+        file.seek(SeekFrom::Start(0))?;
+        let mut head = vec![0u8; 64 << 10];
+        let read = file.read(&mut head)?;
+        head.truncate(read);
+        std::io::Result::Ok((head, device_bytes))
+    })
+    .await?
+    .with_context(|| format!("reading the start of {device}"))?;
+    if let Some(bytes) = ext4_bytes(&head) {
+        return Ok(Filesystem::Ext4 {
+            bytes,
+            device_bytes,
+        });
+    }
+    if head.iter().all(|&b| b == 0) {
+        return Ok(Filesystem::Empty);
+    }
+    let kind = run("blkid", &["-o", "value", "-s", "TYPE", device])
+        .await
+        .unwrap_or_default();
+    Ok(if kind.is_empty() {
+        // Nothing blkid knows (an interrupted mkfs): safe to format.
+        Filesystem::Empty
+    } else {
+        Filesystem::Other(kind)
+    })
+}
+
+/// The size of the ext2/3/4 filesystem whose superblock starts at byte 1024 of `head`.
+fn ext4_bytes(head: &[u8]) -> Option<u64> {
+    let sb = head.get(1024..2048)?;
+    let u32_at = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().unwrap());
+    if u16::from_le_bytes([sb[56], sb[57]]) != 0xEF53 {
+        return None;
+    }
+    let log_block_size = u32_at(24);
+    if log_block_size > 6 {
+        return None;
+    }
+    let block_size = 1024u64 << log_block_size;
+    const INCOMPAT_64BIT: u32 = 0x80;
+    let high = if u32_at(0x60) & INCOMPAT_64BIT != 0 {
+        u64::from(u32_at(0x150))
+    } else {
+        0
     };
-    let (Some(blocks), Some(block_size)) = (field("Block count:"), field("Block size:")) else {
-        return Ok(false);
-    };
-    let device_bytes: u64 = run("blockdev", &["--getsize64", device])
-        .await?
-        .parse()
-        .unwrap_or(0);
-    Ok(blocks * block_size + (1 << 20) < device_bytes)
+    let blocks = (high << 32) | u64::from(u32_at(4));
+    Some(blocks * block_size)
+}
+
+/// Durations of the steps of an attach, for its log line.
+struct Steps {
+    started: Instant,
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        let now = Instant::now();
+        Steps {
+            started: now,
+            last: now,
+            steps: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn total_ms(&self) -> u128 {
+        self.started.elapsed().as_millis()
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={}ms", took.as_millis())?;
+        }
+        Ok(())
+    }
 }
 
 async fn grow_unmounted(device: &str) -> anyhow::Result<()> {
@@ -548,5 +696,45 @@ mod tests {
         for bad in ["a/b", "a/b/c/d", "a/../b", "a//b", "a/b/-c", "a/b/c d"] {
             assert!(image_spec(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[tokio::test]
+    async fn probe_reads_an_ext4_superblock_and_sees_zeros_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        let file = std::fs::File::create(&image).unwrap();
+        file.set_len(64 << 20).unwrap();
+        let path = image.display().to_string();
+        assert!(matches!(probe(&path).await.unwrap(), Filesystem::Empty));
+
+        run("mkfs.ext4", &["-q", "-F", &path]).await.unwrap();
+        let Filesystem::Ext4 {
+            bytes,
+            device_bytes,
+        } = probe(&path).await.unwrap()
+        else {
+            panic!("ext4 not found");
+        };
+        assert_eq!((bytes, device_bytes), (64 << 20, 64 << 20));
+
+        // Grown underneath: the filesystem is smaller than its device until resize2fs.
+        file.set_len(96 << 20).unwrap();
+        let Filesystem::Ext4 {
+            bytes,
+            device_bytes,
+        } = probe(&path).await.unwrap()
+        else {
+            panic!("ext4 not found");
+        };
+        assert_eq!((bytes, device_bytes), (64 << 20, 96 << 20));
+
+        // Something else is never formatted over.
+        run("mkswap", &[&path]).await.unwrap();
+        match probe(&path).await.unwrap() {
+            Filesystem::Other(kind) => assert_eq!(kind, "swap"),
+            _ => panic!("a swap area taken for ext4 or empty"),
+        }
+        assert_eq!(ext4_bytes(&[0u8; 4096]), None);
+        assert_eq!(ext4_bytes(&[0u8; 100]), None);
     }
 }
