@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln::auth::Principal;
-use kiln::cache::{Cache, GIB, ImageRef};
+use kiln::cache::{Cache, GIB, Grant, ImageRef};
 use kiln::config::Config;
 use kiln::db::volumes::{self as rows, NewVolume};
 use kiln::projects::{ProjectSettings, Projects};
@@ -53,15 +53,20 @@ fn report(label: &str, kiln: &mut [Duration], cli: &mut [Duration]) {
 
 /// Runs the `rbd` CLI and returns how long it took.
 fn rbd(args: &[&str]) -> Duration {
+    timed("rbd", args)
+}
+
+/// Runs a Ceph CLI and returns how long it took.
+fn timed(program: &str, args: &[&str]) -> Duration {
     let started = Instant::now();
-    let out = Command::new("rbd")
+    let out = Command::new(program)
         .args(args)
         .output()
-        .expect("running rbd");
+        .expect("running a Ceph CLI");
     let took = started.elapsed();
     assert!(
         out.status.success(),
-        "rbd {args:?}: {}",
+        "{program} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     took
@@ -160,6 +165,7 @@ async fn ops(b: &Bench) {
     let (mut usage_k, mut usage_c) = (Vec::new(), Vec::new());
     let (mut reset_k, mut reset_c) = (Vec::new(), Vec::new());
     let (mut delete_k, mut delete_c) = (Vec::new(), Vec::new());
+    let (mut grant_k, mut grant_c) = (Vec::new(), Vec::new());
     let cli_ns = format!("proj-bench{}", kiln::db::ids::new_id());
     rbd(&["namespace", "create", &format!("{}/{cli_ns}", b.ceph_pool)]);
     for i in 0..iterations {
@@ -284,6 +290,36 @@ async fn ops(b: &Bench) {
             "--no-progress",
             &b.spec(&cli_ns, &format!("{image}-g1")),
         ]));
+
+        // grant: a machine's cephx key scoped to the project's namespace (a monitor
+        // write, on the path of every assignment), beside `ceph auth get-or-create`.
+        let machine = format!("bench{}", kiln::db::ids::new_id());
+        let started = Instant::now();
+        admin
+            .grant(Grant {
+                machine_id: &machine,
+                writable: &volume.namespace,
+                readable: None,
+            })
+            .await
+            .unwrap();
+        grant_k.push(started.elapsed());
+        admin.revoke(&machine).await.unwrap();
+        let entity = format!("client.kiln-cli-{i}");
+        let osd = format!("profile rbd pool={} namespace={cli_ns}", b.ceph_pool);
+        grant_c.push(timed(
+            "ceph",
+            &[
+                "auth",
+                "get-or-create",
+                &entity,
+                "mon",
+                "profile rbd",
+                "osd",
+                &osd,
+            ],
+        ));
+        timed("ceph", &["auth", "rm", &entity]);
     }
     println!(
         "| operation ({iterations} each) | Kiln p50 / p99 | rbd CLI p50 / p99 | Kiln/CLI p50 |"
@@ -298,6 +334,11 @@ async fn ops(b: &Bench) {
         &mut reset_c,
     );
     report("delete", &mut delete_k, &mut delete_c);
+    report(
+        "grant (a machine's scoped key; CLI: ceph auth get-or-create)",
+        &mut grant_k,
+        &mut grant_c,
+    );
 }
 
 async fn meter(b: &Bench) {
@@ -474,8 +515,7 @@ async fn main() {
     // RUST_LOG=kiln=info shows each attach's steps.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

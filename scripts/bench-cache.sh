@@ -48,7 +48,7 @@ BENCH_MODE=fuse "$CACHE_BIN"
 echo "== time to builder, a warm standby adopted with the project's volume"
 psql -q "$PG_URL" -c "CREATE DATABASE kiln_bench"
 export KILN_DATABASE__URL="postgres://postgres@127.0.0.1:$PG_PORT/kiln_bench"
-export KILN_LOG__FILTER=warn
+export KILN_LOG__FILTER="warn,kiln::agent::volume=info"
 export KILN_LIMITS__UNAUTHENTICATED_BURST=100000
 export KILN_SECRETS__KEY_ENCRYPTION_KEY=$(head -c 32 /dev/urandom | base64)
 export KILN_BUILDERS__LOCAL__STATE_DIR="$BUILDERS_DIR"
@@ -111,6 +111,12 @@ for provider in local ceph; do
   adopt_round "standby adopted, $provider volume attached and mounted" "$PROJECTS"
   reap_all
   adopt_round "standby adopted, $provider volume attached and mounted (again)" "$PROJECTS"
+  if [ "$provider" = ceph ]; then
+    # The agents' own account of each attach (one log line per attach, with its steps).
+    cat "$BUILDERS_DIR"/*/builder.log 2>/dev/null | grep -a "attached the cache volume" \
+      | sed -E 's/\x1b\[[0-9;]*m//g; s/.*took_ms=([0-9]+).*/\1/' | sort -n \
+      | awk '{ v[NR] = $1 } END { if (NR) printf "agent attach of a ceph volume inside adoption: n=%d p50=%d ms p99=%d ms max=%d ms\n", NR, v[int((NR + 1) / 2)], v[int(NR * 0.99 + 0.999)], v[NR] }'
+  fi
   stop_kiln
   q "UPDATE machines SET state = 'terminated' WHERE state NOT IN ('terminated', 'failed')" >/dev/null
 done

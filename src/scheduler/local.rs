@@ -315,19 +315,10 @@ impl ComputeProvider for LocalProvider {
 /// Unmounts (lazily) every filesystem mounted under `dir`, deepest first, and detaches
 /// the loop devices behind them.
 async fn release_mounts_under(dir: &std::path::Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return;
-    };
     let prefix = dir.display().to_string();
-    let mut found: Vec<(String, String)> = mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let source = fields.next()?.to_string();
-            let target = fields.next()?.replace("\\040", " ");
-            (target == prefix || target.starts_with(&format!("{prefix}/")))
-                .then_some((source, target))
-        })
+    let mut found: Vec<(String, String)> = crate::agent::volume::mounts()
+        .into_iter()
+        .filter(|(_, target)| *target == prefix || target.starts_with(&format!("{prefix}/")))
         .collect();
     found.sort_by_key(|m| std::cmp::Reverse(m.1.len()));
     for (source, target) in found {
