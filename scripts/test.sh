@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. Installs what the tests need (PostgreSQL's server
-# binaries, Debian's Ceph, the pinned depot CLI from npm, moto from PyPI into a venv),
+# binaries, Debian's Ceph, the pinned depot CLI from npm, moto from PyPI into a venv,
+# PyJWT/authlib from PyPI and jose from npm as third-party token verifiers),
 # starts a throwaway PostgreSQL cluster, a single-node Ceph cluster and a moto_server for
 # them, runs the whole suite, and cleans up.
 #   bash scripts/test.sh            # all tests
@@ -11,6 +12,7 @@ source scripts/lib/postgres.sh
 source scripts/lib/depot-cli.sh
 source scripts/lib/moto.sh
 source scripts/lib/ceph.sh
+source scripts/lib/oidc-verifiers.sh
 
 cleanup() {
   stop_moto
@@ -22,6 +24,7 @@ ensure_postgres_binaries
 ensure_ceph
 ensure_depot_cli
 ensure_moto
+ensure_oidc_verifiers
 start_throwaway_postgres
 trap cleanup EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"

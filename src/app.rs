@@ -37,6 +37,8 @@ pub struct App {
     pub scheduler: Arc<Scheduler>,
     pub cache: Arc<crate::cache::Cache>,
     pub connect: ConnectRouter,
+    /// Kiln's OpenID Connect issuer.
+    pub oidc: Arc<crate::oidc::Issuer>,
     /// Every LISTEN/NOTIFY notification, for in-process waiters (logins, connections).
     pub events: broadcast::Sender<Arc<Notification>>,
     pub metrics: PrometheusHandle,
@@ -75,7 +77,9 @@ impl App {
             cache.clone(),
         ));
         let (events, _) = broadcast::channel(4096);
+        let oidc = Arc::new(crate::oidc::Issuer::new(db.clone(), &config));
         Arc::new(App {
+            oidc,
             orgs: Orgs::new(db.clone(), auth.clone()),
             projects: Projects::new(db.clone(), auth.clone(), cache.clone()),
             tokens: Tokens::new(
@@ -356,6 +360,18 @@ fn register_build_jobs(runner: &mut JobRunner, app: &AppState) {
             Ok(())
         })
         .every(crate::builds::REAP_JOB, Duration::from_secs(30));
+    if app.config.secrets.key_encryption_key().is_some() {
+        runner
+            .register_with(
+                crate::oidc::ROTATE_JOB,
+                app.oidc.clone(),
+                |oidc, _| async move {
+                    oidc.rotate().await?;
+                    Ok(())
+                },
+            )
+            .every(crate::oidc::ROTATE_JOB, Duration::from_secs(3600));
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -14,6 +14,7 @@ pub mod db;
 pub mod dev;
 pub mod error;
 pub mod jobs;
+pub mod oidc;
 pub mod orgs;
 pub mod pki;
 pub mod projects;

@@ -5,6 +5,7 @@ pub mod connect;
 pub mod dashboard;
 pub mod extract;
 pub mod health;
+pub mod oidc;
 pub mod ratelimit;
 pub mod rest;
 pub mod server;
@@ -36,6 +37,7 @@ pub fn router(state: AppState) -> Router {
     let deadline = Duration::from_secs(state.config.server.request_timeout_seconds);
     let bounded = Router::new()
         .nest("/api/v1", rest::routes())
+        .merge(oidc::routes(&state.oidc.path_prefix()))
         .merge(dashboard::routes())
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             within_deadline(deadline, req, next)

@@ -27,6 +27,7 @@ pub struct Config {
     pub builders: BuildersConfig,
     pub cache: CacheConfig,
     pub registry: RegistryConfig,
+    pub oidc: OidcConfig,
     pub login: LoginConfig,
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
@@ -327,6 +328,25 @@ pub struct RegistryConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer's URL: `iss` of every token and the prefix of its discovery document.
+    /// Empty: `server.public_url`. Never taken from a request's Host header.
+    pub issuer_url: String,
+    /// How long one signing key signs before the next takes over.
+    pub key_rotation_days: u64,
+    /// How long before a key starts signing it is published, so verifiers that cache
+    /// the JWKS already know it.
+    pub key_prepublish_hours: u64,
+    /// Lifetime of the tokens Kiln issues.
+    pub token_lifetime_seconds: u64,
+    /// Discovery lists `authorization_endpoint` and `token_endpoint` (which answer a
+    /// clear OAuth error), as OpenID Connect Discovery 1.0 requires. Off: GitHub's shape,
+    /// which strict validators reject.
+    pub strict_discovery: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoginConfig {
     pub request_ttl_seconds: u64,
     /// Most `depot login` requests open at once; more answer `resource_exhausted`.
@@ -375,6 +395,16 @@ impl Config {
             (Some(host), None) => host.to_string(),
             _ => "localhost".to_string(),
         }
+    }
+
+    /// The OIDC issuer's URL, without a trailing slash.
+    pub fn oidc_issuer(&self) -> String {
+        let url = if self.oidc.issuer_url.is_empty() {
+            self.server.public_url.as_str()
+        } else {
+            self.oidc.issuer_url.as_str()
+        };
+        url.trim_end_matches('/').to_string()
     }
 
     /// Where the local cache provider keeps its volumes.
@@ -718,6 +748,39 @@ impl Config {
                 key,
                 value.to_string(),
                 &format!("must be between {min} and {max}"),
+            );
+        }
+        let o = &self.oidc;
+        check(
+            (1..=365).contains(&o.key_rotation_days),
+            "oidc.key_rotation_days",
+            o.key_rotation_days.to_string(),
+            "must be between 1 and 365",
+        );
+        check(
+            o.key_prepublish_hours < o.key_rotation_days * 24,
+            "oidc.key_prepublish_hours",
+            o.key_prepublish_hours.to_string(),
+            "must be shorter than the rotation period",
+        );
+        check(
+            (60..=3600).contains(&o.token_lifetime_seconds),
+            "oidc.token_lifetime_seconds",
+            o.token_lifetime_seconds.to_string(),
+            "must be between 60 and 3600",
+        );
+        if !o.issuer_url.is_empty() {
+            let parsed = url::Url::parse(&o.issuer_url);
+            check(
+                parsed.as_ref().is_ok_and(|u| {
+                    matches!(u.scheme(), "https" | "http")
+                        && u.host_str().is_some()
+                        && u.query().is_none()
+                        && u.fragment().is_none()
+                }),
+                "oidc.issuer_url",
+                o.issuer_url.clone(),
+                "must be an absolute https URL with no query or fragment",
             );
         }
         if c.provider == CacheProviderKind::Ceph {
