@@ -485,3 +485,192 @@ async fn third_party_verifiers_accept_kilns_tokens_and_refuse_forgeries() {
     );
     server.stop().await;
 }
+
+/// Signs `claims` with the issuer's current key, as only Kiln could (the test opens the
+/// sealed key with the test KEK): tokens that are validly signed but wrong otherwise.
+async fn sign_as_kiln(db: &TestDb, header: Value, claims: Value) -> String {
+    let sealed: Vec<u8> = sqlx::query_scalar(
+        "SELECT private_key_sealed FROM oidc_signing_keys ORDER BY sign_from DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let kek: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(KEK_B64)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let der = kiln::pki::seal::open(&kek, "oidc-signing-key", &sealed).unwrap();
+    let key = ring::signature::RsaKeyPair::from_pkcs8(&der).unwrap();
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut signature = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut signature,
+    )
+    .unwrap();
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+async fn seen_jtis(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM oidc_seen_jtis")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn verification_refuses_forgeries_and_replays_with_a_clear_reason() {
+    let db = TestDb::new().await;
+    let (a, b) = (issuer_app(&db, &[]), issuer_app(&db, &[]));
+    let audiences = vec!["kiln-ci".to_string()];
+
+    // A good token verifies once; the second use is a replay, on any replica.
+    let good = a.oidc.mint("kiln-ci", run_claims()).await.unwrap();
+    let verified = a.oidc.verify(&good.token, &audiences).await.unwrap();
+    assert_eq!(verified.claims["sub"], "repo:octo/widget:pull_request");
+    assert_eq!(verified.jti, good.jti);
+    let replay = b.oidc.verify(&good.token, &audiences).await.unwrap_err();
+    assert!(replay.to_string().contains("already used"), "{replay}");
+
+    // Two replicas spending one token at once: exactly one accepts it.
+    let racing = a.oidc.mint("kiln-ci", run_claims()).await.unwrap();
+    let (ra, rb) = tokio::join!(
+        a.oidc.verify(&racing.token, &audiences),
+        b.oidc.verify(&racing.token, &audiences)
+    );
+    assert_eq!([ra.is_ok(), rb.is_ok()].iter().filter(|ok| **ok).count(), 1);
+
+    let seen = seen_jtis(&db).await;
+    let kid = good.kid.clone();
+    let now = chrono::Utc::now().timestamp();
+    let claims = |changes: Value| {
+        let mut c = json!({
+            "iss": ISSUER, "aud": "kiln-ci", "sub": "repo:octo/widget:pull_request",
+            "iat": now, "nbf": now, "exp": now + 300, "jti": format!("t-{}", rand::random::<u64>()),
+        });
+        for (k, v) in changes.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let rs256 = json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+    let parts: Vec<String> = good.token.split('.').map(str::to_string).collect();
+    let encode = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let jwks = a.oidc.jwks().await.unwrap();
+    let public_n = URL_SAFE_NO_PAD
+        .decode(jwks["keys"][0]["n"].as_str().unwrap())
+        .unwrap();
+    let hs_input = format!(
+        "{}.{}",
+        encode(&json!({"alg": "HS256", "typ": "JWT", "kid": kid})),
+        encode(&claims(json!({})))
+    );
+    let hs_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public_n);
+    let hs256 = format!(
+        "{hs_input}.{}",
+        URL_SAFE_NO_PAD.encode(ring::hmac::sign(&hs_key, hs_input.as_bytes()))
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                encode(&json!({"alg": "none", "kid": kid})),
+                parts[1]
+            ),
+            "only RS256",
+        ),
+        ("HS256 made with the public key", hs256, "only RS256"),
+        (
+            "unknown kid",
+            format!(
+                "{}.{}.{}",
+                encode(&json!({"alg": "RS256", "kid": "nope"})),
+                parts[1],
+                parts[2]
+            ),
+            "no published key",
+        ),
+        (
+            "tampered payload",
+            format!("{}.{}.{}", parts[0], encode(&claims(json!({}))), parts[2]),
+            "signature does not verify",
+        ),
+        (
+            "expired",
+            sign_as_kiln(
+                &db,
+                rs256.clone(),
+                claims(json!({"iat": now - 900, "nbf": now - 900, "exp": now - 120})),
+            )
+            .await,
+            "expired",
+        ),
+        (
+            "nbf in the future",
+            sign_as_kiln(&db, rs256.clone(), claims(json!({"nbf": now + 600}))).await,
+            "not valid yet",
+        ),
+        (
+            "wrong issuer",
+            sign_as_kiln(
+                &db,
+                rs256.clone(),
+                claims(json!({"iss": "https://elsewhere.example"})),
+            )
+            .await,
+            "issued by",
+        ),
+        (
+            "wrong audience",
+            sign_as_kiln(
+                &db,
+                rs256.clone(),
+                claims(json!({"aud": ["other", "more"]})),
+            )
+            .await,
+            "audience",
+        ),
+        (
+            "no jti",
+            sign_as_kiln(&db, rs256.clone(), claims(json!({"jti": ""}))).await,
+            "jti",
+        ),
+        ("oversized", "a".repeat(9 * 1024), "limit"),
+        (
+            "malformed JSON",
+            format!(
+                "{}.{}.{}",
+                URL_SAFE_NO_PAD.encode("{not json"),
+                parts[1],
+                parts[2]
+            ),
+            "not a JSON object",
+        ),
+        (
+            "not a JWT",
+            "just-a-string".to_string(),
+            "three dot-separated parts",
+        ),
+    ];
+    for (case, token, reason) in cases {
+        let err = a.oidc.verify(&token, &audiences).await.unwrap_err();
+        assert!(
+            matches!(err, kiln::error::Error::Unauthenticated(_)),
+            "{case}: {err:?}"
+        );
+        assert!(err.to_string().contains(reason), "{case}: {err}");
+    }
+    assert_eq!(seen_jtis(&db).await, seen, "refusals record nothing");
+
+    // A validly signed token with an audience list that includes ours is accepted.
+    let listed = sign_as_kiln(&db, rs256, claims(json!({"aud": ["other", "kiln-ci"]}))).await;
+    assert!(a.oidc.verify(&listed, &audiences).await.is_ok());
+}

@@ -83,3 +83,33 @@ pub async fn delete_expired<'e>(db: impl PgExecutor<'e>) -> Result<u64> {
             .rows_affected(),
     )
 }
+
+/// Records that a token id was accepted; false if it already was (a replay).
+pub async fn remember_jti(
+    pool: &PgPool,
+    issuer: &str,
+    jti: &str,
+    expires_at: DateTime<Utc>,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "INSERT INTO oidc_seen_jtis (issuer, jti, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(issuer)
+    .bind(jti)
+    .bind(expires_at)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Forgets token ids whose tokens have expired (they can no longer be replayed).
+pub async fn forget_expired_jtis(pool: &PgPool) -> Result<u64> {
+    Ok(
+        sqlx::query("DELETE FROM oidc_seen_jtis WHERE expires_at < now()")
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
+}

@@ -17,6 +17,8 @@ use crate::db::oidc_keys::{self as rows, NewSigningKey, SigningKeyRow};
 use crate::error::{Error, Result};
 use crate::pki::seal;
 
+pub mod verify;
+
 /// The periodic job that creates the next signing key and removes expired ones.
 pub const ROTATE_JOB: &str = "oidc.rotate";
 const SEAL_PURPOSE: &str = "oidc-signing-key";
@@ -25,6 +27,8 @@ const RSA_BITS: usize = 2048;
 const EXPIRY_MARGIN_SECONDS: i64 = 300;
 /// `nbf` is this far before `iat`, for verifiers whose clocks run behind.
 const NOT_BEFORE_SKEW_SECONDS: i64 = 30;
+/// Clock skew tolerated when checking `exp`, `nbf` and `iat`.
+const VERIFY_LEEWAY_SECONDS: i64 = 30;
 
 /// Claims every token Kiln issues carries; the run claims come on top.
 pub const REGISTERED_CLAIMS: [&str; 7] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"];
@@ -56,6 +60,8 @@ pub struct Issuer {
     issuer: String,
     config: OidcConfig,
     signer: RwLock<Option<Signer>>,
+    /// Published keys, as of when they were loaded.
+    verification_keys: RwLock<Option<(std::time::Instant, Arc<Vec<verify::PublicKey>>)>>,
 }
 
 /// What one rotation did.
@@ -82,6 +88,7 @@ impl Issuer {
             issuer: config.oidc_issuer(),
             config: config.oidc.clone(),
             signer: RwLock::new(None),
+            verification_keys: RwLock::new(None),
         }
     }
 
@@ -162,6 +169,7 @@ impl Issuer {
             expired: rows::delete_expired(&self.pool).await?,
             created: None,
         };
+        rows::forget_expired_jtis(&self.pool).await?;
         if !self.needs_key(rows::latest(&self.pool).await?.as_ref()) {
             return Ok(rotation);
         }
@@ -283,6 +291,68 @@ impl Issuer {
             jti,
             expires_at,
         })
+    }
+}
+
+impl Issuer {
+    /// Verifies a token this issuer signed, for one of `audiences`, and spends its `jti`:
+    /// the same token is refused the second time, on any replica.
+    pub async fn verify(&self, token: &str, audiences: &[String]) -> Result<verify::Verified> {
+        if token.len() > verify::MAX_TOKEN_BYTES {
+            return verify::verify(token, &[], &self.policy(audiences));
+        }
+        let mut keys = self.verification_keys(false).await?;
+        if verify::unknown_kid(token, &keys) {
+            // A key this replica has not seen yet (just rotated in): look once more.
+            keys = self.verification_keys(true).await?;
+        }
+        let verified = verify::verify(token, &keys, &self.policy(audiences))?;
+        if !rows::remember_jti(&self.pool, &self.issuer, &verified.jti, verified.expires_at).await?
+        {
+            return Err(Error::Unauthenticated(
+                "invalid OIDC token: it was already used; request a new one".into(),
+            ));
+        }
+        Ok(verified)
+    }
+
+    /// The published keys, cached for a minute; `refresh` reloads them at most once a
+    /// second (an unknown kid must not turn every request into a query).
+    async fn verification_keys(&self, refresh: bool) -> Result<Arc<Vec<verify::PublicKey>>> {
+        let max_age = if refresh {
+            std::time::Duration::from_secs(1)
+        } else {
+            std::time::Duration::from_secs(60)
+        };
+        if let Some((loaded, keys)) = self.verification_keys.read().await.as_ref()
+            && loaded.elapsed() < max_age
+        {
+            return Ok(keys.clone());
+        }
+        let keys: Arc<Vec<verify::PublicKey>> = Arc::new(
+            rows::published(&self.pool)
+                .await?
+                .into_iter()
+                .filter_map(|k| {
+                    Some(verify::PublicKey {
+                        n: URL_SAFE_NO_PAD.decode(&k.n).ok()?,
+                        e: URL_SAFE_NO_PAD.decode(&k.e).ok()?,
+                        kid: k.kid,
+                    })
+                })
+                .collect(),
+        );
+        *self.verification_keys.write().await = Some((std::time::Instant::now(), keys.clone()));
+        Ok(keys)
+    }
+
+    fn policy<'a>(&'a self, audiences: &'a [String]) -> verify::Policy<'a> {
+        verify::Policy {
+            issuer: &self.issuer,
+            audiences,
+            leeway_seconds: VERIFY_LEEWAY_SECONDS,
+            now: Utc::now(),
+        }
     }
 }
 
