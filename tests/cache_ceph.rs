@@ -1160,15 +1160,35 @@ async fn autoscaling_spreads_builds_over_clones_that_never_write_the_projects_ca
     sync_filesystems();
 
     // A third one finds both builders at their cap and the slot at its maximum: it waits.
+    // (The server's scheduler may hold the platform at the moment this replica asks,
+    // which answers Skipped; ask until this replica decides.)
     let third = new_build(&db, &project, false).await;
-    assert_eq!(
-        replica
-            .scheduler
-            .assign(&third, kiln::db::builds::Platform::Amd64)
-            .await
-            .unwrap(),
-        kiln::scheduler::Assignment::Queued
-    );
+    common::wait_for(
+        "this replica to queue the third build",
+        Duration::from_secs(15),
+        || {
+            let (replica, third) = (replica.clone(), third.clone());
+            async move {
+                replica
+                    .scheduler
+                    .assign(&third, kiln::db::builds::Platform::Amd64)
+                    .await
+                    .unwrap()
+                    == kiln::scheduler::Assignment::Queued
+            }
+        },
+    )
+    .await;
+    let (machines, pending): (i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM machines WHERE project_id = $1),
+                (SELECT state FROM build_platforms WHERE build_id = $2 AND platform = 'amd64')",
+    )
+    .bind(&project.id)
+    .bind(&third)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((machines, pending.as_str()), (2, "pending"));
     // When the first finishes, the third takes its place on the primary.
     kiln::db::builds::finish(&db.pool, &first, &kiln::db::builds::Outcome::Success)
         .await
