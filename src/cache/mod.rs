@@ -285,7 +285,9 @@ impl Cache {
     ) -> Result<Volume> {
         for _ in 0..3 {
             let volume =
-                match rows::live_project_volume(&mut **tx, project_id, platform.as_str()).await? {
+                match rows::live_project_volume(&mut **tx, project_id, platform.as_str(), false)
+                    .await?
+                {
                     Some(volume) => Some(volume),
                     None => {
                         let project = crate::db::projects::get(&mut **tx, project_id)
@@ -322,7 +324,7 @@ impl Cache {
         platform: Platform,
         machine_id: &str,
     ) -> Result<Volume> {
-        let parent = rows::live_project_volume(&mut **tx, project_id, platform.as_str())
+        let parent = rows::live_project_volume(&mut **tx, project_id, platform.as_str(), false)
             .await?
             .ok_or_else(|| {
                 Error::Unavailable(
@@ -460,8 +462,7 @@ impl Cache {
                 continue;
             }
             let Some(volume) =
-                rows::live_project_volume_for_update(&mut **tx, &after.id, platform.as_str())
-                    .await?
+                rows::live_project_volume(&mut **tx, &after.id, platform.as_str(), true).await?
             else {
                 continue;
             };

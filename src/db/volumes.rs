@@ -91,32 +91,18 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Volume>
     )
 }
 
-/// The live project volume of a project and platform.
+/// The live project volume of a project and architecture; with `lock`, its row is
+/// locked to the end of the transaction.
 pub async fn live_project_volume<'e>(
     db: impl PgExecutor<'e>,
     project_id: &str,
     platform: &str,
+    lock: bool,
 ) -> Result<Option<Volume>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM volumes
-         WHERE project_id = $1 AND platform = $2 AND kind = 'project' AND state IN {LIVE}"
-    ))
-    .bind(project_id)
-    .bind(platform)
-    .fetch_optional(db)
-    .await?)
-}
-
-/// Like [`live_project_volume`], locking the row.
-pub async fn live_project_volume_for_update<'e>(
-    db: impl PgExecutor<'e>,
-    project_id: &str,
-    platform: &str,
-) -> Result<Option<Volume>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM volumes
-         WHERE project_id = $1 AND platform = $2 AND kind = 'project' AND state IN {LIVE}
-         FOR UPDATE"
+         WHERE project_id = $1 AND platform = $2 AND kind = 'project' AND state IN {LIVE}{}",
+        if lock { " FOR UPDATE" } else { "" }
     ))
     .bind(project_id)
     .bind(platform)
