@@ -89,6 +89,7 @@ fn main() {
                         audiences: &audiences,
                         leeway_seconds: 30,
                         now: chrono::Utc::now(),
+                        require_jti: true,
                     };
                     verify(&token, &keys, &policy).expect("the token verifies");
                     done += 1;

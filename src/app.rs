@@ -39,6 +39,11 @@ pub struct App {
     pub connect: ConnectRouter,
     /// Kiln's OpenID Connect issuer.
     pub oidc: Arc<crate::oidc::Issuer>,
+    /// Fork pull request claims, exchanged for the issuer's tokens.
+    pub claims: crate::oidc::claims::Claims,
+    /// Per-client budgets of claims and of exchange polls.
+    pub claim_limiter: ClientLimiter,
+    pub exchange_limiter: ClientLimiter,
     /// Every LISTEN/NOTIFY notification, for in-process waiters (logins, connections).
     pub events: broadcast::Sender<Arc<Notification>>,
     pub metrics: PrometheusHandle,
@@ -66,7 +71,13 @@ pub const CHANNELS: [&str; 6] = [
 
 impl App {
     pub fn new(config: Config, db: PgPool) -> AppState {
-        let auth = Arc::new(Authenticator::new(db.clone(), &config.auth));
+        let oidc = Arc::new(crate::oidc::Issuer::new(db.clone(), &config));
+        let trusted = Arc::new(crate::oidc::trusted::TrustedIssuers::new(
+            oidc.clone(),
+            db.clone(),
+            &config.oidc,
+        ));
+        let auth = Arc::new(Authenticator::new(db.clone(), &config.auth).accept_ci_tokens(trusted));
         let builds = Builds::new(db.clone(), auth.clone(), config.builds.clone());
         let cache = Arc::new(crate::cache::Cache::new(db.clone(), &config));
         let scheduler = Arc::new(Scheduler::new(
@@ -77,8 +88,20 @@ impl App {
             cache.clone(),
         ));
         let (events, _) = broadcast::channel(4096);
-        let oidc = Arc::new(crate::oidc::Issuer::new(db.clone(), &config));
+        let claims = crate::oidc::claims::Claims::new(db.clone(), oidc.clone(), &config.oidc);
+        let c = &config.oidc.claims;
         Arc::new(App {
+            claim_limiter: ClientLimiter::with_quota(
+                c.per_client_per_minute,
+                c.per_client_burst,
+                &config.limits,
+            ),
+            exchange_limiter: ClientLimiter::with_quota(
+                c.per_client_per_minute.saturating_mul(4),
+                c.per_client_burst.saturating_mul(4),
+                &config.limits,
+            ),
+            claims,
             oidc,
             orgs: Orgs::new(db.clone(), auth.clone()),
             projects: Projects::new(db.clone(), auth.clone(), cache.clone()),
@@ -219,7 +242,13 @@ pub async fn serve(
     {
         let app = app.clone();
         let cancel = cancel.clone();
-        background.spawn(async move { app.limiter.run_pruner(cancel).await });
+        background.spawn(async move {
+            tokio::join!(
+                app.limiter.run_pruner(cancel.clone()),
+                app.claim_limiter.run_pruner(cancel.clone()),
+                app.exchange_limiter.run_pruner(cancel),
+            );
+        });
     }
     background.spawn(app.builds.health.clone().run(cancel.clone()));
     {
@@ -307,6 +336,31 @@ pub async fn serve(
                 .await
             {
                 tracing::error!(error = %format!("{err:#}"), "machine-agent listener failed");
+            }
+        });
+    }
+    let claims = &app.config.oidc.claims;
+    if claims.enabled && !claims.listen.is_empty() {
+        let claim_tls = crate::api::server::tls_config_named(&claims.tls(), "oidc.claims.tls")?;
+        let listen = claims.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {listen} (oidc.claims.listen); is another process using it?"
+                )
+            })?;
+        tracing::info!(address = %listener.local_addr()?, tls = claim_tls.is_some(), "OIDC claim listener up");
+        let router = crate::api::oidc::claim_listener_router(app.clone());
+        let stopping = stopping.clone();
+        background.spawn(async move {
+            if let Err(err) =
+                crate::api::server::serve(listener, router, claim_tls, options, async move {
+                    stopping.cancelled().await
+                })
+                .await
+            {
+                tracing::error!(error = %format!("{err:#}"), "OIDC claim listener failed");
             }
         });
     }

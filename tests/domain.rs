@@ -335,6 +335,7 @@ async fn a_failed_audit_insert_rolls_the_write_back() {
                         core::trust_policy::GitHub {
                             repository_owner: "acme".into(),
                             repository: "api".into(),
+                            repository_id: String::new(),
                         },
                     )),
                 },

@@ -87,6 +87,9 @@ pub fn router(state: AppState) -> Router {
 pub fn loggable_path(path: &str) -> &str {
     if path.starts_with("/login/") {
         "/login/<redacted>"
+    } else if path.contains("/exchange/") {
+        // The exchange URL of an OIDC claim is its bearer secret.
+        "/exchange/<redacted>"
     } else {
         path
     }

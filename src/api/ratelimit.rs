@@ -43,9 +43,17 @@ pub fn limited_endpoint(path: &str) -> Option<&'static str> {
 
 impl ClientLimiter {
     pub fn new(config: &LimitsConfig) -> Self {
-        let per_minute =
-            NonZeroU32::new(config.unauthenticated_per_minute).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.unauthenticated_burst).unwrap_or(NonZeroU32::MIN);
+        Self::with_quota(
+            config.unauthenticated_per_minute,
+            config.unauthenticated_burst,
+            config,
+        )
+    }
+
+    /// A limiter with its own budget, keyed by client address as `config` says.
+    pub fn with_quota(per_minute: u32, burst: u32, config: &LimitsConfig) -> Self {
+        let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         ClientLimiter {
             limiter: DefaultKeyedRateLimiter::keyed(
                 Quota::per_minute(per_minute).allow_burst(burst),

@@ -26,38 +26,46 @@ pub struct ServeOptions {
 /// Loads the configured certificate and key into a rustls config that offers h2 and
 /// http/1.1 over ALPN. `None` when TLS is not configured.
 pub fn tls_config(config: &TlsConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    tls_config_named(config, "server.tls")
+}
+
+/// Like [`tls_config`], naming the settings under `key` in errors.
+pub fn tls_config_named(
+    config: &TlsConfig,
+    setting: &str,
+) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
     if !config.enabled() {
         return Ok(None);
     }
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(&config.cert_path)
-            .with_context(|| format!("server.tls.cert_path {:?}: cannot open", config.cert_path))?,
+            .with_context(|| format!("{setting}.cert_path {:?}: cannot open", config.cert_path))?,
     ))
     .collect::<Result<Vec<_>, _>>()
     .with_context(|| {
         format!(
-            "server.tls.cert_path {:?}: not a PEM certificate chain",
+            "{setting}.cert_path {:?}: not a PEM certificate chain",
             config.cert_path
         )
     })?;
     anyhow::ensure!(
         !certs.is_empty(),
-        "server.tls.cert_path {:?}: contains no certificate",
+        "{setting}.cert_path {:?}: contains no certificate",
         config.cert_path
     );
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
         std::fs::File::open(&config.key_path)
-            .with_context(|| format!("server.tls.key_path {:?}: cannot open", config.key_path))?,
+            .with_context(|| format!("{setting}.key_path {:?}: cannot open", config.key_path))?,
     ))
     .with_context(|| {
         format!(
-            "server.tls.key_path {:?}: not a PEM private key",
+            "{setting}.key_path {:?}: not a PEM private key",
             config.key_path
         )
     })?
     .with_context(|| {
         format!(
-            "server.tls.key_path {:?}: contains no private key",
+            "{setting}.key_path {:?}: contains no private key",
             config.key_path
         )
     })?;
@@ -67,7 +75,7 @@ pub fn tls_config(config: &TlsConfig) -> anyhow::Result<Option<Arc<rustls::Serve
         .context("TLS protocol setup")?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .context("server.tls: the certificate and key do not match")?;
+        .with_context(|| format!("{setting}: the certificate and key do not match"))?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(server)))
 }

@@ -10,8 +10,8 @@
 //!    tokens needs a user, organization or project token; operating the installation
 //!    needs an operator (`kiln admin`).
 
-use super::principal::{Principal, PrincipalKind, Role};
-use super::token::{Scope, TokenKind};
+use super::principal::{CiTrust, Principal, PrincipalKind, Role};
+use super::token::{Scope, Scopes, TokenKind};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +158,7 @@ enum Reach {
 fn reach(p: &Principal, target: &Target<'_>) -> Reach {
     let kind = match p.kind {
         PrincipalKind::Operator => return Reach::Within(Some(Role::Owner)),
+        PrincipalKind::Ci(trust) => return ci_reach(p, trust, target),
         PrincipalKind::Token(kind) => kind,
     };
     if matches!(target, Target::Instance) {
@@ -194,6 +195,59 @@ fn reach(p: &Principal, target: &Target<'_>) -> Reach {
             Target::Machine { id } if Some(*id) == p.machine_id.as_deref() => Reach::Within(None),
             _ => Reach::Outside,
         },
+    }
+}
+
+/// A CI job reaches the projects that trust it; a trusted job also their builds, as a
+/// project token does. A fork pull request reaches no build: not even its own, whose
+/// build token it holds for that.
+fn ci_reach(p: &Principal, trust: CiTrust, target: &Target<'_>) -> Reach {
+    let Some(grant) = p.ci.as_deref() else {
+        return Reach::Outside;
+    };
+    match (target, trust) {
+        (Target::Project { id, .. }, _) if grant.trusts(id) => Reach::Within(None),
+        (Target::Build { project_id, .. }, CiTrust::Trusted) if grant.trusts(project_id) => {
+            Reach::Within(None)
+        }
+        _ => Reach::Outside,
+    }
+}
+
+/// What a CI job may do in a project that trusts it: a trusted job what a project token
+/// may; a fork pull request only start builds (isolated ones, see [`isolated_builds`]).
+pub fn ci_scopes(trust: CiTrust) -> Scopes {
+    match trust {
+        CiTrust::Trusted => TokenKind::Project.default_scopes(),
+        CiTrust::ForkPullRequest => Scopes::of(&[Scope::BuildsWrite]),
+    }
+}
+
+/// Whether `principal`'s builds must run isolated: on an ephemeral builder with a cache
+/// volume of their own, never reading or writing the project's cache.
+pub fn isolated_builds(principal: &Principal) -> bool {
+    principal.kind == PrincipalKind::Ci(CiTrust::ForkPullRequest)
+}
+
+/// The project a CI job means when it names none: the one project that trusts it.
+pub fn ci_default_project(principal: &Principal) -> Result<Option<String>> {
+    let Some(grant) = principal.ci.as_deref() else {
+        return Ok(None);
+    };
+    match grant.projects.as_slice() {
+        [only] => Ok(Some(only.project_id.clone())),
+        [] => Err(Error::PermissionDenied(format!(
+            "no project trusts {} yet; add a trust relationship to the project's settings",
+            grant.identity.describe()
+        ))),
+        many => Err(Error::InvalidArgument {
+            field: "project_id".into(),
+            reason: format!(
+                "{} projects trust {}; pass --project <id> (or set DEPOT_PROJECT_ID) to pick one",
+                many.len(),
+                grant.identity.describe()
+            ),
+        }),
     }
 }
 
@@ -246,7 +300,16 @@ pub fn authorize(principal: &Principal, action: Action, target: Target<'_>) -> R
                 action.describe()
             )));
         }
-        Reach::Outside => return Err(target.not_found()),
+        Reach::Outside => {
+            if let (Some(grant), Target::Project { id, .. }) = (principal.ci.as_deref(), &target) {
+                return Err(Error::NotFound(format!(
+                    "project {id:?} not found, or it has no trust relationship for {}; add one \
+                     to the project's settings",
+                    grant.identity.describe()
+                )));
+            }
+            return Err(target.not_found());
+        }
     };
     if action == Action::Operate && principal.kind != PrincipalKind::Operator {
         return Err(Target::Instance.not_found());
@@ -269,8 +332,8 @@ pub enum Visible {
     All,
     /// Rows of these organizations (possibly none).
     Organizations(Vec<String>),
-    /// The rows of this one project.
-    Project(String),
+    /// The rows of these projects.
+    Projects(Vec<String>),
 }
 
 /// The projects `principal` may list for `action` (a read such as `ViewProject` or
@@ -285,10 +348,17 @@ pub fn visible_projects(principal: &Principal, action: Action) -> Result<Visible
         }
         PrincipalKind::Token(TokenKind::Project | TokenKind::Pull | TokenKind::Build) => {
             match &principal.project_id {
-                Some(id) => Visible::Project(id.clone()),
+                Some(id) => Visible::Projects(vec![id.clone()]),
                 None => Visible::Organizations(Vec::new()),
             }
         }
+        PrincipalKind::Ci(_) => Visible::Projects(
+            principal
+                .ci
+                .iter()
+                .flat_map(|g| g.projects.iter().map(|p| p.project_id.clone()))
+                .collect(),
+        ),
         PrincipalKind::Token(TokenKind::Machine) => Visible::Organizations(Vec::new()),
     })
 }
@@ -303,13 +373,15 @@ pub fn visible_organizations(principal: &Principal) -> Result<Visible> {
         PrincipalKind::Token(TokenKind::User | TokenKind::Organization) => {
             require_scope(principal, Action::ViewOrganization).map(|()| own())
         }
-        PrincipalKind::Token(TokenKind::Project | TokenKind::Build)
+        PrincipalKind::Token(TokenKind::Project | TokenKind::Build) | PrincipalKind::Ci(_)
             if principal.scopes.contains(Scope::ProjectsRead)
                 || principal.scopes.contains(Scope::BuildsRead) =>
         {
             Ok(own())
         }
-        PrincipalKind::Token(_) => Err(lacks_scope(principal, Action::ViewOrganization)),
+        PrincipalKind::Token(_) | PrincipalKind::Ci(_) => {
+            Err(lacks_scope(principal, Action::ViewOrganization))
+        }
     }
 }
 
@@ -376,6 +448,7 @@ mod tests {
             scopes: kind.default_scopes(),
             memberships: vec![],
             expires_at: None,
+            ci: None,
         }
     }
 
@@ -480,7 +553,7 @@ mod tests {
     fn lists_follow_reach_and_scope() {
         assert_eq!(
             visible_projects(&principal(TokenKind::Project), Action::ViewProject).unwrap(),
-            Visible::Project("proja".into())
+            Visible::Projects(vec!["proja".into()])
         );
         assert_eq!(
             visible_projects(&principal(TokenKind::Organization), Action::ViewProject).unwrap(),

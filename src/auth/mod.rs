@@ -3,9 +3,11 @@
 //! Authorization lives in [`authz`].
 
 pub mod authz;
+pub mod ci;
 pub mod login;
 pub mod principal;
 pub mod token;
+pub mod trust;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use authz::{Action, Target, Visible, authorize};
-pub use principal::{Membership, Principal, PrincipalKind, Role};
+pub use principal::{CiGrant, CiTrust, Membership, Principal, PrincipalKind, Role, TrustedProject};
 pub use token::{Scope, Scopes, TokenKind};
 
 use crate::config::AuthConfig;
@@ -43,6 +45,8 @@ pub struct Authenticator {
     flush_every: Duration,
     epoch: Instant,
     pending_touches: Mutex<HashSet<String>>,
+    /// Verifies CI providers' OIDC tokens; without it they are refused.
+    ci_tokens: Option<Arc<crate::oidc::trusted::TrustedIssuers>>,
 }
 
 /// Extracts the token from an `Authorization` header value. A missing header and
@@ -58,7 +62,11 @@ pub fn bearer_token(header: Option<&[u8]>) -> Result<&str> {
         )
     };
     if raw.len() > token::MAX_TOKEN_LEN {
-        return Err(malformed());
+        return Err(Error::Unauthenticated(format!(
+            "the Authorization header is {} bytes long; no valid token is over {} bytes",
+            raw.len(),
+            token::MAX_TOKEN_LEN
+        )));
     }
     let text = std::str::from_utf8(raw).map_err(|_| malformed())?;
     let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
@@ -88,7 +96,14 @@ impl Authenticator {
             flush_every: Duration::from_secs(config.last_used_flush_seconds),
             epoch: Instant::now(),
             pending_touches: Mutex::new(HashSet::new()),
+            ci_tokens: None,
         }
+    }
+
+    /// Accepts OIDC tokens from these issuers as CI principals.
+    pub fn accept_ci_tokens(mut self, issuers: Arc<crate::oidc::trusted::TrustedIssuers>) -> Self {
+        self.ci_tokens = Some(issuers);
+        self
     }
 
     /// Resolves a request's `Authorization` header (exactly one) to a principal.
@@ -110,6 +125,17 @@ impl Authenticator {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Arc<Principal>> {
+        if crate::oidc::verify::looks_like_jwt(token) {
+            // Never cached: a single-use token must be refused on its second use.
+            let Some(issuers) = &self.ci_tokens else {
+                return Err(Error::Unauthenticated(
+                    "this server does not accept OIDC tokens; use a Kiln token".into(),
+                ));
+            };
+            let verified = issuers.verify(token).await?;
+            metrics::counter!("kiln_ci_token_sign_ins_total", "provider" => format!("{:?}", verified.provider).to_lowercase()).increment(1);
+            return Ok(Arc::new(ci::principal(&self.pool, verified).await?));
+        }
         let hash = token::hash(token);
         if let Some(entry) = self.cache.get(&hash) {
             if entry.loaded_at.elapsed() < self.ttl {
@@ -256,6 +282,7 @@ fn principal_of(row: crate::db::tokens::TokenAuthRow) -> Result<Principal> {
         scopes: Scopes::from_stored(&row.scopes),
         memberships,
         expires_at: row.expires_at,
+        ci: None,
     })
 }
 
@@ -295,7 +322,7 @@ mod tests {
             let err = bearer_token(Some(bad)).unwrap_err();
             assert!(matches!(err, Error::Unauthenticated(_)), "{bad:?}");
         }
-        let long = format!("Bearer {}", "a".repeat(5000));
+        let long = format!("Bearer {}", "a".repeat(9000));
         assert!(bearer_token(Some(long.as_bytes())).is_err());
     }
 

@@ -1,6 +1,8 @@
 //! Who is calling: a verified token (or an operator at the `kiln admin` console),
 //! resolved to its kind and scope of reach.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -39,6 +41,40 @@ pub enum PrincipalKind {
     /// An operator running `kiln admin` with direct access to the database: reaches
     /// everything, and alone may manage organizations, users and the fleet.
     Operator,
+    /// A CI job that presented its provider's OIDC token, acting on the projects whose
+    /// trust relationships name its identity.
+    Ci(CiTrust),
+}
+
+/// How far a CI job's token is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CiTrust {
+    /// A job of the repository itself (GitHub Actions, GitLab, CircleCI, Buildkite).
+    Trusted,
+    /// A pull request from a fork, vouched for by a fork pull request issuer (Kiln's own):
+    /// its code is anyone's, so it is isolated.
+    ForkPullRequest,
+}
+
+/// What a CI token was verified to be, and which projects trust it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CiGrant {
+    pub issuer: String,
+    pub subject: String,
+    pub identity: crate::auth::trust::CiIdentity,
+    pub projects: Vec<TrustedProject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustedProject {
+    pub project_id: String,
+    pub organization_id: String,
+}
+
+impl CiGrant {
+    pub fn trusts(&self, project_id: &str) -> bool {
+        self.projects.iter().any(|p| p.project_id == project_id)
+    }
 }
 
 impl PrincipalKind {
@@ -46,6 +82,8 @@ impl PrincipalKind {
         match self {
             PrincipalKind::Token(kind) => kind.as_str(),
             PrincipalKind::Operator => "operator",
+            PrincipalKind::Ci(CiTrust::Trusted) => "CI",
+            PrincipalKind::Ci(CiTrust::ForkPullRequest) => "fork pull request",
         }
     }
 }
@@ -85,6 +123,8 @@ pub struct Principal {
     /// For user tokens: the organizations the user belongs to.
     pub memberships: Vec<Membership>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// For CI principals: the verified identity and the projects that trust it.
+    pub ci: Option<Arc<CiGrant>>,
 }
 
 fn serialize_scopes<S: serde::Serializer>(scopes: &Scopes, s: S) -> Result<S::Ok, S::Error> {
@@ -111,6 +151,7 @@ impl Principal {
             ),
             memberships: Vec::new(),
             expires_at: None,
+            ci: None,
         }
     }
 
@@ -136,6 +177,16 @@ impl Principal {
                 .map(|m| m.organization_id.clone())
                 .collect(),
             PrincipalKind::Token(TokenKind::Machine) | PrincipalKind::Operator => Vec::new(),
+            PrincipalKind::Ci(_) => {
+                let mut orgs: Vec<String> = self
+                    .ci
+                    .iter()
+                    .flat_map(|g| g.projects.iter().map(|p| p.organization_id.clone()))
+                    .collect();
+                orgs.sort();
+                orgs.dedup();
+                orgs
+            }
             PrincipalKind::Token(_) => self.organization_id.iter().cloned().collect(),
         }
     }
@@ -144,6 +195,12 @@ impl Principal {
     pub fn actor(&self) -> (&'static str, String) {
         match (&self.user_id, self.kind) {
             (_, PrincipalKind::Operator) => ("admin", self.token_id.clone()),
+            (_, PrincipalKind::Ci(_)) => (
+                "ci",
+                self.ci
+                    .as_ref()
+                    .map_or_else(|| self.token_id.clone(), |g| g.subject.clone()),
+            ),
             (Some(user), PrincipalKind::Token(TokenKind::User)) => ("user", user.clone()),
             _ => ("token", self.token_id.clone()),
         }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 pub const TOKEN_PREFIX: &str = "kiln_";
 const SECRET_LEN: usize = 40;
 /// Longest Authorization value we look at; longer ones are rejected before hashing.
-pub const MAX_TOKEN_LEN: usize = 4096;
+pub const MAX_TOKEN_LEN: usize = 8 * 1024 + 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

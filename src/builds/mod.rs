@@ -105,7 +105,7 @@ impl Builds {
                 options: spec.options,
                 created_by: Some(&principal.token_id),
                 timeout_minutes: project.build_timeout_minutes,
-                ephemeral_cache: spec.ephemeral_cache,
+                ephemeral_cache: spec.ephemeral_cache || authz::isolated_builds(principal),
             },
         )
         .await?;
@@ -131,6 +131,7 @@ impl Builds {
                 scopes: TokenKind::Build.default_scopes(),
                 memberships: Vec::new(),
                 expires_at: info.expires_at,
+                ci: None,
             },
         );
         self.refs

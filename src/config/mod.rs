@@ -343,6 +343,106 @@ pub struct OidcConfig {
     /// clear OAuth error), as OpenID Connect Discovery 1.0 requires. Off: GitHub's shape,
     /// which strict validators reject.
     pub strict_discovery: bool,
+    /// Audiences Kiln issues tokens for and accepts in CI providers' tokens.
+    pub audiences: Vec<String>,
+    pub jwks_cache_seconds: u64,
+    pub jwks_refresh_min_seconds: u64,
+    pub claims: ClaimsConfig,
+    pub github: GitHubConfig,
+    pub trusted_issuers: Vec<TrustedIssuerConfig>,
+}
+
+/// The fork pull request claim flow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimsConfig {
+    pub enabled: bool,
+    /// A second listener for the claim flow, with its own certificate. Empty: none.
+    pub listen: String,
+    pub tls_cert_path: PathBuf,
+    pub tls_key_path: PathBuf,
+    /// Base URL of exchange URLs. Empty: the issuer URL.
+    pub exchange_base_url: String,
+    pub ttl_seconds: u64,
+    pub proofs: Vec<ClaimProof>,
+    pub check_interval_ms: u64,
+    pub max_checks: i32,
+    pub per_client_per_minute: u32,
+    pub per_client_burst: u32,
+    pub max_pending_per_repository: i64,
+    pub max_pending: i64,
+}
+
+impl ClaimsConfig {
+    pub fn tls(&self) -> TlsConfig {
+        TlsConfig {
+            cert_path: self.tls_cert_path.clone(),
+            key_path: self.tls_key_path.clone(),
+        }
+    }
+}
+
+/// How a claimant proves it runs inside the workflow run it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimProof {
+    /// The challenge code in the live log of one of the run's jobs.
+    Log,
+    /// An artifact named `oidc-challenge-<code>` uploaded to the run.
+    Artifact,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubConfig {
+    pub api_url: String,
+    pub web_url: String,
+    pub token: SecretString,
+    /// A GitHub account's `user_session` cookie, for reading live job logs.
+    pub web_session: SecretString,
+    pub timeout_seconds: u64,
+    pub max_job_pages: u32,
+}
+
+/// A CI provider's OIDC issuer whose tokens Kiln accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuerConfig {
+    pub provider: TrustedProvider,
+    /// `iss`, exactly; its discovery document is `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// Accepted audiences. Empty: `oidc.audiences`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The one signing algorithm accepted from this issuer.
+    #[serde(default = "default_algorithm")]
+    pub algorithm: String,
+    /// Where its keys are, if not named by its discovery document.
+    #[serde(default)]
+    pub jwks_uri: String,
+    /// Refuse a token's second use.
+    #[serde(default = "default_true")]
+    pub single_use: bool,
+}
+
+fn default_algorithm() -> String {
+    "RS256".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Which kind of CI identity an issuer's tokens carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrustedProvider {
+    Github,
+    Gitlab,
+    Circleci,
+    Buildkite,
+    /// A fork pull request issuer: its tokens get an isolated principal.
+    GithubFork,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -769,6 +869,142 @@ impl Config {
             o.token_lifetime_seconds.to_string(),
             "must be between 60 and 3600",
         );
+        let is_url = |u: &str, loopback_http: bool| {
+            url::Url::parse(u).is_ok_and(|u| {
+                let loopback = matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+                    || u.host_str().is_some_and(|h| h.starts_with("127."));
+                (u.scheme() == "https" || (u.scheme() == "http" && (loopback || loopback_http)))
+                    && u.host_str().is_some()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+            })
+        };
+        check(
+            !o.audiences.is_empty()
+                && o.audiences
+                    .iter()
+                    .all(|a| !a.trim().is_empty() && a.len() <= 256),
+            "oidc.audiences",
+            format!("{:?}", o.audiences),
+            "must list at least one audience, each 1 to 256 characters",
+        );
+        check(
+            o.jwks_cache_seconds >= 1 && o.jwks_cache_seconds <= 86_400,
+            "oidc.jwks_cache_seconds",
+            o.jwks_cache_seconds.to_string(),
+            "must be between 1 and 86400",
+        );
+        check(
+            o.jwks_refresh_min_seconds <= o.jwks_cache_seconds,
+            "oidc.jwks_refresh_min_seconds",
+            o.jwks_refresh_min_seconds.to_string(),
+            "must not exceed oidc.jwks_cache_seconds",
+        );
+        let cl = &o.claims;
+        check(
+            (10..=3600).contains(&cl.ttl_seconds),
+            "oidc.claims.ttl_seconds",
+            cl.ttl_seconds.to_string(),
+            "must be between 10 and 3600",
+        );
+        check(
+            !cl.proofs.is_empty(),
+            "oidc.claims.proofs",
+            format!("{:?}", cl.proofs),
+            "must list at least one of \"log\" and \"artifact\"",
+        );
+        check(
+            cl.max_checks >= 1,
+            "oidc.claims.max_checks",
+            cl.max_checks.to_string(),
+            "must be at least 1",
+        );
+        check(
+            cl.max_pending >= 1 && cl.max_pending_per_repository >= 1,
+            "oidc.claims.max_pending",
+            format!("{} / {}", cl.max_pending, cl.max_pending_per_repository),
+            "max_pending and max_pending_per_repository must be at least 1",
+        );
+        check(
+            cl.per_client_per_minute >= 1 && cl.per_client_burst >= 1,
+            "oidc.claims.per_client_per_minute",
+            format!("{} / {}", cl.per_client_per_minute, cl.per_client_burst),
+            "per_client_per_minute and per_client_burst must be at least 1",
+        );
+        if !cl.listen.is_empty() {
+            check(
+                cl.listen.parse::<std::net::SocketAddr>().is_ok(),
+                "oidc.claims.listen",
+                cl.listen.clone(),
+                "must be an address and port such as 0.0.0.0:443",
+            );
+        }
+        check(
+            cl.tls_cert_path.as_os_str().is_empty() == cl.tls_key_path.as_os_str().is_empty(),
+            "oidc.claims.tls_cert_path",
+            format!("{:?} / {:?}", cl.tls_cert_path, cl.tls_key_path),
+            "set both tls_cert_path and tls_key_path, or neither",
+        );
+        if !cl.exchange_base_url.is_empty() {
+            check(
+                is_url(&cl.exchange_base_url, true),
+                "oidc.claims.exchange_base_url",
+                cl.exchange_base_url.clone(),
+                "must be an absolute http(s) URL with no query or fragment",
+            );
+        }
+        let g = &o.github;
+        for (key, value) in [
+            ("oidc.github.api_url", &g.api_url),
+            ("oidc.github.web_url", &g.web_url),
+        ] {
+            check(
+                is_url(value, true),
+                key,
+                value.clone(),
+                "must be an absolute http(s) URL",
+            );
+        }
+        check(
+            (1..=120).contains(&g.timeout_seconds),
+            "oidc.github.timeout_seconds",
+            g.timeout_seconds.to_string(),
+            "must be between 1 and 120",
+        );
+        check(
+            (1..=50).contains(&g.max_job_pages),
+            "oidc.github.max_job_pages",
+            g.max_job_pages.to_string(),
+            "must be between 1 and 50",
+        );
+        for (i, t) in o.trusted_issuers.iter().enumerate() {
+            check(
+                is_url(&t.issuer, false),
+                &format!("oidc.trusted_issuers[{i}].issuer"),
+                t.issuer.clone(),
+                "must be an absolute https URL (http only on loopback) with no query or fragment",
+            );
+            check(
+                t.algorithm == "RS256",
+                &format!("oidc.trusted_issuers[{i}].algorithm"),
+                t.algorithm.clone(),
+                "must be \"RS256\", the algorithm every supported CI provider signs with",
+            );
+            if !t.jwks_uri.is_empty() {
+                check(
+                    is_url(&t.jwks_uri, false),
+                    &format!("oidc.trusted_issuers[{i}].jwks_uri"),
+                    t.jwks_uri.clone(),
+                    "must be an absolute https URL (http only on loopback)",
+                );
+            }
+            check(
+                o.trusted_issuers[..i].iter().all(|u| u.issuer != t.issuer),
+                &format!("oidc.trusted_issuers[{i}].issuer"),
+                t.issuer.clone(),
+                "is listed twice",
+            );
+        }
         if !o.issuer_url.is_empty() {
             let parsed = url::Url::parse(&o.issuer_url);
             check(
@@ -995,7 +1231,11 @@ fn insert_path(dict: &mut Dict, path: &[&str], value: Value) {
 }
 
 fn is_secret_key(key: &str) -> bool {
-    key == "database.url" || key.starts_with("secrets.") || key.ends_with("secret_access_key")
+    key == "database.url"
+        || key.starts_with("secrets.")
+        || key.ends_with("secret_access_key")
+        || key == "oidc.github.token"
+        || key == "oidc.github.web_session"
 }
 
 /// "key `a.b` = value (from <where>): problem", never echoing secret values.

@@ -6,6 +6,7 @@ pub mod ids;
 pub mod jobs;
 pub mod machines;
 pub mod notify;
+pub mod oidc_claims;
 pub mod oidc_keys;
 pub mod orgs;
 pub mod projects;

@@ -166,7 +166,7 @@ pub async fn find_by_name(
 #[derive(Debug, Clone, Default)]
 pub struct ProjectFilter {
     pub organization_ids: Option<Vec<String>>,
-    pub project_id: Option<String>,
+    pub project_ids: Option<Vec<String>>,
     pub organization_id: Option<String>,
 }
 
@@ -174,12 +174,12 @@ pub async fn list(pool: &PgPool, filter: &ProjectFilter) -> Result<Vec<Project>>
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM projects
          WHERE ($1::text[] IS NULL OR organization_id = ANY($1))
-           AND ($2::text IS NULL OR id = $2)
+           AND ($2::text[] IS NULL OR id = ANY($2))
            AND ($3::text IS NULL OR organization_id = $3)
          ORDER BY organization_id, name LIMIT 10000"
     ))
     .bind(&filter.organization_ids)
-    .bind(&filter.project_id)
+    .bind(&filter.project_ids)
     .bind(&filter.organization_id)
     .fetch_all(pool)
     .await?)
@@ -199,12 +199,12 @@ pub async fn list_summaries(pool: &PgPool, filter: &ProjectFilter) -> Result<Vec
         "SELECT p.id, p.name, p.organization_id, o.name AS organization_name
          FROM projects p JOIN organizations o ON o.id = p.organization_id
          WHERE ($1::text[] IS NULL OR p.organization_id = ANY($1))
-           AND ($2::text IS NULL OR p.id = $2)
+           AND ($2::text[] IS NULL OR p.id = ANY($2))
            AND ($3::text IS NULL OR p.organization_id = $3)
          ORDER BY o.name, p.name LIMIT 10000",
     )
     .bind(&filter.organization_ids)
-    .bind(&filter.project_id)
+    .bind(&filter.project_ids)
     .bind(&filter.organization_id)
     .fetch_all(pool)
     .await?)

@@ -32,15 +32,18 @@ pub async fn insert<'e>(
     project_id: &str,
     provider: &str,
     claims: &serde_json::Value,
+    match_key: &str,
 ) -> Result<TrustPolicyRow> {
     Ok(sqlx::query_as(&format!(
-        "INSERT INTO trust_policies (id, project_id, provider, claims) VALUES ($1, $2, $3, $4)
+        "INSERT INTO trust_policies (id, project_id, provider, claims, match_key)
+         VALUES ($1, $2, $3, $4, $5)
          RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(project_id)
     .bind(provider)
     .bind(claims)
+    .bind(match_key)
     .fetch_one(db)
     .await?)
 }
@@ -66,4 +69,32 @@ pub async fn count<'e>(db: impl PgExecutor<'e>, project_id: &str) -> Result<i64>
             .fetch_one(db)
             .await?,
     )
+}
+
+/// A policy of `provider` stored under `match_key`, with its project's organization.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CandidateRow {
+    pub project_id: String,
+    pub organization_id: String,
+    pub provider: String,
+    pub claims: serde_json::Value,
+}
+
+/// The policies stored for one identity key (at most 1,000; a key names one repository,
+/// pipeline or project).
+pub async fn candidates(
+    pool: &PgPool,
+    provider: &str,
+    match_key: &str,
+) -> Result<Vec<CandidateRow>> {
+    Ok(sqlx::query_as(
+        "SELECT t.project_id, p.organization_id, t.provider, t.claims
+         FROM trust_policies t JOIN projects p ON p.id = t.project_id
+         WHERE t.provider = $1 AND t.match_key = $2
+         ORDER BY t.project_id LIMIT 1000",
+    )
+    .bind(provider)
+    .bind(match_key)
+    .fetch_all(pool)
+    .await?)
 }

@@ -344,7 +344,10 @@ pub fn register_foundation_jobs(
                     retention.refusal_audit_days,
                 )
                 .await?;
+                // Claims are kept a day past expiry, for inspection of abuse.
+                let claims = crate::db::oidc_claims::purge(&pool, 24).await?;
                 for (table, n) in [
+                    ("oidc_claims", claims),
                     ("tokens", tokens),
                     ("jobs", failed),
                     ("login_requests", logins),
@@ -358,6 +361,7 @@ pub fn register_foundation_jobs(
                     failed_jobs = failed,
                     login_requests = logins,
                     refusal_audits = refusals,
+                    oidc_claims = claims,
                     "maintenance purge done"
                 );
                 Ok(())

@@ -17,6 +17,10 @@ use crate::db::oidc_keys::{self as rows, NewSigningKey, SigningKeyRow};
 use crate::error::{Error, Result};
 use crate::pki::seal;
 
+pub mod claims;
+pub mod github;
+pub mod http;
+pub mod trusted;
 pub mod verify;
 
 /// The periodic job that creates the next signing key and removes expired ones.
@@ -352,6 +356,7 @@ impl Issuer {
             audiences,
             leeway_seconds: VERIFY_LEEWAY_SECONDS,
             now: Utc::now(),
+            require_jti: true,
         }
     }
 }
@@ -383,7 +388,7 @@ fn generate_key() -> Result<GeneratedKey> {
 }
 
 /// A random (version 4) UUID, for `jti`.
-fn random_uuid() -> String {
+pub(crate) fn random_uuid() -> String {
     let mut b = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
     b[6] = (b[6] & 0x0f) | 0x40;

@@ -61,7 +61,7 @@ impl Orgs {
         match authz::visible_organizations(principal)? {
             Visible::All => rows::list_organizations(&self.pool, None).await,
             Visible::Organizations(ids) => rows::list_organizations(&self.pool, Some(&ids)).await,
-            Visible::Project(_) => Ok(Vec::new()),
+            Visible::Projects(_) => Ok(Vec::new()),
         }
     }
 

@@ -94,6 +94,11 @@ pub fn resolve_id(principal: &Principal, given: Option<&str>) -> Result<String> 
     match (given.map(str::trim).filter(|s| !s.is_empty()), &principal.project_id) {
         (Some(id), _) => Ok(id.to_string()),
         (None, Some(own)) => Ok(own.clone()),
+        (None, None) if principal.ci.is_some() => {
+            crate::auth::authz::ci_default_project(principal)?.ok_or_else(|| {
+                Error::NotFound("missing project ID; pass --project <id>".into())
+            })
+        }
         (None, None) => Err(Error::NotFound(
             "missing project ID; pass --project <id> or set DEPOT_PROJECT_ID (see `depot projects list`)"
                 .into(),
@@ -180,7 +185,8 @@ pub fn filter_for(visible: Visible, organization_id: Option<&str>) -> Option<Pro
         Visible::All => {}
         Visible::Organizations(orgs) if orgs.is_empty() => return None,
         Visible::Organizations(orgs) => filter.organization_ids = Some(orgs),
-        Visible::Project(id) => filter.project_id = Some(id),
+        Visible::Projects(ids) if ids.is_empty() => return None,
+        Visible::Projects(ids) => filter.project_ids = Some(ids),
     }
     Some(filter)
 }

@@ -2,8 +2,10 @@
 //! and helpers to build the app and seed tenants.
 #![allow(dead_code)]
 
+pub mod ci_issuer;
 pub mod ec2;
 pub mod fault_proxy;
+pub mod github;
 pub mod http;
 
 use std::path::PathBuf;

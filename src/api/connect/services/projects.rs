@@ -325,9 +325,11 @@ fn to_trust_policy(policy: TrustPolicy) -> core::TrustPolicy {
         TrustProvider::GitHub {
             repository_owner,
             repository,
+            repository_id,
         } => Provider::Github(GitHub {
             repository_owner,
             repository,
+            repository_id,
         }),
         TrustProvider::CircleCi {
             organization_uuid,
@@ -382,6 +384,7 @@ async fn add_trust_policy(
         Some(Provider::Github(g)) => TrustProvider::GitHub {
             repository_owner: g.repository_owner,
             repository: g.repository,
+            repository_id: g.repository_id,
         },
         Some(Provider::Circleci(c)) => TrustProvider::CircleCi {
             organization_uuid: c.organization_uuid,
