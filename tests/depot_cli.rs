@@ -929,3 +929,324 @@ fn rbd_size_of(conf: &str, pool: &str, namespace: &str, image: &str) -> u64 {
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     info["size"].as_u64().unwrap()
 }
+
+/// A CA and a certificate for `names`, as PEM files: (ca, cert, key).
+fn tls_files_for(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kiln test issuer CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = params
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let paths = (
+        dir.join("issuer-ca.pem"),
+        dir.join("issuer.pem"),
+        dir.join("issuer.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+async fn add_github_trust(s: &Setup, owner: &str, repository: &str) {
+    use kiln::proto::depot::core::v1 as core;
+    let _: core::AddTrustPolicyResponse = s
+        .connect(
+            "depot.core.v1.ProjectService/AddTrustPolicy",
+            &s.tenant.user_token,
+            &core::AddTrustPolicyRequest {
+                project_id: s.tenant.project.id.clone(),
+                provider: Some(core::add_trust_policy_request::Provider::Github(
+                    core::trust_policy::GitHub {
+                        repository_owner: owner.into(),
+                        repository: repository.into(),
+                        repository_id: String::new(),
+                    },
+                )),
+            },
+        )
+        .await;
+}
+
+async fn latest_build(s: &Setup) -> Option<(String, bool, Option<String>, String)> {
+    sqlx::query_as(
+        "SELECT id, ephemeral_cache, created_by, state FROM builds WHERE project_id = $1
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(&s.tenant.project.id)
+    .fetch_optional(&s.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn depot_build_with_a_github_actions_oidc_token_and_no_depot_token() {
+    use common::ci_issuer::{CiIssuer, REQUEST_TOKEN};
+    let issuer = CiIssuer::start().await;
+    let s = setup_with(
+        false,
+        &[(
+            "KILN_OIDC__TRUSTED_ISSUERS".into(),
+            issuer.trusted_as("github", true),
+        )],
+    )
+    .await;
+    add_github_trust(&s, "octo-org", "octo-repo").await;
+    let context = build_context();
+    let build = |repository: &str| {
+        issuer.set_job_claims(serde_json::json!({
+            "sub": format!("repo:{repository}:ref:refs/heads/main"),
+            "repository": repository, "repository_id": "74",
+            "repository_owner": repository.split('/').next().unwrap(),
+        }));
+        let mut cmd = s.command(
+            &[
+                "build",
+                "--project",
+                &s.tenant.project.id,
+                "--progress",
+                "plain",
+                context.path().to_str().unwrap(),
+            ],
+            None,
+        );
+        // What GitHub's runner gives a job with `permissions: id-token: write`.
+        cmd.env(
+            "ACTIONS_ID_TOKEN_REQUEST_URL",
+            format!("{}/actions/token?api-version=2.0", issuer.url),
+        )
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", REQUEST_TOKEN)
+        .env("GITHUB_ACTIONS", "true")
+        .env("CI", "true")
+        .env("DEPOT_DEBUG_OIDC", "1");
+        cmd
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        build("octo-org/octo-repo").output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "depot build failed:\n{all}\nkiln log:\n{}",
+        s.kiln.logs()
+    );
+    assert!(
+        issuer.token_requests() >= 1,
+        "the CLI asked the runner for a token"
+    );
+    let (id, ephemeral, created_by, state) = latest_build(&s).await.unwrap();
+    assert!(all.contains(&id), "{all}");
+    assert_eq!(state, "success");
+    assert!(
+        !ephemeral,
+        "a trusted repository builds with the project's cache"
+    );
+    assert!(created_by.unwrap().starts_with("oidc:"));
+
+    // A repository the project does not trust is refused, and nothing is built.
+    let out = tokio::time::timeout(Duration::from_secs(60), build("evil/octo-repo").output())
+        .await
+        .unwrap()
+        .unwrap();
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("trust relationship for GitHub repository evil/octo-repo"),
+        "{all}"
+    );
+    assert_eq!(latest_build(&s).await.unwrap().0, id, "no new build");
+}
+
+#[tokio::test]
+async fn depot_build_from_a_fork_pull_request_runs_isolated_through_kilns_issuer() {
+    use common::github::{GitHub, fork_run};
+    let github = GitHub::start().await;
+    github.add_run(fork_run(4242));
+    let certs = tempfile::tempdir().unwrap();
+    // The CLI's hard-coded issuer name, served by Kiln's claim listener with a test CA.
+    let (ca, cert, key) = tls_files_for(certs.path(), &["actions-public-oidc.depot.dev"]);
+    let ip = format!(
+        "127.{}.{}.{}",
+        100 + rand_byte() % 100,
+        1 + rand_byte() % 250,
+        1 + rand_byte() % 250
+    );
+    let hosts = certs.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{ip} actions-public-oidc.depot.dev\n"),
+    )
+    .unwrap();
+    let mut extra: Vec<(String, String)> = github
+        .settings()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    extra.extend([
+        ("KILN_OIDC__CLAIMS__LISTEN".to_string(), format!("{ip}:443")),
+        (
+            "KILN_OIDC__CLAIMS__TLS_CERT_PATH".into(),
+            cert.display().to_string(),
+        ),
+        (
+            "KILN_OIDC__CLAIMS__TLS_KEY_PATH".into(),
+            key.display().to_string(),
+        ),
+        ("KILN_OIDC__CLAIMS__CHECK_INTERVAL_MS".into(), "200".into()),
+    ]);
+    let s = setup_with(false, &extra).await;
+    add_github_trust(&s, "octo-org", "octo-repo").await;
+    common::wait_for("the claim listener", Duration::from_secs(30), || async {
+        s.kiln.logs().contains("OIDC claim listener up")
+    })
+    .await;
+
+    let event = certs.path().join("event.json");
+    std::fs::write(
+        &event,
+        serde_json::json!({
+            "action": "synchronize", "number": 9,
+            "repository": {"full_name": "octo-org/octo-repo", "private": false},
+            "pull_request": {"number": 9, "head": {"repo": {"full_name": "fork-user/octo-repo"}}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let context = build_context();
+    let depot = depot_bin();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+    ])
+    .arg(&hosts)
+    .arg(&depot)
+    .args([
+        "build",
+        "--project",
+        &s.tenant.project.id,
+        "--progress",
+        "plain",
+        context.path().to_str().unwrap(),
+    ])
+    .env_clear()
+    .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+    .env("HOME", s.home.path())
+    .env("DEPOT_API_URL", &s.api_url)
+    .env("DEPOT_NO_UPDATE_NOTIFIER", "1")
+    .env("DEPOT_ERROR_TELEMETRY", "0")
+    .env("DEPOT_DISABLE_OTEL", "1")
+    .env("DEPOT_DEBUG_OIDC", "1")
+    .env("SSL_CERT_FILE", &ca)
+    .env("CI", "true")
+    .env("GITHUB_ACTIONS", "true")
+    .env("GITHUB_RUN_ID", "4242")
+    .env("GITHUB_RUN_ATTEMPT", "1")
+    .env("GITHUB_EVENT_NAME", "pull_request")
+    .env("GITHUB_EVENT_PATH", &event)
+    .env("GITHUB_REPOSITORY", "octo-org/octo-repo")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // The job's log is the CLI's output: what it prints, GitHub shows in the live log.
+    let log = {
+        let github = github.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut all = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                github.log(42420, &line, Duration::ZERO);
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        })
+    };
+    let out = tokio::spawn(async move {
+        let mut text = String::new();
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let status = tokio::time::timeout(Duration::from_secs(150), child.wait())
+        .await
+        .expect("depot build finished")
+        .unwrap();
+    let all = format!("{}\n{}", out.await.unwrap(), log.await.unwrap());
+    assert!(
+        status.success(),
+        "depot build from a fork failed:\n{all}\nkiln log:\n{}",
+        s.kiln.logs()
+    );
+    assert!(all.contains("Waiting for OIDC auth challenge"), "{all}");
+
+    // The build ran as the fork: an ephemeral builder with an ephemeral volume of its
+    // own, and the project's cache was never attached or even created.
+    let (id, ephemeral, created_by, state) = latest_build(&s).await.unwrap();
+    assert_eq!(state, "success");
+    assert!(ephemeral);
+    assert!(created_by.unwrap().starts_with("oidc:"));
+    let roles: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT m.role FROM build_platforms bp JOIN machines m ON m.id = bp.builder_id WHERE bp.build_id = $1")
+            .bind(&id)
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(roles, vec!["ephemeral".to_string()]);
+    let volumes: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT kind, build_id FROM volumes WHERE project_id = $1 ORDER BY created_at",
+    )
+    .bind(&s.tenant.project.id)
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(!volumes.is_empty(), "the build had a volume");
+    assert!(
+        volumes
+            .iter()
+            .all(|(kind, build)| kind == "ephemeral" && build.as_deref() == Some(id.as_str())),
+        "only the build's own ephemeral volume: {volumes:?}"
+    );
+    let issued: i64 = sqlx::query_scalar("SELECT count(*) FROM oidc_claims WHERE state = 'issued'")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(issued, 1);
+}
+
+fn rand_byte() -> u8 {
+    use rand::RngCore;
+    let mut b = [0u8; 1];
+    rand::rng().fill_bytes(&mut b);
+    b[0]
+}

@@ -92,6 +92,19 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
                 }
                 all
             });
+    if token.replayed {
+        // The depot CLI sends a refused build's token again to list projects: say why the
+        // first use was refused rather than only that this is the second.
+        return Err(Error::Unauthenticated(if projects.is_empty() {
+            format!(
+                "no project has a trust relationship for {}; add one to the project's settings \
+                 (and this OIDC token was already used once: request a new one)",
+                identity.describe()
+            )
+        } else {
+            "invalid OIDC token: it was already used; request a new one".into()
+        }));
+    }
     let subject = claim(claims, "sub").unwrap_or_else(|| identity.describe());
     let jti = &token.verified.jti;
     Ok(Principal {

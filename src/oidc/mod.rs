@@ -302,6 +302,23 @@ impl Issuer {
     /// Verifies a token this issuer signed, for one of `audiences`, and spends its `jti`:
     /// the same token is refused the second time, on any replica.
     pub async fn verify(&self, token: &str, audiences: &[String]) -> Result<verify::Verified> {
+        let verified = self.verify_signature(token, audiences).await?;
+        if !rows::remember_jti(&self.pool, &self.issuer, &verified.jti, verified.expires_at).await?
+        {
+            return Err(Error::Unauthenticated(
+                "invalid OIDC token: it was already used; request a new one".into(),
+            ));
+        }
+        Ok(verified)
+    }
+
+    /// Verifies a token this issuer signed, for one of `audiences`, without spending its
+    /// `jti` (the caller does).
+    pub async fn verify_signature(
+        &self,
+        token: &str,
+        audiences: &[String],
+    ) -> Result<verify::Verified> {
         if token.len() > verify::MAX_TOKEN_BYTES {
             return verify::verify(token, &[], &self.policy(audiences));
         }
@@ -310,14 +327,7 @@ impl Issuer {
             // A key this replica has not seen yet (just rotated in): look once more.
             keys = self.verification_keys(true).await?;
         }
-        let verified = verify::verify(token, &keys, &self.policy(audiences))?;
-        if !rows::remember_jti(&self.pool, &self.issuer, &verified.jti, verified.expires_at).await?
-        {
-            return Err(Error::Unauthenticated(
-                "invalid OIDC token: it was already used; request a new one".into(),
-            ));
-        }
-        Ok(verified)
+        verify::verify(token, &keys, &self.policy(audiences))
     }
 
     /// The published keys, cached for a minute; `refresh` reloads them at most once a

@@ -32,6 +32,9 @@ pub struct CiToken {
     pub issuer: String,
     pub provider: TrustedProvider,
     pub verified: Verified,
+    /// Its issuer's tokens are single use and this one was used before: refuse it (the
+    /// caller says why, after looking at who it was).
+    pub replayed: bool,
 }
 
 struct KeyCache {
@@ -94,11 +97,16 @@ impl TrustedIssuers {
         let issuer = verify::claimed_issuer(token)
             .ok_or_else(|| refuse("it has no readable issuer (iss) claim"))?;
         if issuer == self.own.issuer() {
-            let verified = self.own.verify(token, &self.own_audiences).await?;
+            let verified = self
+                .own
+                .verify_signature(token, &self.own_audiences)
+                .await?;
+            let replayed = !self.spend(&issuer, &verified).await?;
             return Ok(CiToken {
                 issuer,
                 provider: TrustedProvider::GithubFork,
                 verified,
+                replayed,
             });
         }
         let Some(remote) = self.remote.iter().find(|r| r.config.issuer == issuer) else {
@@ -119,22 +127,20 @@ impl TrustedIssuers {
             keys = self.keys(remote, true).await?;
         }
         let verified = verify::verify(token, &keys, &policy(Utc::now()))?;
-        if remote.config.single_use
-            && !crate::db::oidc_keys::remember_jti(
-                &self.pool,
-                &issuer,
-                &verified.jti,
-                verified.expires_at,
-            )
-            .await?
-        {
-            return Err(refuse("it was already used; request a new one"));
-        }
+        let replayed = remote.config.single_use && !self.spend(&issuer, &verified).await?;
         Ok(CiToken {
             issuer,
             provider: remote.config.provider,
             verified,
+            replayed,
         })
+    }
+
+    /// Records the token's `jti` until it expires: false if it was recorded before, on
+    /// any replica.
+    async fn spend(&self, issuer: &str, verified: &Verified) -> Result<bool> {
+        crate::db::oidc_keys::remember_jti(&self.pool, issuer, &verified.jti, verified.expires_at)
+            .await
     }
 
     /// The remote issuer's keys: cached, reloaded when stale, or on `unknown_kid` when
