@@ -360,22 +360,30 @@ async fn artifact_proof_needs_an_artifact_tied_to_the_very_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_exchanges_of_one_claim_give_exactly_one_token() {
+async fn concurrent_exchanges_of_one_claim_on_two_replicas_give_exactly_one_token() {
     let db = TestDb::new().await;
     let github = GitHub::start().await;
     github.add_run(fork_run(88));
     let server = start(&db, &github, &[]).await;
+    // A second replica on the same database races the first.
+    let replica = start(&db, &github, &[]).await;
     let (_, created) = post_claim(&server, &claim_body("octo-org/octo-repo", 88)).await;
     let code = created["challengeCode"].as_str().unwrap();
     let url = created["exchangeURL"].as_str().unwrap().to_string();
+    let secret = url.rsplit('/').next().unwrap().to_string();
     github.log(880, code, Duration::ZERO);
 
     let mut tokens = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let racers: Vec<_> = (0..8)
-            .map(|_| {
-                let url = url.clone();
+            .map(|i| {
+                let base = if i % 2 == 0 {
+                    &server.url
+                } else {
+                    &replica.url
+                };
+                let url = format!("{base}/exchange/{secret}");
                 tokio::spawn(async move { exchange(&url).await })
             })
             .collect();
@@ -402,6 +410,7 @@ async fn concurrent_exchanges_of_one_claim_give_exactly_one_token() {
     .await
     .unwrap();
     assert_eq!(issued, 1);
+    replica.stop().await;
     server.stop().await;
 }
 
@@ -513,5 +522,107 @@ async fn claims_are_limited_per_repository_and_per_client() {
         asked,
         "a limited client costs no GitHub call"
     );
+    server.stop().await;
+}
+
+/// `actions/claim-token`'s script, driven as the runner would: claim, upload the
+/// artifact (here: the stand-in lists it), exchange, and DEPOT_TOKEN lands in $GITHUB_ENV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_token_action_gets_a_token_by_artifact_proof() {
+    let db = TestDb::new().await;
+    let github = GitHub::start().await;
+    github.add_run(fork_run(5150));
+    let server = Server::start(
+        &db,
+        &[
+            ("KILN_OIDC__GITHUB__API_URL", github.url.as_str()),
+            ("KILN_OIDC__GITHUB__WEB_URL", github.url.as_str()),
+            ("KILN_OIDC__CLAIMS__PROOFS", "[\"artifact\"]"),
+            ("KILN_OIDC__CLAIMS__CHECK_INTERVAL_MS", "100"),
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (outputs, env_file) = (dir.path().join("output"), dir.path().join("env"));
+    std::fs::write(&outputs, "").unwrap();
+    std::fs::write(&env_file, "").unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/actions/claim-token/claim.sh");
+    let run = |step: &str, extra: Vec<(&str, String)>| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(script)
+            .arg(step)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("GITHUB_EVENT_NAME", "pull_request")
+            .env("GITHUB_REPOSITORY", "octo-org/octo-repo")
+            .env("GITHUB_RUN_ID", "5150")
+            .env("GITHUB_RUN_ATTEMPT", "1")
+            .env("GITHUB_OUTPUT", &outputs)
+            .env("GITHUB_ENV", &env_file)
+            .env("KILN_URL", &server.url)
+            .envs(extra);
+        cmd.output()
+    };
+    let claimed = run("claim", vec![]).await.unwrap();
+    let log = String::from_utf8_lossy(&claimed.stdout).to_string();
+    assert!(
+        claimed.status.success(),
+        "{log}{}",
+        String::from_utf8_lossy(&claimed.stderr)
+    );
+    let written = std::fs::read_to_string(&outputs).unwrap();
+    let value = |key: &str| {
+        written
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap()
+            .to_string()
+    };
+    let (code, url) = (value("challenge-code"), value("exchange-url"));
+    assert!(
+        log.contains(&format!("::add-mask::{url}")),
+        "the exchange URL is masked: {log}"
+    );
+    assert!(log.contains(&code));
+    // What actions/upload-artifact does inside the run.
+    github.artifact(
+        5150,
+        &format!("oidc-challenge-{code}"),
+        json!({"id": 5150, "repository_id": 74, "head_repository_id": 75,
+               "head_sha": "0123456789abcdef0123456789abcdef01234567"}),
+    );
+    let exchanged = run(
+        "exchange",
+        vec![
+            ("KILN_EXCHANGE_URL", url),
+            ("KILN_TIMEOUT_SECONDS", "20".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&exchanged.stdout).to_string();
+    assert!(
+        exchanged.status.success(),
+        "{log}{}",
+        String::from_utf8_lossy(&exchanged.stderr)
+    );
+    let env_written = std::fs::read_to_string(&env_file).unwrap();
+    let token = env_written.trim().strip_prefix("DEPOT_TOKEN=").unwrap();
+    assert!(log.contains(&format!("::add-mask::{token}")));
+    let claims = verify_token(&server, token).await;
+    assert_eq!(claims["head_repository"], "fork-user/octo-repo");
+
+    // A push run is refused up front, with Kiln's reason.
+    let refused = tokio::process::Command::new("bash")
+        .arg(script)
+        .arg("claim")
+        .env("GITHUB_EVENT_NAME", "push")
+        .env("GITHUB_OUTPUT", &outputs)
+        .env("KILN_URL", &server.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("only to pull_request"));
     server.stop().await;
 }

@@ -607,3 +607,63 @@ impl Claims {
         Ok(Exchange::Token(minted.token))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(edit: impl FnOnce(&mut Value)) -> Run {
+        let mut v = json!({
+            "id": 1, "name": "CI", "event": "pull_request", "status": "in_progress",
+            "head_branch": "feature", "head_sha": "abc", "run_number": 3, "run_attempt": 2,
+            "actor": {"login": "a", "id": 1}, "triggering_actor": {"login": "b", "id": 2},
+            "repository": {"id": 10, "full_name": "o/r", "private": false, "visibility": "public",
+                           "owner": {"login": "o", "id": 5}},
+            "head_repository": {"id": 11, "full_name": "f/r", "owner": {"login": "f", "id": 6}}
+        });
+        edit(&mut v);
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn only_public_fork_pull_requests_in_progress_pass() {
+        assert!(judge(&run(|_| {})).is_ok());
+        let refusals = [
+            run(|v| v["event"] = json!("pull_request_target")),
+            run(|v| v["status"] = json!("queued")),
+            run(|v| v["repository"]["private"] = json!(true)),
+            run(|v| v["repository"]["visibility"] = json!("internal")),
+            run(|v| v["head_repository"]["id"] = json!(10)),
+            run(|v| v["head_repository"] = Value::Null),
+        ];
+        for r in refusals {
+            assert!(judge(&r).is_err(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_carry_only_the_advertised_claims() {
+        let pull = github::PullRequest {
+            number: 9,
+            head: github::PullRef {
+                git_ref: "feature".into(),
+                sha: "abc".into(),
+            },
+            base: github::PullRef {
+                git_ref: "main".into(),
+                sha: "def".into(),
+            },
+        };
+        let claims = token_claims(&run(|_| {}), Some(&pull), Some(7));
+        for name in claims.keys() {
+            assert!(
+                name == "sub" || super::super::RUN_CLAIMS.contains(&name.as_str()),
+                "{name} is not in claims_supported"
+            );
+        }
+        assert_eq!(claims["sub"], "repo:o/r:pull_request");
+        assert_eq!(claims["run_attempt"], "2");
+        assert_eq!(claims["ref"], "refs/pull/9/merge");
+        assert_eq!(claims["base_ref"], "main");
+    }
+}

@@ -37,19 +37,31 @@ const VERIFY_LEEWAY_SECONDS: i64 = 30;
 /// Claims every token Kiln issues carries; the run claims come on top.
 pub const REGISTERED_CLAIMS: [&str; 7] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"];
 
-/// Claims of a fork pull request's run, modelled on GitHub's.
-pub const RUN_CLAIMS: [&str; 11] = [
+/// Claims of a fork pull request's run, modelled on GitHub's (some only when known: `ref`
+/// and `base_ref` need the pull request, `job_id` a log proof).
+pub const RUN_CLAIMS: [&str; 22] = [
     "repository",
     "repository_id",
     "repository_owner",
+    "repository_owner_id",
+    "repository_visibility",
     "run_id",
+    "run_number",
     "run_attempt",
     "actor",
+    "actor_id",
+    "triggering_actor",
     "workflow",
     "head_repository",
+    "head_repository_id",
+    "head_repository_owner",
+    "head_ref",
+    "head_sha",
+    "sha",
     "event_name",
     "ref",
-    "sha",
+    "base_ref",
+    "job_id",
 ];
 
 struct Signer {
