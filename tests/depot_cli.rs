@@ -42,6 +42,12 @@ impl Output {
 
 /// A CA and a server certificate for localhost/127.0.0.1, written as PEM files.
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    certificate_files(dir, "server", &["localhost", "127.0.0.1"])
+}
+
+/// A test CA and a certificate for `names` signed by it, written as PEM files:
+/// (`<stem>-ca.pem`, `<stem>.pem`, `<stem>.key`).
+fn certificate_files(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -50,20 +56,21 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .distinguished_name
         .push(rcgen::DnType::CommonName, "kiln test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let server = server_params.signed_by(&server_key, &issuer).unwrap();
-    let (ca_path, cert_path, key_path) = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = params
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let paths = (
+        dir.join(format!("{stem}-ca.pem")),
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
     );
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    std::fs::write(&cert_path, server.pem()).unwrap();
-    std::fs::write(&key_path, server_key.serialize_pem()).unwrap();
-    (ca_path, cert_path, key_path)
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
 }
 
 async fn setup(tls: bool) -> Setup {
@@ -930,33 +937,6 @@ fn rbd_size_of(conf: &str, pool: &str, namespace: &str, image: &str) -> u64 {
     info["size"].as_u64().unwrap()
 }
 
-/// A CA and a certificate for `names`, as PEM files: (ca, cert, key).
-fn tls_files_for(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "kiln test issuer CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    let cert = params
-        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
-        .unwrap();
-    let paths = (
-        dir.join("issuer-ca.pem"),
-        dir.join("issuer.pem"),
-        dir.join("issuer.key"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
 async fn add_github_trust(s: &Setup, owner: &str, repository: &str) {
     use kiln::proto::depot::core::v1 as core;
     let _: core::AddTrustPolicyResponse = s
@@ -1085,7 +1065,8 @@ async fn depot_build_from_a_fork_pull_request_runs_isolated_through_kilns_issuer
     github.add_run(fork_run(4242));
     let certs = tempfile::tempdir().unwrap();
     // The CLI's hard-coded issuer name, served by Kiln's claim listener with a test CA.
-    let (ca, cert, key) = tls_files_for(certs.path(), &["actions-public-oidc.depot.dev"]);
+    let (ca, cert, key) =
+        certificate_files(certs.path(), "issuer", &["actions-public-oidc.depot.dev"]);
     let ip = format!(
         "127.{}.{}.{}",
         100 + rand_byte() % 100,

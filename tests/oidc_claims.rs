@@ -21,6 +21,20 @@ async fn start(db: &TestDb, github: &GitHub, extra: &[(&str, &str)]) -> Server {
     Server::start(db, &env).await
 }
 
+/// Artifact proof only: no GitHub web session is configured.
+async fn start_artifact_proof_only(db: &TestDb, github: &GitHub) -> Server {
+    Server::start(
+        db,
+        &[
+            ("KILN_OIDC__GITHUB__API_URL", github.url.as_str()),
+            ("KILN_OIDC__GITHUB__WEB_URL", github.url.as_str()),
+            ("KILN_OIDC__CLAIMS__PROOFS", "[\"artifact\"]"),
+            ("KILN_OIDC__CLAIMS__CHECK_INTERVAL_MS", "100"),
+        ],
+    )
+    .await
+}
+
 fn claim_body(repo: &str, run_id: u64) -> Value {
     json!({"aud": AUD, "eventName": "pull_request", "repo": repo, "runID": run_id.to_string(), "attempt": "1"})
 }
@@ -310,17 +324,7 @@ async fn artifact_proof_needs_an_artifact_tied_to_the_very_run() {
     let db = TestDb::new().await;
     let github = GitHub::start().await;
     github.add_run(fork_run(77));
-    // Artifact proof only; no web session is configured.
-    let server = Server::start(
-        &db,
-        &[
-            ("KILN_OIDC__GITHUB__API_URL", github.url.as_str()),
-            ("KILN_OIDC__GITHUB__WEB_URL", github.url.as_str()),
-            ("KILN_OIDC__CLAIMS__PROOFS", "[\"artifact\"]"),
-            ("KILN_OIDC__CLAIMS__CHECK_INTERVAL_MS", "100"),
-        ],
-    )
-    .await;
+    let server = start_artifact_proof_only(&db, &github).await;
     let (status, created) = post_claim(&server, &claim_body("octo-org/octo-repo", 77)).await;
     assert_eq!(status, 200, "{created}");
     let code = created["challengeCode"].as_str().unwrap();
@@ -532,16 +536,7 @@ async fn the_claim_token_action_gets_a_token_by_artifact_proof() {
     let db = TestDb::new().await;
     let github = GitHub::start().await;
     github.add_run(fork_run(5150));
-    let server = Server::start(
-        &db,
-        &[
-            ("KILN_OIDC__GITHUB__API_URL", github.url.as_str()),
-            ("KILN_OIDC__GITHUB__WEB_URL", github.url.as_str()),
-            ("KILN_OIDC__CLAIMS__PROOFS", "[\"artifact\"]"),
-            ("KILN_OIDC__CLAIMS__CHECK_INTERVAL_MS", "100"),
-        ],
-    )
-    .await;
+    let server = start_artifact_proof_only(&db, &github).await;
     let dir = tempfile::tempdir().unwrap();
     let (outputs, env_file) = (dir.path().join("output"), dir.path().join("env"));
     std::fs::write(&outputs, "").unwrap();

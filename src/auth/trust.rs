@@ -6,27 +6,35 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 
-/// Which CI identity a policy trusts, by provider.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which CI identity a policy trusts, by provider. On the JSON API it is flat:
+/// `{"provider": "github", "repository_owner": …, "repository": …}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "provider", deny_unknown_fields)]
 pub enum TrustProvider {
     /// `repository` is the name without its owner. `repository_id` empty: any repository
     /// of that name (set it to survive a rename and re-creation of the name).
+    #[serde(rename = "github")]
     GitHub {
         repository_owner: String,
         repository: String,
+        #[serde(default)]
         repository_id: String,
     },
+    #[serde(rename = "circleci")]
     CircleCi {
         organization_uuid: String,
         project_uuid: String,
     },
+    #[serde(rename = "buildkite")]
     Buildkite {
         organization_slug: String,
         pipeline_slug: String,
     },
     /// `git_ref` empty: any ref.
+    #[serde(rename = "gitlab")]
     GitLab {
         project_path: String,
+        #[serde(default, rename = "ref")]
         git_ref: String,
     },
 }

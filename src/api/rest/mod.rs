@@ -271,107 +271,8 @@ async fn cancel_build(
     Ok(axum::Json(json!({ "canceled": canceled })))
 }
 
-/// A trust relationship on the wire: the provider and its match fields, flat.
-#[derive(Debug, Deserialize, serde::Serialize)]
-#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
-enum TrustPolicyBody {
-    #[serde(rename = "github")]
-    GitHub {
-        repository_owner: String,
-        repository: String,
-        #[serde(default)]
-        repository_id: String,
-    },
-    #[serde(rename = "circleci")]
-    CircleCi {
-        organization_uuid: String,
-        project_uuid: String,
-    },
-    Buildkite {
-        organization_slug: String,
-        pipeline_slug: String,
-    },
-    #[serde(rename = "gitlab")]
-    GitLab {
-        project_path: String,
-        #[serde(default, rename = "ref")]
-        git_ref: String,
-    },
-}
-
-impl From<TrustPolicyBody> for crate::auth::trust::TrustProvider {
-    fn from(body: TrustPolicyBody) -> Self {
-        use crate::auth::trust::TrustProvider as P;
-        match body {
-            TrustPolicyBody::GitHub {
-                repository_owner,
-                repository,
-                repository_id,
-            } => P::GitHub {
-                repository_owner,
-                repository,
-                repository_id,
-            },
-            TrustPolicyBody::CircleCi {
-                organization_uuid,
-                project_uuid,
-            } => P::CircleCi {
-                organization_uuid,
-                project_uuid,
-            },
-            TrustPolicyBody::Buildkite {
-                organization_slug,
-                pipeline_slug,
-            } => P::Buildkite {
-                organization_slug,
-                pipeline_slug,
-            },
-            TrustPolicyBody::GitLab {
-                project_path,
-                git_ref,
-            } => P::GitLab {
-                project_path,
-                git_ref,
-            },
-        }
-    }
-}
-
 fn trust_policy_json(policy: crate::projects::trust::TrustPolicy) -> Value {
-    use crate::auth::trust::TrustProvider as P;
-    let body = match policy.provider {
-        P::GitHub {
-            repository_owner,
-            repository,
-            repository_id,
-        } => TrustPolicyBody::GitHub {
-            repository_owner,
-            repository,
-            repository_id,
-        },
-        P::CircleCi {
-            organization_uuid,
-            project_uuid,
-        } => TrustPolicyBody::CircleCi {
-            organization_uuid,
-            project_uuid,
-        },
-        P::Buildkite {
-            organization_slug,
-            pipeline_slug,
-        } => TrustPolicyBody::Buildkite {
-            organization_slug,
-            pipeline_slug,
-        },
-        P::GitLab {
-            project_path,
-            git_ref,
-        } => TrustPolicyBody::GitLab {
-            project_path,
-            git_ref,
-        },
-    };
-    let mut value = serde_json::to_value(body).unwrap_or_else(|_| json!({}));
+    let mut value = serde_json::to_value(&policy.provider).unwrap_or_else(|_| json!({}));
     if let Some(map) = value.as_object_mut() {
         map.insert("id".into(), json!(policy.id));
         map.insert("project_id".into(), json!(policy.project_id));
@@ -395,11 +296,11 @@ async fn add_trust_policy(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<TrustPolicyBody>,
+    ApiJson(provider): ApiJson<crate::auth::trust::TrustProvider>,
 ) -> Result<(StatusCode, Json)> {
     let policy = app
         .projects
-        .add_trust_policy(&principal, Some(&id), body.into())
+        .add_trust_policy(&principal, Some(&id), provider)
         .await?;
     Ok((
         StatusCode::CREATED,
