@@ -249,6 +249,14 @@ fn token_claims(
     claims
 }
 
+/// Seconds until a claim may be checked again after `checks` checks found no proof: the
+/// interval at first, then longer, up to five times it. A claimant's code shows within
+/// seconds or not at all, and each check costs several calls of the GitHub budget.
+fn check_spacing(interval_ms: u64, checks: i32) -> f64 {
+    let factor = (1 + checks.max(0) / 3).min(5) as f64;
+    interval_ms as f64 / 1000.0 * factor
+}
+
 fn random_secret() -> String {
     let mut b = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
@@ -468,7 +476,7 @@ impl Claims {
             rows::fail(&self.pool, &claim.id, &lease_id, &reason).await?;
             return Err(ClaimError::Refused(reason));
         }
-        let wait = self.config.check_interval_ms as f64 / 1000.0;
+        let wait = check_spacing(self.config.check_interval_ms, claim.checks);
         match self.check(&claim).await {
             Ok(Check::Proven { run, job_id }) => self.issue(&claim, &lease_id, &run, job_id).await,
             Ok(Check::NotYet(detail)) => {
@@ -639,6 +647,15 @@ mod tests {
         for r in refusals {
             assert!(judge(&r).is_err(), "{r:?}");
         }
+    }
+
+    #[test]
+    fn checks_are_spaced_further_apart_up_to_five_times_the_interval() {
+        assert_eq!(check_spacing(1000, 1), 1.0);
+        assert_eq!(check_spacing(1000, 3), 2.0);
+        assert_eq!(check_spacing(1000, 9), 4.0);
+        assert_eq!(check_spacing(1000, 100), 5.0);
+        assert_eq!(check_spacing(200, 1), 0.2);
     }
 
     #[test]
