@@ -510,7 +510,11 @@ impl Config {
     /// Where the local cache provider keeps its volumes.
     pub fn local_cache_dir(&self) -> PathBuf {
         if self.cache.local.dir.as_os_str().is_empty() {
-            std::env::temp_dir().join("kiln-cache")
+            // One directory per database: the reconciler deletes images its database does
+            // not know, so two installations on one machine must not share a directory.
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
+            std::env::temp_dir().join(format!("kiln-cache-{}", hex::encode(&digest[..6])))
         } else {
             self.cache.local.dir.clone()
         }
@@ -1283,6 +1287,19 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn installations_get_local_cache_directories_of_their_own() {
+        let dir = |url: &str| {
+            Config::load_from(None, env(&[("KILN_DATABASE__URL", url)]))
+                .unwrap()
+                .local_cache_dir()
+        };
+        let a = dir("postgres://db-a/kiln");
+        assert_eq!(a, dir("postgres://db-a/kiln"));
+        assert_ne!(a, dir("postgres://db-b/kiln"));
+        assert!(a.to_string_lossy().contains("kiln-cache-"));
     }
 
     #[test]
