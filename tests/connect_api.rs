@@ -677,11 +677,7 @@ async fn core_project_service_manages_tokens_and_trust_policies_over_json() {
     assert_eq!(tokens["tokens"][0]["description"], "ci");
     assert!(!tokens.to_string().contains(&secret));
     let token_id = created["tokenId"].as_str().unwrap().to_string();
-    let deleted = call(
-        "DeleteToken",
-        serde_json::json!({"projectId": a.project.id, "tokenId": token_id}),
-    )
-    .await;
+    let deleted = call("DeleteToken", serde_json::json!({"tokenId": token_id})).await;
     assert_eq!(deleted.status, StatusCode::OK);
     let me = router
         .clone()

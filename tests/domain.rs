@@ -350,7 +350,6 @@ async fn a_failed_audit_insert_rolls_the_write_back() {
                 "depot.core.v1.ProjectService/UpdateToken",
                 &t.user_token,
                 &core::UpdateTokenRequest {
-                    project_id: t.project.id.clone(),
                     token_id: token_id.clone(),
                     description: "renamed".into(),
                 },
@@ -417,7 +416,6 @@ async fn connect_update_token_validates_names_and_audits() {
     let rename = |name: String| {
         let router = router.clone();
         let req = core::UpdateTokenRequest {
-            project_id: t.project.id.clone(),
             token_id: created.token_id.clone(),
             description: name,
         };
@@ -450,14 +448,13 @@ async fn connect_update_token_validates_names_and_audits() {
     .unwrap();
     assert_eq!(audited, json!({"before": "ci", "after": "deploys"}));
 
-    // A token of another project is not found through this project.
-    let other = common::project(&db.pool, &t.org_id, "other").await;
+    // Another organization's user finds no such token (ids don't leak).
+    let stranger = tenant(&db.pool, "stranger").await;
     let err = unary::<_, core::DeleteTokenResponse>(
         &router,
         "depot.core.v1.ProjectService/DeleteToken",
-        &t.user_token,
+        &stranger.user_token,
         &core::DeleteTokenRequest {
-            project_id: other.id,
             token_id: created.token_id.clone(),
         },
     )

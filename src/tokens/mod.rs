@@ -176,11 +176,15 @@ impl Tokens {
         token_id: &str,
         name: &str,
     ) -> Result<()> {
-        let project_id = crate::projects::resolve_id(principal, project_id)?;
+        // With a project id (REST), only that project's tokens; without (the public API's
+        // UpdateToken names the token alone), any token the caller may manage.
+        let project_id = project_id
+            .map(|p| crate::projects::resolve_id(principal, Some(p)))
+            .transpose()?;
         let name = validate_name(name)?;
         let mut tx = self.pool.begin().await?;
         let (info, _) = self
-            .manageable(&mut *tx, principal, Some(&project_id), token_id)
+            .manageable(&mut *tx, principal, project_id.as_deref(), token_id)
             .await?;
         rows::rename(&mut *tx, &info.id, &name).await?;
         let event = principal

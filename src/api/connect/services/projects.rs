@@ -154,13 +154,13 @@ async fn reset_project(
 async fn list_organizations(
     call: Call,
     _req: core::ListOrganizationsRequest,
-) -> Result<core::ListOrganizationResponse> {
+) -> Result<core::ListOrganizationsResponse> {
     let principal = call.principal().await?;
     let orgs = call.app.orgs.list(&principal).await?;
-    Ok(core::ListOrganizationResponse {
+    Ok(core::ListOrganizationsResponse {
         organizations: orgs
             .into_iter()
-            .map(|o| core::list_organization_response::Organization {
+            .map(|o| core::list_organizations_response::Organization {
                 org_id: o.id,
                 name: o.name,
                 created_at: Some(to_timestamp(o.created_at)),
@@ -190,10 +190,12 @@ fn builder_size(hardware: i32) -> Result<Option<String>> {
     }
 }
 
+// keep_bytes is deprecated in the public API, but the depot CLI still sends and reads it.
+#[allow(deprecated)]
 fn to_core(p: Project) -> core::Project {
     core::Project {
         cache_policy: Some(core::CachePolicy {
-            keep_bytes: i64::from(p.cache_size_gb_amd64) * GIB,
+            keep_bytes: Some(i64::from(p.cache_size_gb_amd64) * GIB),
             keep_days: p.cache_retention_days,
             keep_gb: p.cache_size_gb_amd64,
         }),
@@ -207,17 +209,19 @@ fn to_core(p: Project) -> core::Project {
 }
 
 /// A cache policy's size in whole GB (keep_gb wins; keep_bytes rounds up).
+#[allow(deprecated)]
 fn policy_gb(policy: &core::CachePolicy) -> Result<Option<i32>> {
+    let keep_bytes = policy.keep_bytes.unwrap_or(0);
+    if keep_bytes < 0 || policy.keep_gb < 0 {
+        return Err(Error::invalid("cache_policy", "sizes must not be negative"));
+    }
     if policy.keep_gb > 0 {
         return Ok(Some(policy.keep_gb));
     }
-    if policy.keep_bytes < 0 || policy.keep_gb < 0 {
-        return Err(Error::invalid("cache_policy", "sizes must not be negative"));
-    }
-    if policy.keep_bytes == 0 {
+    if keep_bytes == 0 {
         return Ok(None);
     }
-    let gb = (policy.keep_bytes + GIB - 1) / GIB;
+    let gb = (keep_bytes + GIB - 1) / GIB;
     i32::try_from(gb)
         .map(Some)
         .map_err(|_| Error::invalid("cache_policy.keep_bytes", "is too large"))
@@ -437,7 +441,7 @@ async fn list_tokens(call: Call, req: core::ListTokensRequest) -> Result<core::L
     Ok(core::ListTokensResponse {
         tokens: list
             .into_iter()
-            .map(|t| core::Token {
+            .map(|t| core::list_tokens_response::Token {
                 token_id: t.id,
                 description: t.name,
                 created_at: Some(to_timestamp(t.created_at)),
@@ -472,12 +476,7 @@ async fn update_token(
     let principal = call.principal().await?;
     call.app
         .tokens
-        .rename(
-            &principal,
-            given(&req.project_id),
-            &req.token_id,
-            &req.description,
-        )
+        .rename(&principal, None, &req.token_id, &req.description)
         .await?;
     Ok(core::UpdateTokenResponse {})
 }
@@ -487,10 +486,9 @@ async fn delete_token(
     req: core::DeleteTokenRequest,
 ) -> Result<core::DeleteTokenResponse> {
     let principal = call.principal().await?;
-    let project_id = crate::projects::resolve_id(&principal, given(&req.project_id))?;
     call.app
         .tokens
-        .revoke(&principal, Some(&project_id), &req.token_id)
+        .revoke(&principal, None, &req.token_id)
         .await?;
     Ok(core::DeleteTokenResponse {})
 }
