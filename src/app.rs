@@ -34,6 +34,7 @@ pub struct App {
     pub projects: Projects,
     pub tokens: Tokens,
     pub builds: Builds,
+    pub usage: crate::usage::Usage,
     pub scheduler: Arc<Scheduler>,
     pub cache: Arc<crate::cache::Cache>,
     pub connect: ConnectRouter,
@@ -78,7 +79,8 @@ impl App {
             &config.oidc,
         ));
         let auth = Arc::new(Authenticator::new(db.clone(), &config.auth).accept_ci_tokens(trusted));
-        let builds = Builds::new(db.clone(), auth.clone(), config.builds.clone());
+        let builds = Builds::new(db.clone(), auth.clone(), config.builds.clone())
+            .with_key_encryption_key(config.secrets.key_encryption_key());
         let cache = Arc::new(crate::cache::Cache::new(db.clone(), &config));
         let scheduler = Arc::new(Scheduler::new(
             db.clone(),
@@ -110,6 +112,7 @@ impl App {
                 auth.clone(),
                 Duration::from_secs(config.registry.pull_token_ttl_seconds),
             ),
+            usage: crate::usage::Usage::new(db.clone()),
             limiter: ClientLimiter::new(&config.limits),
             config,
             db,

@@ -15,6 +15,16 @@ pub mod depot {
             include!(concat!(env!("OUT_DIR"), "/depot.core.v1.rs"));
         }
     }
+    pub mod build {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/depot.build.v1.rs"));
+        }
+    }
+    pub mod buildkit {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/depot.buildkit.v1.rs"));
+        }
+    }
 }
 
 /// BuildKit's API: status types (uploaded by the CLI), and the Control and LLBBridge

@@ -9,6 +9,11 @@ use prost_reflect::{DescriptorPool, Kind};
 const SERVED: &[&str] = &[
     "depot.core.v1.ProjectService",
     "depot.core.v1.OrganizationService",
+    "depot.core.v1.BuildService",
+    "depot.core.v1.UsageService",
+    "depot.build.v1.BuildService",
+    "depot.build.v1.RegistryService",
+    "depot.buildkit.v1.BuildKitService",
 ];
 
 fn pool() -> DescriptorPool {

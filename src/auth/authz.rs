@@ -26,6 +26,8 @@ pub enum Action {
     CreateBuild,
     ViewBuild,
     WriteBuild,
+    /// Make a build readable by anyone with its share link, or stop.
+    ShareBuild,
     ResetCache,
     PullImages,
     /// Mint a short-lived pull token (`depot pull-token`, `depot pull`).
@@ -43,9 +45,10 @@ impl Action {
             Action::ViewOrganization => Scope::OrgRead,
             Action::ManageOrganization | Action::ViewAuditLog | Action::Operate => Scope::OrgAdmin,
             Action::ViewProject => Scope::ProjectsRead,
-            Action::CreateProject | Action::UpdateProject | Action::DeleteProject => {
-                Scope::ProjectsWrite
-            }
+            Action::CreateProject
+            | Action::UpdateProject
+            | Action::DeleteProject
+            | Action::ShareBuild => Scope::ProjectsWrite,
             Action::ManageProjectTokens => Scope::TokensWrite,
             Action::CreateBuild | Action::WriteBuild => Scope::BuildsWrite,
             Action::ViewBuild => Scope::BuildsRead,
@@ -79,6 +82,7 @@ impl Action {
             Action::ManageProjectTokens => "manage this project's tokens",
             Action::CreateBuild => "start builds",
             Action::ViewBuild => "view builds",
+            Action::ShareBuild => "share builds",
             Action::WriteBuild => "report on this build",
             Action::ResetCache => "reset this project's cache",
             Action::PullImages => "pull images",

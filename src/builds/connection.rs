@@ -110,3 +110,20 @@ async fn active(
         ca_cert_pem: pki.ca_pem.clone(),
     }))
 }
+
+/// ReleaseEndpoint: gives the platform's builder back (the build goes on; asking for a
+/// connection again files a new request).
+pub async fn release(
+    builds: &Builds,
+    principal: &Principal,
+    build_id: &str,
+    platform: Platform,
+) -> Result<()> {
+    let build = builds
+        .authorize(principal, build_id, Action::WriteBuild)
+        .await?;
+    if builds::release_platform(builds.pool(), &build.id, platform).await? {
+        builds.announce(&build.id).await;
+    }
+    Ok(())
+}

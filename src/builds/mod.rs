@@ -7,6 +7,8 @@
 
 pub mod connection;
 pub mod health;
+pub mod insights;
+pub mod sharing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ use crate::db::ids::{is_well_formed, new_id};
 use crate::db::projects::Project;
 use crate::db::{audit, notify};
 use crate::error::{Error, Result};
+use crate::pages;
 use crate::tokens::{self, Tokens};
 
 /// NOTIFY channel announcing that a build changed (payload: build id), so every replica
@@ -58,6 +61,8 @@ pub struct Builds {
     pub config: BuildsConfig,
     refs: quick_cache::sync::Cache<String, (Arc<BuildRef>, Instant)>,
     pub health: Arc<health::HealthTracker>,
+    /// Signs share links; derived from the key-encryption key. None: sharing is off.
+    share_key: Option<[u8; 32]>,
 }
 
 const REF_TTL: Duration = Duration::from_secs(60);
@@ -77,7 +82,14 @@ impl Builds {
             config,
             refs: quick_cache::sync::Cache::new(100_000),
             health,
+            share_key: None,
         }
+    }
+
+    /// Enables share links, signed with a key derived from the key-encryption key.
+    pub fn with_key_encryption_key(mut self, kek: Option<[u8; 32]>) -> Self {
+        self.share_key = kek.map(|k| sharing::derive_key(&k));
+        self
     }
 
     /// Creates a build of `project_id` (empty: the token's own project; neither:
@@ -215,26 +227,23 @@ impl Builds {
     }
 
     /// A page of a project's builds, newest first. `page_token` is the previous page's
-    /// `next_page_token` (empty: the first page); `page_size` 0 means 100, at most 1000.
+    /// `next_page_token` (empty: the first page); `page_size` absent or 0 means 100.
     pub async fn list(
         &self,
         principal: &Principal,
         project_id: Option<&str>,
         page_token: &str,
-        page_size: i64,
+        page_size: Option<i64>,
     ) -> Result<BuildPage> {
+        let page_size = pages::page_size(page_size, 100)?;
+        let after = pages::decode_time_id(BUILDS_LISTING, page_token)?;
         let id = crate::projects::resolve_id(principal, project_id)?;
         let project = crate::projects::load(&self.pool, principal, &id, Action::ViewBuild).await?;
-        let page_size = match page_size {
-            n if n <= 0 => 100,
-            n => n.min(1000),
-        };
-        let after = decode_page_token(page_token)?;
         let mut list = builds::list(&self.pool, &project.id, after, page_size + 1).await?;
         let next_page_token = if list.len() as i64 > page_size {
             list.truncate(page_size as usize);
             list.last()
-                .map(|b| encode_page_token(b.created_at, &b.id))
+                .map(|b| pages::encode_time_id(BUILDS_LISTING, b.created_at, &b.id))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -402,6 +411,9 @@ impl Builds {
     }
 }
 
+/// The page-token listing name of a project's builds.
+const BUILDS_LISTING: &str = "builds";
+
 /// The job kind of the periodic stale-build reaper.
 pub const REAP_JOB: &str = "builds.reap_stale";
 
@@ -450,55 +462,9 @@ pub struct BuildPage {
     pub next_page_token: String,
 }
 
-fn encode_page_token(created_at: DateTime<Utc>, id: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(format!("{}:{id}", created_at.timestamp_micros()))
-}
-
-fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, String)>> {
-    use base64::Engine;
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || {
-        Error::invalid(
-            "page_token",
-            "is not a token this server issued; start from the first page",
-        )
-    };
-    if token.len() > 200 {
-        return Err(bad());
-    }
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (micros, id) = text.split_once(':').ok_or_else(bad)?;
-    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
-    Ok(Some((at, id.to_string())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
-        use base64::Engine;
-        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
-        let token = encode_page_token(at, "abc");
-        assert_eq!(
-            decode_page_token(&token).unwrap(),
-            Some((at, "abc".to_string()))
-        );
-        assert_eq!(decode_page_token("").unwrap(), None);
-        assert!(decode_page_token("!!!").is_err());
-        assert!(
-            decode_page_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("nope"))
-                .is_err()
-        );
-    }
 
     #[test]
     fn saving_is_refused_until_there_is_a_registry() {

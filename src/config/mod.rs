@@ -156,6 +156,9 @@ pub struct BuildsConfig {
     pub connection_wait_seconds: u64,
     pub pending_wait_ms: u32,
     pub health_flush_millis: u64,
+    /// Step log lines kept per step and per build; later lines are dropped.
+    pub log_lines_per_step: i32,
+    pub log_lines_per_build: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -45,6 +45,11 @@ pub struct Build {
     pub cancels_at: DateTime<Utc>,
     pub last_health_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    pub shared: bool,
+    pub share_generation: i32,
+    pub total_steps: Option<i32>,
+    pub cached_steps: Option<i32>,
+    pub saved_seconds: Option<i32>,
 }
 
 impl Build {
@@ -55,7 +60,8 @@ impl Build {
 
 const COLUMNS: &str =
     "id, project_id, organization_id, state, command, options, created_by, created_at,
-    started_at, finished_at, cancels_at, last_health_at, error";
+    started_at, finished_at, cancels_at, last_health_at, error, shared, share_generation,
+    total_steps, cached_steps, saved_seconds";
 
 pub struct NewBuild<'a> {
     pub id: &'a str,
@@ -99,14 +105,20 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Build>>
 }
 
 /// Creates the platform's builder request if it does not exist yet (idempotent: the CLI
-/// asks for a connection repeatedly). Returns true when this call created it.
+/// asks for a connection repeatedly), or files it again if its builder was released
+/// (`ReleaseEndpoint`) while the build is still live. Returns true when this call filed it.
 pub async fn request_platform<'e>(
     db: impl PgExecutor<'e>,
     build_id: &str,
     platform: Platform,
 ) -> Result<bool> {
     Ok(sqlx::query(
-        "INSERT INTO build_platforms (build_id, platform) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        "INSERT INTO build_platforms (build_id, platform) VALUES ($1, $2)
+         ON CONFLICT (build_id, platform) DO UPDATE SET
+             state = 'pending', builder_id = NULL, requested_at = now(),
+             assigned_at = NULL, ready_at = NULL, released_at = NULL
+         WHERE build_platforms.state = 'released'
+           AND EXISTS (SELECT 1 FROM builds WHERE id = $1 AND state IN ('queued', 'running'))",
     )
     .bind(build_id)
     .bind(platform.as_str())
@@ -197,15 +209,35 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
     .rows_affected()
         > 0;
     if finished {
-        // Release the platforms and give their builders back: a builder with no builds
-        // left goes from assigned to ready (idle), an ephemeral one to draining (it served
-        // this build only). Builds waiting for a builder at its autoscaling cap wake.
+        release_platforms(&mut tx, id, None).await?;
         sqlx::query(
-            "WITH released AS (
-                 UPDATE build_platforms SET state = 'released', released_at = now()
-                 WHERE build_id = $1 AND state IN ('pending', 'assigned', 'ready')
-                 RETURNING builder_id),
-             counts AS (SELECT builder_id, count(*)::int AS n FROM released WHERE builder_id IS NOT NULL GROUP BY builder_id)
+            "SELECT pg_notify('kiln_scheduler', '')
+             WHERE EXISTS (SELECT 1 FROM build_platforms WHERE state = 'pending')",
+        )
+        .execute(&mut *tx)
+        .await?;
+        record_statistics(&mut tx, id).await?;
+    }
+    tx.commit().await?;
+    Ok(finished)
+}
+
+/// Releases a build's platforms (all, or one) and gives their builders back: a builder
+/// with no builds left goes from assigned to ready (idle), an ephemeral one to draining
+/// (it served this build only). Returns how many platforms were released.
+async fn release_platforms(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    build_id: &str,
+    platform: Option<Platform>,
+) -> Result<u64> {
+    let released = sqlx::query(
+        "WITH released AS (
+             UPDATE build_platforms SET state = 'released', released_at = now()
+             WHERE build_id = $1 AND ($2::text IS NULL OR platform = $2)
+               AND state IN ('pending', 'assigned', 'ready')
+             RETURNING builder_id),
+         counts AS (SELECT builder_id, count(*)::int AS n FROM released WHERE builder_id IS NOT NULL GROUP BY builder_id),
+         machines_done AS (
              UPDATE machines m SET
                  active_builds = GREATEST(m.active_builds - counts.n, 0),
                  last_released_at = now(),
@@ -213,11 +245,22 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
                                    AND m.active_builds - counts.n <= 0 THEN 'draining'
                               WHEN m.state = 'assigned' AND m.active_builds - counts.n <= 0 THEN 'ready'
                               ELSE m.state END
-             FROM counts WHERE m.id = counts.builder_id",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+             FROM counts WHERE m.id = counts.builder_id)
+         SELECT count(*) FROM released",
+    )
+    .bind(build_id)
+    .bind(platform.map(|p| p.as_str()))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(sqlx::Row::get::<i64, _>(&released, 0) as u64)
+}
+
+/// Releases one platform of a live build (`ReleaseEndpoint`): its builder goes back to
+/// the pool, and builds waiting for one wake. False if it held none.
+pub async fn release_platform(pool: &PgPool, build_id: &str, platform: Platform) -> Result<bool> {
+    let mut tx = pool.begin().await?;
+    let released = release_platforms(&mut tx, build_id, Some(platform)).await? > 0;
+    if released {
         sqlx::query(
             "SELECT pg_notify('kiln_scheduler', '')
              WHERE EXISTS (SELECT 1 FROM build_platforms WHERE state = 'pending')",
@@ -226,7 +269,53 @@ pub async fn finish(pool: &PgPool, id: &str, outcome: &Outcome) -> Result<bool> 
         .await?;
     }
     tx.commit().await?;
-    Ok(finished)
+    Ok(released)
+}
+
+/// A finished build's step counts and the time its cache hits saved (each cached step
+/// is worth what it took when it last ran uncached in the project), then its project's
+/// hourly usage and step timings: aggregates kept as builds finish, so listing builds
+/// and reading a month's usage never scan steps or builds.
+async fn record_statistics(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, id: &str) -> Result<()> {
+    sqlx::query(
+        "WITH s AS (
+             SELECT count(*)::int AS total,
+                    (count(*) FILTER (WHERE st.cached))::int AS cached,
+                    COALESCE(sum(t.seconds) FILTER (WHERE st.cached), 0)::int AS saved
+             FROM build_steps st
+             JOIN builds b ON b.id = st.build_id
+             LEFT JOIN step_timings t ON t.project_id = b.project_id AND t.digest = st.digest
+             WHERE st.build_id = $1),
+         b AS (
+             UPDATE builds SET total_steps = s.total, cached_steps = s.cached, saved_seconds = s.saved
+             FROM s WHERE builds.id = $1
+             RETURNING builds.project_id, builds.organization_id, builds.finished_at,
+                       GREATEST(EXTRACT(EPOCH FROM builds.finished_at
+                                - COALESCE(builds.started_at, builds.created_at)), 0)::bigint AS seconds,
+                       builds.saved_seconds)
+         INSERT INTO usage_hourly (project_id, organization_id, hour, build_count, build_seconds, saved_seconds)
+         SELECT project_id, organization_id, date_trunc('hour', finished_at, 'UTC'), 1, seconds, saved_seconds FROM b
+         ON CONFLICT (project_id, hour) DO UPDATE SET
+             build_count = usage_hourly.build_count + 1,
+             build_seconds = usage_hourly.build_seconds + EXCLUDED.build_seconds,
+             saved_seconds = usage_hourly.saved_seconds + EXCLUDED.saved_seconds",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO step_timings (project_id, digest, seconds)
+         SELECT b.project_id, st.digest,
+                GREATEST(EXTRACT(EPOCH FROM st.completed_at - st.started_at), 0)::int
+         FROM build_steps st JOIN builds b ON b.id = st.build_id
+         WHERE st.build_id = $1 AND NOT st.cached AND st.error IS NULL
+           AND st.started_at IS NOT NULL AND st.completed_at IS NOT NULL
+         ON CONFLICT (project_id, digest) DO UPDATE SET seconds = EXCLUDED.seconds, updated_at = now()",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Sets a build's cancel deadline to now, so the CLI's next health report cancels it.
@@ -316,7 +405,10 @@ pub async fn upsert_steps(pool: &PgPool, build_id: &str, steps: &[Step]) -> Resu
     let errors: Vec<Option<&str>> = steps.iter().map(|s| s.error.as_deref()).collect();
     sqlx::query(
         "INSERT INTO build_steps (build_id, digest, name, cached, started_at, completed_at, error)
-         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bool[], $5::timestamptz[], $6::timestamptz[], $7::text[])
+         SELECT $1, d, n, c, s, co, e
+         FROM UNNEST($2::text[], $3::text[], $4::bool[], $5::timestamptz[], $6::timestamptz[], $7::text[])
+              WITH ORDINALITY AS u(d, n, c, s, co, e, ord)
+         ORDER BY ord
          ON CONFLICT (build_id, digest) DO UPDATE SET
              name = CASE WHEN EXCLUDED.name <> '' THEN EXCLUDED.name ELSE build_steps.name END,
              cached = build_steps.cached OR EXCLUDED.cached,
@@ -364,4 +456,190 @@ pub async fn upsert_dockerfiles(
         .await?;
     }
     Ok(())
+}
+
+/// Marks a build shared (true) or not; stopping bumps the share generation so an earlier
+/// share URL never works again. The build after the change.
+pub async fn set_shared<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    shared: bool,
+) -> Result<Option<Build>> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE builds SET shared = $2,
+             share_generation = share_generation + CASE WHEN shared AND NOT $2 THEN 1 ELSE 0 END
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(shared)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Step counts of a build still running (finished builds carry theirs).
+pub async fn live_step_counts(pool: &PgPool, id: &str) -> Result<(i32, i32)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*)::int, (count(*) FILTER (WHERE cached))::int FROM build_steps WHERE build_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// A step with its order and whether it has logs.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StepRow {
+    pub position: i64,
+    pub digest: String,
+    pub name: String,
+    pub cached: bool,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub log_lines: i32,
+}
+
+/// A page of a build's steps in the order they were first reported, after `after`.
+pub async fn steps_page(
+    pool: &PgPool,
+    build_id: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<StepRow>> {
+    Ok(sqlx::query_as(
+        "SELECT position, digest, name, cached, started_at, completed_at, error, log_lines
+         FROM build_steps WHERE build_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+    )
+    .bind(build_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A log line of a step.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct LogLine {
+    pub seq: i32,
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+/// A page of a step's log lines, after line `after`.
+pub async fn step_logs(
+    pool: &PgPool,
+    build_id: &str,
+    digest: &str,
+    after: i32,
+    limit: i64,
+) -> Result<Vec<LogLine>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, at, message FROM build_step_logs
+         WHERE build_id = $1 AND digest = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+    )
+    .bind(build_id)
+    .bind(digest)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A log line as the CLI reports it.
+#[derive(Debug, Clone)]
+pub struct NewLogLine {
+    pub digest: String,
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+/// Appends log lines, keeping at most `per_step` lines per step and `per_build` per build
+/// (later lines are dropped, and counted). Steps not yet reported get a row so their logs
+/// can be read. Returns how many lines were stored.
+pub async fn append_logs(
+    pool: &PgPool,
+    build_id: &str,
+    lines: &[NewLogLine],
+    per_step: i32,
+    per_build: i32,
+) -> Result<usize> {
+    if lines.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    let Some(build_lines): Option<i32> =
+        sqlx::query_scalar("SELECT log_lines FROM builds WHERE id = $1 FOR UPDATE")
+            .bind(build_id)
+            .fetch_optional(&mut *tx)
+            .await?
+    else {
+        return Ok(0);
+    };
+    let mut digests: Vec<&str> = lines.iter().map(|l| l.digest.as_str()).collect();
+    digests.sort_unstable();
+    digests.dedup();
+    sqlx::query(
+        "INSERT INTO build_steps (build_id, digest, name) SELECT $1, d, '' FROM UNNEST($2::text[]) d
+         ON CONFLICT (build_id, digest) DO NOTHING",
+    )
+    .bind(build_id)
+    .bind(&digests)
+    .execute(&mut *tx)
+    .await?;
+    let counts: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT digest, log_lines FROM build_steps WHERE build_id = $1 AND digest = ANY($2)",
+    )
+    .bind(build_id)
+    .bind(&digests)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut next: std::collections::HashMap<String, i32> = counts.into_iter().collect();
+    let mut room = (per_build - build_lines).max(0);
+    let (mut keep_digest, mut keep_seq, mut keep_at, mut keep_msg) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for line in lines {
+        let count = next.entry(line.digest.clone()).or_insert(0);
+        if room == 0 || *count >= per_step {
+            continue;
+        }
+        *count += 1;
+        room -= 1;
+        keep_digest.push(line.digest.as_str());
+        keep_seq.push(*count);
+        keep_at.push(line.at);
+        keep_msg.push(line.message.as_str());
+    }
+    if keep_seq.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query(
+        "INSERT INTO build_step_logs (build_id, digest, seq, at, message)
+         SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::timestamptz[], $5::text[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(build_id)
+    .bind(&keep_digest)
+    .bind(&keep_seq)
+    .bind(&keep_at)
+    .bind(&keep_msg)
+    .execute(&mut *tx)
+    .await?;
+    let stepped: Vec<&str> = next.keys().map(String::as_str).collect();
+    let totals: Vec<i32> = stepped.iter().map(|d| next[*d]).collect();
+    sqlx::query(
+        "UPDATE build_steps s SET log_lines = t.n FROM UNNEST($2::text[], $3::int[]) AS t(d, n)
+         WHERE s.build_id = $1 AND s.digest = t.d",
+    )
+    .bind(build_id)
+    .bind(&stepped)
+    .bind(&totals)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE builds SET log_lines = log_lines + $2 WHERE id = $1")
+        .bind(build_id)
+        .bind(keep_seq.len() as i32)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(keep_seq.len())
 }

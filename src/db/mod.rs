@@ -12,6 +12,7 @@ pub mod orgs;
 pub mod projects;
 pub mod tokens;
 pub mod trust_policies;
+pub mod usage;
 pub mod volumes;
 
 use std::str::FromStr;

@@ -1,4 +1,7 @@
-//! Server-rendered pages. Today: the approval page of `depot login` (`/login/<user code>`).
+//! Server-rendered pages. Today: the approval page of `depot login` (`/login/<user code>`)
+//! and shared builds (`/shared/builds/<build>/<token>`).
+
+mod shared;
 
 use axum::Form;
 use axum::Router;
@@ -13,7 +16,9 @@ use crate::auth::login;
 use crate::error::Error;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/login/{code}", get(login_page).post(login_decide))
+    Router::new()
+        .route("/login/{code}", get(login_page).post(login_decide))
+        .route("/shared/builds/{build}/{token}", get(shared::shared_build))
 }
 
 /// Escapes text for HTML element and attribute content.

@@ -243,7 +243,7 @@ async fn list_project_builds(
             &principal,
             Some(&id),
             q.page_token.as_deref().unwrap_or_default(),
-            q.limit.unwrap_or(50).clamp(1, 500),
+            Some(q.limit.unwrap_or(50)),
         )
         .await?;
     Ok(axum::Json(

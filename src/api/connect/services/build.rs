@@ -5,8 +5,8 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
 use crate::api::connect::convert::{
-    build_options_json, platform as platform_from_wire, steps_from_statuses, timestamp,
-    to_timestamp,
+    build_options_json, logs_from_statuses, platform as platform_from_wire, steps_from_statuses,
+    timestamp, to_timestamp,
 };
 use crate::api::connect::{Call, ConnectRouter, client_stream, unary};
 use crate::builds::BuildSpec;
@@ -190,13 +190,16 @@ async fn report_status(
     req: pb::ReportStatusRequest,
 ) -> Result<pb::ReportStatusResponse> {
     let principal = call.principal().await?;
-    call.app
-        .builds
+    let builds = &call.app.builds;
+    builds
         .record_steps(
             &principal,
             &req.build_id,
             steps_from_statuses(&req.statuses),
         )
+        .await?;
+    builds
+        .record_logs(&principal, &req.build_id, logs_from_statuses(&req.statuses))
         .await?;
     Ok(pb::ReportStatusResponse {})
 }
@@ -219,12 +222,19 @@ async fn report_status_stream(
                 "one stream reports on one build",
             ));
         }
-        call.app
-            .builds
+        let builds = &call.app.builds;
+        builds
             .record_steps(
                 &principal,
                 &message.build_id,
                 steps_from_statuses(&message.statuses),
+            )
+            .await?;
+        builds
+            .record_logs(
+                &principal,
+                &message.build_id,
+                logs_from_statuses(&message.statuses),
             )
             .await?;
         stream_build = Some(message.build_id);
@@ -301,7 +311,7 @@ async fn list_builds(call: Call, req: pb::ListBuildsRequest) -> Result<pb::ListB
             &principal,
             given(Some(&req.project_id)),
             &req.page_token,
-            i64::from(req.page_size),
+            Some(i64::from(req.page_size)),
         )
         .await?;
     Ok(pb::ListBuildsResponse {

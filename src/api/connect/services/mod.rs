@@ -1,8 +1,13 @@
-//! The Connect services the depot CLI calls, mapped onto the domain.
+//! The Connect services the depot CLI and the public API's clients call, mapped onto
+//! the domain.
 
 pub mod build;
+pub mod build_api;
+pub mod buildkit;
+pub mod core_builds;
 pub mod login;
 pub mod projects;
+pub mod usage;
 
 use super::ConnectRouter;
 
@@ -12,5 +17,9 @@ pub fn router() -> ConnectRouter {
     projects::register(&mut router);
     login::register(&mut router);
     build::register(&mut router);
+    build_api::register(&mut router);
+    buildkit::register(&mut router);
+    core_builds::register(&mut router);
+    usage::register(&mut router);
     router
 }
