@@ -16,6 +16,10 @@ ALTER TABLE builds
     -- Log lines stored for the build (bounded).
     ADD COLUMN log_lines integer NOT NULL DEFAULT 0;
 
+-- A project's settings version, bumped by every settings change: the REST API's ETag,
+-- so two people editing one project at once don't overwrite each other (If-Match).
+ALTER TABLE projects ADD COLUMN version bigint NOT NULL DEFAULT 1;
+
 -- Steps keep the order they were first reported in (a stable page order).
 ALTER TABLE build_steps
     ADD COLUMN position bigint GENERATED ALWAYS AS IDENTITY,

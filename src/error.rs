@@ -79,6 +79,9 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// An `If-Match` that no longer matches: HTTP 412, `failed_precondition` elsewhere.
+    #[error("{0}")]
+    PreconditionFailed(String),
     #[error("{0}")]
     ResourceExhausted(String),
     #[error("request body is larger than the limit of {limit} bytes; send a smaller body")]
@@ -121,7 +124,7 @@ impl Error {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::PreconditionFailed(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) | Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -141,6 +144,7 @@ impl Error {
     pub fn http_status(&self) -> StatusCode {
         match self {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             other => other.code().http_status(),
         }
     }

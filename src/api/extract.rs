@@ -60,3 +60,17 @@ fn map_json_rejection(rejection: JsonRejection, limit: usize) -> Error {
         other => Error::invalid("body", other.body_text()),
     }
 }
+
+/// Query string whose rejections are Kiln errors (400 naming the problem).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequestParts<AppState> for ApiQuery<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(Error::invalid("query", rejection.body_text())),
+        }
+    }
+}

@@ -25,11 +25,13 @@ pub struct Project {
     pub autoscaling_max_builders: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Bumped by every settings change (the REST API's ETag).
+    pub version: i64,
 }
 
 const COLUMNS: &str = "id, organization_id, name, region, cache_size_gb_amd64, cache_size_gb_arm64,
     cache_retention_days, build_timeout_minutes, builder_size, autoscaling_enabled,
-    autoscaling_builds_per_builder, autoscaling_max_builders, created_at, updated_at";
+    autoscaling_builds_per_builder, autoscaling_max_builders, created_at, updated_at, version";
 
 /// Settings a caller may set on create or change on update. `None` keeps the current
 /// value (or the default on create). Validated by the domain (`crate::projects`).
@@ -108,7 +110,7 @@ pub async fn update<'e>(
              autoscaling_enabled = COALESCE($9, autoscaling_enabled),
              autoscaling_builds_per_builder = COALESCE($10, autoscaling_builds_per_builder),
              autoscaling_max_builders = COALESCE($11, autoscaling_max_builders),
-             updated_at = now()
+             updated_at = now(), version = version + 1
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)

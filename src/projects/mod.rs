@@ -289,11 +289,34 @@ impl Projects {
         &self,
         principal: &Principal,
         id: Option<&str>,
+        settings: ProjectSettings,
+    ) -> Result<Updated> {
+        self.update_if_unchanged(principal, id, settings, None)
+            .await
+    }
+
+    /// Changes settings only if the project is still at one of `expected_versions` (the
+    /// versions the caller read, from ETags): a concurrent edit makes this
+    /// `PreconditionFailed` and changes nothing. `None` updates unconditionally.
+    pub async fn update_if_unchanged(
+        &self,
+        principal: &Principal,
+        id: Option<&str>,
         mut settings: ProjectSettings,
+        expected_versions: Option<&[i64]>,
     ) -> Result<Updated> {
         let id = resolve_id(principal, id)?;
         let mut tx = self.pool.begin().await?;
         let before = load_for_update(&mut *tx, principal, &id, Action::UpdateProject).await?;
+        if let Some(expected) = expected_versions
+            && !expected.contains(&before.version)
+        {
+            return Err(Error::PreconditionFailed(format!(
+                "project {:?} changed since you read it (its ETag is now \"v{}\"); read it \
+                 again and reapply your change",
+                before.id, before.version
+            )));
+        }
         self.validate(&mut settings)?;
         let after = rows::update(&mut *tx, &before.id, &settings)
             .await?

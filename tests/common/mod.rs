@@ -202,7 +202,10 @@ pub fn app_with(db: &TestDb, overrides: &[(&str, &str)]) -> AppState {
 
 /// An in-process app on the test database, marked migrated.
 pub fn app(db: &TestDb) -> AppState {
-    let app = App::new(config(&db.url, &[]), db.pool.clone());
+    let app = App::new(
+        config(&db.url, &[("KILN_SECRETS__KEY_ENCRYPTION_KEY", KEK_B64)]),
+        db.pool.clone(),
+    );
     app.mark_migrated();
     app
 }

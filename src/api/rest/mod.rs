@@ -3,18 +3,24 @@
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::extract::{ApiJson, Auth};
+use crate::api::extract::{ApiJson, ApiQuery, Auth};
 use crate::app::AppState;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::projects::ProjectSettings;
+
+mod builds;
+mod usage;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .merge(builds::routes())
+        .merge(usage::routes())
         .route("/me", get(me))
         .route("/organizations", get(list_organizations))
         .route("/organizations/{id}/audit-events", get(list_audit_events))
@@ -38,7 +44,10 @@ pub fn routes() -> Router<AppState> {
             "/projects/{id}/trust-policies/{policy_id}",
             delete(remove_trust_policy),
         )
-        .route("/projects/{id}/builds", get(list_project_builds))
+        .route(
+            "/projects/{id}/builds",
+            get(list_project_builds).post(builds::create_build),
+        )
         .route("/projects/{id}/cache", get(get_project_cache))
         .route(
             "/projects/{id}/cache/reset",
@@ -118,24 +127,67 @@ async fn create_project(
     ))
 }
 
+/// A project's ETag: its settings version (strong; changes with every settings change).
+fn project_etag(project: &crate::db::projects::Project) -> [(HeaderName, String); 1] {
+    [(header::ETAG, format!("\"v{}\"", project.version))]
+}
+
+/// The versions an `If-Match` header names: `None` without the header or for `*`. An
+/// entry that is not one of our ETags (weak ones included: If-Match compares strongly)
+/// matches nothing.
+fn if_match_versions(headers: &HeaderMap) -> Result<Option<Vec<i64>>> {
+    let mut versions = Vec::new();
+    let mut present = false;
+    for value in headers.get_all(header::IF_MATCH) {
+        present = true;
+        let text = value
+            .to_str()
+            .map_err(|_| Error::invalid("If-Match", "is not ASCII"))?;
+        for tag in text.split(',').map(str::trim) {
+            if tag == "*" {
+                return Ok(None);
+            }
+            if let Some(v) = tag
+                .strip_prefix("\"v")
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(|t| t.parse::<i64>().ok())
+            {
+                versions.push(v);
+            }
+        }
+    }
+    Ok(present.then_some(versions))
+}
+
 async fn get_project(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-) -> Result<Json> {
+) -> Result<impl IntoResponse> {
     let project = app.projects.get(&principal, Some(&id)).await?;
-    Ok(axum::Json(json!({ "project": project })))
+    Ok((
+        project_etag(&project),
+        axum::Json(json!({ "project": project })),
+    ))
 }
 
+/// Changes settings. With `If-Match: <ETag of a GET>`, only if nobody changed the
+/// project since (412 otherwise, and nothing changes).
 async fn update_project(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ApiJson(settings): ApiJson<ProjectSettings>,
-) -> Result<Json> {
-    let updated = app.projects.update(&principal, Some(&id), settings).await?;
-    Ok(axum::Json(
-        json!({ "project": updated.project, "notices": updated.notices }),
+) -> Result<impl IntoResponse> {
+    let expected = if_match_versions(&headers)?;
+    let updated = app
+        .projects
+        .update_if_unchanged(&principal, Some(&id), settings, expected.as_deref())
+        .await?;
+    Ok((
+        project_etag(&updated.project),
+        axum::Json(json!({ "project": updated.project, "notices": updated.notices })),
     ))
 }
 
@@ -225,17 +277,11 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-struct BuildListQuery {
-    limit: Option<i64>,
-    page_token: Option<String>,
-}
-
 async fn list_project_builds(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    Query(q): Query<BuildListQuery>,
+    ApiQuery(q): ApiQuery<builds::PageQuery>,
 ) -> Result<Json> {
     let page = app
         .builds
@@ -243,7 +289,7 @@ async fn list_project_builds(
             &principal,
             Some(&id),
             q.page_token.as_deref().unwrap_or_default(),
-            Some(q.limit.unwrap_or(50)),
+            q.page_size,
         )
         .await?;
     Ok(axum::Json(
