@@ -2,7 +2,8 @@
 # Runs every test of the workspace. Installs what the tests need (PostgreSQL's server
 # binaries, Debian's Ceph, the pinned depot CLI from npm, moto from PyPI into a venv,
 # PyJWT/authlib from PyPI and jose from npm as third-party token verifiers, the official
-# Node SDK of the Depot API from npm),
+# Node SDK of the Depot API from npm, schemathesis from PyPI for the REST API's OpenAPI
+# document),
 # starts a throwaway PostgreSQL cluster, a single-node Ceph cluster and a moto_server for
 # them, runs the whole suite, and cleans up.
 #   bash scripts/test.sh            # all tests
@@ -15,6 +16,7 @@ source scripts/lib/moto.sh
 source scripts/lib/ceph.sh
 source scripts/lib/oidc-verifiers.sh
 source scripts/lib/depot-sdk.sh
+source scripts/lib/schemathesis.sh
 
 cleanup() {
   stop_moto
@@ -28,6 +30,7 @@ ensure_depot_cli
 ensure_moto
 ensure_oidc_verifiers
 ensure_depot_sdk
+ensure_schemathesis
 start_throwaway_postgres
 trap cleanup EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"

@@ -192,7 +192,7 @@ impl From<sqlx::Error> for Error {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody<'a> {
     pub code: &'a str,
     pub message: String,

@@ -294,7 +294,17 @@ pub async fn run(config: Config, args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Audit(AuditCommand::List { org, limit }) => {
-            out.rows(&app.orgs.audit_events(&me, org.as_deref(), limit).await?);
+            let page = app
+                .orgs
+                .audit_events(
+                    &me,
+                    org.as_deref(),
+                    &crate::db::audit::AuditFilter::default(),
+                    "",
+                    Some(limit),
+                )
+                .await?;
+            out.rows(&page.events);
             Ok(())
         }
     };

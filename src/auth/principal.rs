@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::token::{Scope, Scopes, TokenKind};
 use crate::db::audit::AuditEvent;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Owner,
@@ -57,7 +57,7 @@ pub enum CiTrust {
 }
 
 /// What a CI token was verified to be, and which projects trust it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CiGrant {
     pub issuer: String,
     pub subject: String,
@@ -65,7 +65,7 @@ pub struct CiGrant {
     pub projects: Vec<TrustedProject>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TrustedProject {
     pub project_id: String,
     pub organization_id: String,
@@ -100,16 +100,17 @@ impl Serialize for PrincipalKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Membership {
     pub organization_id: String,
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Principal {
     /// The token's id; for an operator, their login name.
     pub token_id: String,
+    #[schema(value_type = String)]
     pub kind: PrincipalKind,
     pub user_id: Option<String>,
     /// Set for organization, project, pull and build tokens.
@@ -119,11 +120,13 @@ pub struct Principal {
     pub build_id: Option<String>,
     pub machine_id: Option<String>,
     #[serde(serialize_with = "serialize_scopes")]
+    #[schema(value_type = Vec<String>)]
     pub scopes: Scopes,
     /// For user tokens: the organizations the user belongs to.
     pub memberships: Vec<Membership>,
     pub expires_at: Option<DateTime<Utc>>,
     /// For CI principals: the verified identity and the projects that trust it.
+    #[schema(value_type = Option<CiGrant>)]
     pub ci: Option<Arc<CiGrant>>,
 }
 

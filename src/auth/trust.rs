@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 /// Which CI identity a policy trusts, by provider. On the JSON API it is flat:
 /// `{"provider": "github", "repository_owner": …, "repository": …}`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(tag = "provider", deny_unknown_fields)]
 pub enum TrustProvider {
     /// `repository` is the name without its owner. `repository_id` empty: any repository
@@ -40,7 +40,7 @@ pub enum TrustProvider {
 }
 
 /// The CI identity a verified token states.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(tag = "provider", rename_all = "lowercase")]
 pub enum CiIdentity {
     GitHub {

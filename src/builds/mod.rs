@@ -448,7 +448,7 @@ impl BuildSpec {
 }
 
 /// A build with its platforms and steps.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct BuildDetails {
     pub build: Build,
     pub platforms: Vec<BuildPlatform>,

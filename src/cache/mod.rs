@@ -66,7 +66,7 @@ pub struct CacheReset {
 }
 
 /// A volume as callers see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VolumeView {
     #[serde(flatten)]
     pub volume: Volume,

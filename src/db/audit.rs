@@ -71,7 +71,7 @@ pub async fn record<'e>(db: impl PgExecutor<'e>, event: AuditEvent) -> Result<()
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub id: i64,
     pub occurred_at: DateTime<Utc>,
@@ -81,21 +81,55 @@ pub struct AuditRecord {
     pub action: String,
     pub target_kind: Option<String>,
     pub target_id: Option<String>,
+    #[schema(value_type = Object)]
     pub details: serde_json::Value,
 }
 
-pub async fn list(
+/// Which audit events to list; `None` fields match anything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub action: Option<String>,
+    pub target_kind: Option<String>,
+    pub target_id: Option<String>,
+    pub actor_id: Option<String>,
+    /// At or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Before.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// A page of an organization's events (or every event: `None`), newest first, after the
+/// (occurred_at, id) cursor.
+pub async fn list_page(
     pool: &PgPool,
     organization_id: Option<&str>,
+    filter: &AuditFilter,
+    after: Option<(DateTime<Utc>, i64)>,
     limit: i64,
 ) -> Result<Vec<AuditRecord>> {
     Ok(sqlx::query_as(
         "SELECT id, occurred_at, organization_id, actor_kind, actor_id, action, target_kind, target_id, details
-         FROM audit_events WHERE ($1::text IS NULL OR organization_id = $1)
-         ORDER BY occurred_at DESC, id DESC LIMIT $2",
+         FROM audit_events
+         WHERE ($1::text IS NULL OR organization_id = $1)
+           AND ($2::text IS NULL OR action = $2)
+           AND ($3::text IS NULL OR target_kind = $3)
+           AND ($4::text IS NULL OR target_id = $4)
+           AND ($5::text IS NULL OR actor_id = $5)
+           AND ($6::timestamptz IS NULL OR occurred_at >= $6)
+           AND ($7::timestamptz IS NULL OR occurred_at < $7)
+           AND ($8::timestamptz IS NULL OR (occurred_at, id) < ($8, $9))
+         ORDER BY occurred_at DESC, id DESC LIMIT $10",
     )
     .bind(organization_id)
-    .bind(limit.clamp(1, 1000))
+    .bind(&filter.action)
+    .bind(&filter.target_kind)
+    .bind(&filter.target_id)
+    .bind(&filter.actor_id)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(after.as_ref().map(|a| a.0))
+    .bind(after.as_ref().map_or(0, |a| a.1))
+    .bind(limit)
     .fetch_all(pool)
     .await?)
 }

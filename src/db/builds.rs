@@ -30,13 +30,15 @@ impl Platform {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Build {
     pub id: String,
     pub project_id: String,
     pub organization_id: String,
     pub state: String,
     pub command: String,
+    /// The targets' options as the client sent them.
+    #[schema(value_type = Vec<Object>)]
     pub options: serde_json::Value,
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -145,7 +147,7 @@ pub async fn ready_endpoint(
     .await?)
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct BuildPlatform {
     pub build_id: String,
     pub platform: String,
@@ -382,7 +384,7 @@ pub async fn list(
     .await?)
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Step {
     pub digest: String,
     pub name: String,
@@ -487,7 +489,7 @@ pub async fn live_step_counts(pool: &PgPool, id: &str) -> Result<(i32, i32)> {
 }
 
 /// A step with its order and whether it has logs.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StepRow {
     pub position: i64,
     pub digest: String,
@@ -518,7 +520,7 @@ pub async fn steps_page(
 }
 
 /// A log line of a step.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct LogLine {
     pub seq: i32,
     pub at: DateTime<Utc>,

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use crate::error::Result;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct MachineInfo {
     pub id: String,
     pub provider: String,

@@ -7,7 +7,7 @@ use sqlx::{PgExecutor, PgPool};
 use crate::db::ids::new_id;
 use crate::error::{ConstraintExt, Error, Result};
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Organization {
     pub id: String,
     pub name: String,

@@ -9,7 +9,7 @@ use crate::error::{ConstraintExt, Error, Result};
 
 pub const DEFAULT_CACHE_SIZE_GB: i32 = 50;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Project {
     pub id: String,
     pub organization_id: String,
@@ -35,7 +35,7 @@ const COLUMNS: &str = "id, organization_id, name, region, cache_size_gb_amd64, c
 
 /// Settings a caller may set on create or change on update. `None` keeps the current
 /// value (or the default on create). Validated by the domain (`crate::projects`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectSettings {
     pub name: Option<String>,

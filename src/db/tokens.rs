@@ -55,7 +55,7 @@ pub struct TokenRow {
     pub created_by: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub kind: String,

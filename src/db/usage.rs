@@ -9,7 +9,7 @@ use crate::db::projects::ProjectFilter;
 use crate::error::Result;
 
 /// A project's usage over a range.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ProjectUsage {
     pub project_id: String,
     pub project_name: String,

@@ -8,7 +8,7 @@ use sqlx::{PgExecutor, PgPool};
 use crate::cache::ImageRef;
 use crate::error::Result;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Volume {
     pub id: String,
     pub kind: String,

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 
 use crate::auth::authz::{self, Action, Target, Visible};
 use crate::auth::{Authenticator, INVALIDATE_ALL, INVALIDATION_CHANNEL, Principal, Role};
-use crate::db::audit::{self, AuditRecord};
+use crate::db::audit::{self, AuditFilter, AuditRecord};
 use crate::db::ids::is_well_formed;
 use crate::db::notify;
 use crate::db::orgs::{self as rows, Member, Organization, User};
@@ -277,14 +277,31 @@ impl Orgs {
         rows::list_members(&self.pool, organization_id).await
     }
 
-    /// Recent audit events of one organization (its owners), or of the whole
-    /// installation (operators).
+    /// Audit events of one organization (its owners), or of the whole installation
+    /// (operators), newest first, filtered, in pages.
     pub async fn audit_events(
         &self,
         principal: &Principal,
         organization_id: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<AuditRecord>> {
+        filter: &AuditFilter,
+        page_token: &str,
+        page_size: Option<i64>,
+    ) -> Result<AuditPage> {
+        let size = crate::pages::page_size(page_size, 100)?;
+        let after = match crate::pages::decode_time_id(AUDIT_LISTING, page_token)? {
+            None => None,
+            Some((at, id)) => Some((
+                at,
+                id.parse::<i64>().map_err(|_| {
+                    Error::invalid("page_token", "is not a page token of this listing")
+                })?,
+            )),
+        };
+        if let (Some(since), Some(until)) = (filter.since, filter.until)
+            && since >= until
+        {
+            return Err(Error::invalid("since", "must be before until"));
+        }
         match organization_id {
             Some(id) => {
                 if !is_well_formed(id) {
@@ -297,6 +314,31 @@ impl Orgs {
             }
             None => operate(principal)?,
         }
-        audit::list(&self.pool, organization_id, limit).await
+        let mut events =
+            audit::list_page(&self.pool, organization_id, filter, after, size + 1).await?;
+        let next_page_token = if events.len() as i64 > size {
+            events.truncate(size as usize);
+            events
+                .last()
+                .map(|e| {
+                    crate::pages::encode_time_id(AUDIT_LISTING, e.occurred_at, &e.id.to_string())
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(AuditPage {
+            events,
+            next_page_token,
+        })
     }
+}
+
+const AUDIT_LISTING: &str = "audit-events";
+
+/// A page of audit events and the token of the next (empty on the last page).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    pub events: Vec<AuditRecord>,
+    pub next_page_token: String,
 }

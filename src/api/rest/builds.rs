@@ -1,61 +1,124 @@
-//! Builds over REST: create one without a CLI, finish it, its steps and step logs in
-//! pages, and share links. The same domain calls as `depot.build.v1.BuildService` and
+//! Builds over REST: a project's builds in pages, one build with its platforms and steps,
+//! cancel, create one without a CLI and finish it, its steps and step logs in pages, and
+//! share links. The same domain calls as `depot.build.v1.BuildService` and
 //! `depot.core.v1.BuildService`.
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::PageQuery;
 use crate::api::extract::{ApiJson, ApiQuery, Auth};
 use crate::app::AppState;
-use crate::builds::BuildSpec;
-use crate::db::builds::Outcome;
-use crate::error::{Error, Result};
+use crate::builds::{BuildDetails, BuildSpec};
+use crate::db::builds::{Build, LogLine, Outcome, StepRow};
+use crate::error::{Error, ErrorBody, Result};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/builds/{id}/finish", post(finish_build))
-        .route("/builds/{id}/steps", get(list_steps))
-        .route("/builds/{id}/steps/{digest}/logs", get(list_step_logs))
-        .route(
-            "/builds/{id}/share",
-            post(share_build).delete(stop_sharing_build),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_project_builds, create_build))
+        .routes(routes!(get_build))
+        .routes(routes!(cancel_build))
+        .routes(routes!(finish_build))
+        .routes(routes!(list_steps))
+        .routes(routes!(list_step_logs))
+        .routes(routes!(share_build, stop_sharing_build))
 }
 
-type Json = axum::Json<Value>;
+type Json<T> = axum::Json<T>;
 
-/// Page parameters every listing takes.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    pub page_size: Option<i64>,
-    pub page_token: Option<String>,
+#[derive(Serialize, ToSchema)]
+struct BuildPage {
+    builds: Vec<Build>,
+    next_page_token: String,
 }
 
-/// `POST /projects/{id}/builds` (routed with the listing in `super`).
-pub(super) async fn create_build(
+/// A project's builds, newest first.
+#[utoipa::path(get, path = "/projects/{id}/builds", tag = "builds",
+    params(("id" = String, Path, description = "Project id"), PageQuery),
+    responses((status = 200, body = BuildPage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn list_project_builds(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<BuildPage>> {
+    let page = app
+        .builds
+        .list(&principal, Some(&id), q.token(), q.page_size)
+        .await?;
+    Ok(axum::Json(BuildPage {
+        builds: page.builds,
+        next_page_token: page.next_page_token,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct CreatedBuild {
+    build: Build,
+    /// A token for this build only: connect a BuildKit client through
+    /// `depot.buildkit.v1.BuildKitService`, then finish the build with it.
+    build_token: String,
+}
+
+/// Starts a build with no CLI attached, for clients that drive BuildKit themselves.
+#[utoipa::path(post, path = "/projects/{id}/builds", tag = "builds",
+    params(("id" = String, Path, description = "Project id")),
+    responses((status = 201, body = CreatedBuild), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn create_build(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(project): Path<String>,
-) -> Result<(StatusCode, Json)> {
+) -> Result<(StatusCode, Json<CreatedBuild>)> {
     let spec = BuildSpec {
         command: "build".into(),
         options: json!([]),
         save: false,
         ephemeral_cache: false,
     };
-    let (build, token, _) = app.builds.create(&principal, Some(&project), spec).await?;
+    let (build, build_token, _) = app.builds.create(&principal, Some(&project), spec).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "build": build, "build_token": token })),
+        axum::Json(CreatedBuild { build, build_token }),
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// A build with its platforms and steps: the build insights.
+#[utoipa::path(get, path = "/builds/{id}", tag = "builds",
+    params(("id" = String, Path, description = "Build id")),
+    responses((status = 200, body = BuildDetails), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn get_build(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<BuildDetails>> {
+    Ok(axum::Json(app.builds.details(&principal, &id).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+struct Canceled {
+    /// False if the build had already finished.
+    canceled: bool,
+}
+
+/// Cancels a running build: the CLI stops it at its next health report (within ~5 s).
+#[utoipa::path(post, path = "/builds/{id}/cancel", tag = "builds",
+    params(("id" = String, Path, description = "Build id")),
+    responses((status = 200, body = Canceled), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn cancel_build(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Canceled>> {
+    let canceled = app.builds.cancel(&principal, &id).await?;
+    Ok(axum::Json(Canceled { canceled }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 enum FinishStatus {
     Success,
@@ -63,13 +126,18 @@ enum FinishStatus {
     Canceled,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct FinishBody {
     status: FinishStatus,
+    /// Why a failed build failed.
     error: Option<String>,
 }
 
+/// Records a build's outcome (the first outcome wins) and releases its builders.
+#[utoipa::path(post, path = "/builds/{id}/finish", tag = "builds",
+    params(("id" = String, Path, description = "Build id")), request_body = FinishBody,
+    responses((status = 204), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn finish_build(
     State(app): State<AppState>,
     Auth(principal): Auth,
@@ -92,62 +160,83 @@ async fn finish_build(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Serialize, ToSchema)]
+struct StepPage {
+    steps: Vec<StepRow>,
+    next_page_token: String,
+}
+
+/// A build's steps, in the order BuildKit first reported them.
+#[utoipa::path(get, path = "/builds/{id}/steps", tag = "builds",
+    params(("id" = String, Path, description = "Build id"), PageQuery),
+    responses((status = 200, body = StepPage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn list_steps(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> Result<Json> {
+) -> Result<Json<StepPage>> {
     let page = app
         .builds
-        .steps_page(
-            &principal,
-            None,
-            &id,
-            q.page_token.as_deref().unwrap_or_default(),
-            q.page_size,
-        )
+        .steps_page(&principal, None, &id, q.token(), q.page_size)
         .await?;
-    Ok(axum::Json(json!({
-        "steps": page.steps,
-        "next_page_token": page.next_page_token.unwrap_or_default(),
-    })))
+    Ok(axum::Json(StepPage {
+        steps: page.steps,
+        next_page_token: page.next_page_token.unwrap_or_default(),
+    }))
 }
 
+#[derive(Serialize, ToSchema)]
+struct LogPage {
+    lines: Vec<LogLine>,
+    next_page_token: String,
+}
+
+/// One step's log lines, oldest first.
+#[utoipa::path(get, path = "/builds/{id}/steps/{digest}/logs", tag = "builds",
+    params(("id" = String, Path, description = "Build id"), ("digest" = String, Path, description = "Step digest"), PageQuery),
+    responses((status = 200, body = LogPage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn list_step_logs(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path((id, digest)): Path<(String, String)>,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> Result<Json> {
+) -> Result<Json<LogPage>> {
     let page = app
         .builds
-        .step_logs(
-            &principal,
-            None,
-            &id,
-            &digest,
-            q.page_token.as_deref().unwrap_or_default(),
-            q.page_size,
-        )
+        .step_logs(&principal, None, &id, &digest, q.token(), q.page_size)
         .await?;
-    Ok(axum::Json(json!({
-        "lines": page.lines,
-        "next_page_token": page.next_page_token.unwrap_or_default(),
-    })))
+    Ok(axum::Json(LogPage {
+        lines: page.lines,
+        next_page_token: page.next_page_token.unwrap_or_default(),
+    }))
 }
 
+#[derive(Serialize, ToSchema)]
+struct Shared {
+    /// Readable by anyone with the link, without signing in, until sharing stops.
+    share_url: String,
+}
+
+/// Shares a build: the same link each time until sharing stops.
+#[utoipa::path(post, path = "/builds/{id}/share", tag = "builds",
+    params(("id" = String, Path, description = "Build id")),
+    responses((status = 200, body = Shared), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn share_build(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-) -> Result<Json> {
+) -> Result<Json<Shared>> {
     let path = app.builds.share(&principal, &id).await?;
-    Ok(axum::Json(
-        json!({ "share_url": app.config.public_link(&path) }),
-    ))
+    Ok(axum::Json(Shared {
+        share_url: app.config.public_link(&path),
+    }))
 }
 
+/// Stops sharing a build: its link stops working for good.
+#[utoipa::path(delete, path = "/builds/{id}/share", tag = "builds",
+    params(("id" = String, Path, description = "Build id")),
+    responses((status = 204), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn stop_sharing_build(
     State(app): State<AppState>,
     Auth(principal): Auth,

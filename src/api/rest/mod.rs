@@ -1,366 +1,127 @@
 //! The JSON API under `/api/v1`, used by the dashboard and by scripts. Translation only:
 //! each handler maps the request onto one domain call and the answer to JSON.
-
-use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::{delete, get};
-use serde::Deserialize;
-use serde_json::{Value, json};
-
-use crate::api::extract::{ApiJson, ApiQuery, Auth};
-use crate::app::AppState;
-use crate::error::{Error, Result};
-use crate::projects::ProjectSettings;
+//!
+//! Handlers are registered through `utoipa_axum::routes!`, which also collects their
+//! `#[utoipa::path]` descriptions: the OpenAPI 3.1 document at `/api/v1/openapi.json` is
+//! generated from the handlers that serve, so it cannot drift from them. Every listing
+//! pages the same way (`page_size`, `page_token` → `next_page_token`, empty on the last
+//! page) and every error is an [`ErrorBody`].
 
 mod builds;
+mod orgs;
+mod projects;
 mod usage;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Deserialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::app::AppState;
+use crate::error::ErrorBody;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Kiln API",
+        description = "Kiln's REST API: projects and their cache settings, tokens, trust \
+            relationships, builds, usage, and operator tools. Authenticate with \
+            `Authorization: Bearer <token>`. The same operations are served over Connect as \
+            Depot's public API."
+    ),
+    servers((url = "/api/v1")),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerToken),
+    security(("token" = [])),
+    tags(
+        (name = "organizations", description = "Who you are, your organizations and their audit log"),
+        (name = "projects", description = "Projects, their settings, tokens and trust relationships"),
+        (name = "cache", description = "Layer-cache volumes"),
+        (name = "builds", description = "Builds, their steps, logs and share links"),
+        (name = "usage", description = "Builds, build time, time saved and cache storage"),
+        (name = "operators", description = "Builder machines (operators only)"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerToken;
+
+impl Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A Kiln token: user, organization or project (kiln_u_…, kiln_o_…, kiln_p_…)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The API's routes and its OpenAPI document, built from the same handlers.
+fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(orgs::routes())
+        .merge(projects::routes())
         .merge(builds::routes())
         .merge(usage::routes())
-        .route("/me", get(me))
-        .route("/organizations", get(list_organizations))
-        .route("/organizations/{id}/audit-events", get(list_audit_events))
-        .route("/projects", get(list_projects).post(create_project))
-        .route(
-            "/projects/{id}",
-            get(get_project)
-                .patch(update_project)
-                .delete(delete_project),
-        )
-        .route(
-            "/projects/{id}/tokens",
-            get(list_project_tokens).post(create_project_token),
-        )
-        .route("/tokens/{id}", delete(revoke_token))
-        .route(
-            "/projects/{id}/trust-policies",
-            get(list_trust_policies).post(add_trust_policy),
-        )
-        .route(
-            "/projects/{id}/trust-policies/{policy_id}",
-            delete(remove_trust_policy),
-        )
-        .route(
-            "/projects/{id}/builds",
-            get(list_project_builds).post(builds::create_build),
-        )
-        .route("/projects/{id}/cache", get(get_project_cache))
-        .route(
-            "/projects/{id}/cache/reset",
-            axum::routing::post(reset_project_cache),
-        )
-        .route("/volumes/{id}", get(get_volume))
-        .route("/builds/{id}", get(get_build))
-        .route("/builds/{id}/cancel", axum::routing::post(cancel_build))
+        .split_for_parts()
 }
 
-type Json = axum::Json<Value>;
-
-/// Who the token belongs to. Cheap: served from the token cache.
-async fn me(Auth(principal): Auth) -> axum::Json<crate::auth::Principal> {
-    axum::Json((*principal).clone())
+/// The OpenAPI document (for tooling and tests).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().1
 }
 
-async fn list_organizations(State(app): State<AppState>, Auth(principal): Auth) -> Result<Json> {
-    let orgs = app.orgs.list(&principal).await?;
-    Ok(axum::Json(json!({ "organizations": orgs })))
-}
-
-#[derive(Deserialize)]
-struct AuditQuery {
-    limit: Option<i64>,
-}
-
-async fn list_audit_events(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-    Query(q): Query<AuditQuery>,
-) -> Result<Json> {
-    let events = app
-        .orgs
-        .audit_events(&principal, Some(&id), q.limit.unwrap_or(100))
-        .await?;
-    Ok(axum::Json(json!({ "events": events })))
-}
-
-#[derive(Deserialize)]
-struct ProjectListQuery {
-    organization_id: Option<String>,
-}
-
-async fn list_projects(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Query(q): Query<ProjectListQuery>,
-) -> Result<Json> {
-    let projects = app
-        .projects
-        .list(&principal, q.organization_id.as_deref())
-        .await?;
-    Ok(axum::Json(json!({ "projects": projects })))
-}
-
-#[derive(Deserialize)]
-struct CreateProjectBody {
-    organization_id: Option<String>,
-    #[serde(flatten)]
-    settings: ProjectSettings,
-}
-
-async fn create_project(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    ApiJson(body): ApiJson<CreateProjectBody>,
-) -> Result<(StatusCode, Json)> {
-    let project = app
-        .projects
-        .create(&principal, body.organization_id.as_deref(), body.settings)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "project": project })),
-    ))
-}
-
-/// A project's ETag: its settings version (strong; changes with every settings change).
-fn project_etag(project: &crate::db::projects::Project) -> [(HeaderName, String); 1] {
-    [(header::ETAG, format!("\"v{}\"", project.version))]
-}
-
-/// The versions an `If-Match` header names: `None` without the header or for `*`. An
-/// entry that is not one of our ETags (weak ones included: If-Match compares strongly)
-/// matches nothing.
-fn if_match_versions(headers: &HeaderMap) -> Result<Option<Vec<i64>>> {
-    let mut versions = Vec::new();
-    let mut present = false;
-    for value in headers.get_all(header::IF_MATCH) {
-        present = true;
-        let text = value
-            .to_str()
-            .map_err(|_| Error::invalid("If-Match", "is not ASCII"))?;
-        for tag in text.split(',').map(str::trim) {
-            if tag == "*" {
-                return Ok(None);
+pub fn routes() -> Router<AppState> {
+    let (router, document) = api();
+    let document: Arc<str> = document
+        .to_json()
+        .expect("the OpenAPI document serializes")
+        .into();
+    router.route(
+        "/openapi.json",
+        get(move || {
+            let document = document.clone();
+            async move {
+                (
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::CACHE_CONTROL, "public, max-age=300"),
+                    ],
+                    document.to_string(),
+                )
+                    .into_response()
             }
-            if let Some(v) = tag
-                .strip_prefix("\"v")
-                .and_then(|t| t.strip_suffix('"'))
-                .and_then(|t| t.parse::<i64>().ok())
-            {
-                versions.push(v);
-            }
-        }
-    }
-    Ok(present.then_some(versions))
+        }),
+    )
 }
 
-async fn get_project(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse> {
-    let project = app.projects.get(&principal, Some(&id)).await?;
-    Ok((
-        project_etag(&project),
-        axum::Json(json!({ "project": project })),
-    ))
-}
-
-/// Changes settings. With `If-Match: <ETag of a GET>`, only if nobody changed the
-/// project since (412 otherwise, and nothing changes).
-async fn update_project(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    ApiJson(settings): ApiJson<ProjectSettings>,
-) -> Result<impl IntoResponse> {
-    let expected = if_match_versions(&headers)?;
-    let updated = app
-        .projects
-        .update_if_unchanged(&principal, Some(&id), settings, expected.as_deref())
-        .await?;
-    Ok((
-        project_etag(&updated.project),
-        axum::Json(json!({ "project": updated.project, "notices": updated.notices })),
-    ))
-}
-
-/// The project's cache volumes: size, pending changes, usage.
-async fn get_project_cache(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let volumes = app.cache.list(&principal, Some(&id)).await?;
-    Ok(axum::Json(json!({ "volumes": volumes })))
-}
-
-async fn reset_project_cache(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let reset = app.cache.reset(&principal, Some(&id)).await?;
-    Ok(axum::Json(json!({
-        "project_id": reset.project.id,
-        "generation": reset.generation,
-        "took_effect": reset.took_effect,
-        "retired_volumes": reset.retired,
-    })))
-}
-
-async fn get_volume(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let volume = app.cache.get(&principal, &id).await?;
-    Ok(axum::Json(json!({ "volume": volume })))
-}
-
-async fn delete_project(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    app.projects.delete(&principal, Some(&id)).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn list_project_tokens(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let tokens = app
-        .tokens
-        .list_project_tokens(&principal, Some(&id))
-        .await?;
-    Ok(axum::Json(json!({ "tokens": tokens })))
-}
-
-#[derive(Deserialize)]
+/// Page parameters every listing takes.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct CreateTokenBody {
-    name: String,
-    expires_in_days: Option<i64>,
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Rows per page: 1 to 1000 (default 100).
+    #[param(minimum = 0, maximum = 1000)]
+    pub page_size: Option<i64>,
+    /// The `next_page_token` of the previous page; absent for the first page.
+    pub page_token: Option<String>,
 }
 
-async fn create_project_token(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-    ApiJson(body): ApiJson<CreateTokenBody>,
-) -> Result<(StatusCode, Json)> {
-    let (info, secret) = app
-        .tokens
-        .create_project_token(&principal, Some(&id), &body.name, body.expires_in_days)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "token": info, "secret": secret })),
-    ))
-}
-
-async fn revoke_token(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    app.tokens.revoke(&principal, None, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn list_project_builds(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<builds::PageQuery>,
-) -> Result<Json> {
-    let page = app
-        .builds
-        .list(
-            &principal,
-            Some(&id),
-            q.page_token.as_deref().unwrap_or_default(),
-            q.page_size,
-        )
-        .await?;
-    Ok(axum::Json(
-        json!({ "builds": page.builds, "next_page_token": page.next_page_token }),
-    ))
-}
-
-/// A build with its platforms and steps: the build insights.
-async fn get_build(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let details = app.builds.details(&principal, &id).await?;
-    Ok(axum::Json(json!(details)))
-}
-
-/// Cancels a running build: the CLI stops it at its next health report (within ~5 s).
-async fn cancel_build(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let canceled = app.builds.cancel(&principal, &id).await?;
-    Ok(axum::Json(json!({ "canceled": canceled })))
-}
-
-fn trust_policy_json(policy: crate::projects::trust::TrustPolicy) -> Value {
-    let mut value = serde_json::to_value(&policy.provider).unwrap_or_else(|_| json!({}));
-    if let Some(map) = value.as_object_mut() {
-        map.insert("id".into(), json!(policy.id));
-        map.insert("project_id".into(), json!(policy.project_id));
-        map.insert("created_at".into(), json!(policy.created_at));
+impl PageQuery {
+    fn token(&self) -> &str {
+        self.page_token.as_deref().unwrap_or_default()
     }
-    value
-}
-
-async fn list_trust_policies(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-) -> Result<Json> {
-    let policies = app.projects.trust_policies(&principal, Some(&id)).await?;
-    Ok(axum::Json(json!({
-        "trust_policies": policies.into_iter().map(trust_policy_json).collect::<Vec<_>>()
-    })))
-}
-
-async fn add_trust_policy(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path(id): Path<String>,
-    ApiJson(provider): ApiJson<crate::auth::trust::TrustProvider>,
-) -> Result<(StatusCode, Json)> {
-    let policy = app
-        .projects
-        .add_trust_policy(&principal, Some(&id), provider)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "trust_policy": trust_policy_json(policy) })),
-    ))
-}
-
-async fn remove_trust_policy(
-    State(app): State<AppState>,
-    Auth(principal): Auth,
-    Path((id, policy_id)): Path<(String, String)>,
-) -> Result<StatusCode> {
-    app.projects
-        .remove_trust_policy(&principal, Some(&id), &policy_id)
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
 }
