@@ -429,6 +429,11 @@ async fn build_buildkit_and_usage_services_through_the_official_sdk() {
                 "listImages",
                 json!({"projectId": project})
             ),
+            call(
+                "build.v1.RegistryService",
+                "deleteImage",
+                json!({"projectId": project, "imageTags": ["latest"]})
+            ),
         ]),
     )
     .await;
@@ -448,6 +453,7 @@ async fn build_buildkit_and_usage_services_through_the_official_sdk() {
     assert_eq!(page["builds"][0]["buildId"], second_build);
     assert!(!page["nextPageToken"].as_str().unwrap().is_empty());
     assert!(err(&r[7], "unimplemented").contains("registry"));
+    assert!(err(&r[8], "unimplemented").contains("registry"));
 
     // Sharing: the link renders without signing in until sharing stops.
     let r = sdk(

@@ -110,6 +110,55 @@ async fn concurrent_settings_edits_lose_with_412_and_change_nothing() {
     .await;
     assert_eq!(plain.status, StatusCode::OK);
     assert_eq!(body(&plain)["project"]["name"], t.project.name.as_str());
+
+    // The audit log holds the four updates that went through (not the refused ones),
+    // filtered and paged.
+    let audit = format!("/api/v1/organizations/{}/audit-events", t.org_id);
+    let updates = request(
+        &router,
+        "GET",
+        &format!(
+            "{audit}?action=project.update&target_id={}&page_size=3",
+            t.project.id
+        ),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(updates.status, StatusCode::OK, "{:?}", body(&updates));
+    assert_eq!(body(&updates)["events"].as_array().unwrap().len(), 3);
+    let next = body(&updates)["next_page_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let last = request(
+        &router,
+        "GET",
+        &format!("{audit}?action=project.update&page_size=3&page_token={next}"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(body(&last)["events"].as_array().unwrap().len(), 1);
+    assert_eq!(body(&last)["next_page_token"], "");
+    let none = request(
+        &router,
+        "GET",
+        &format!("{audit}?action=project.delete"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(body(&none)["events"], json!([]));
+    for bad in [
+        "since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z",
+        "page_size=0.5",
+        "page_token=x",
+        "actor=me",
+    ] {
+        let r = request(&router, "GET", &format!("{audit}?{bad}"), Some(token), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {:?}", body(&r));
+    }
 }
 
 #[tokio::test]
@@ -292,4 +341,88 @@ async fn builds_steps_sharing_and_usage_over_rest() {
         .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {:?}", body(&r));
     }
+}
+
+#[tokio::test]
+async fn project_listings_page_by_name_and_wrong_input_changes_nothing() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "pages").await;
+    for name in ["b-web", "a-api", "c-ops"] {
+        common::project(&db.pool, &t.org_id, name).await;
+    }
+    let router = kiln::api::router(app(&db));
+    let token = t.user_token.as_str();
+    let first = request(
+        &router,
+        "GET",
+        "/api/v1/projects?page_size=2",
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", body(&first));
+    let names: Vec<String> = body(&first)["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a-api", "b-web"]);
+    let next = body(&first)["next_page_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = request(
+        &router,
+        "GET",
+        &format!("/api/v1/projects?page_size=2&page_token={next}"),
+        Some(token),
+        None,
+    )
+    .await;
+    let second = body(&second);
+    let rest: Vec<&str> = second["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest, ["c-ops", t.project.name.as_str()]);
+    assert_eq!(second["next_page_token"], "");
+
+    // Connect JSON with a field of the wrong type, or an unknown one: a clear 400, and no
+    // build is created.
+    let builds_before: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    for bad in [
+        json!({"projectId": 5}),
+        json!({"projectId": t.project.id, "colour": "red"}),
+    ] {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/depot.build.v1.BuildService/CreateBuild")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(bad.to_string()))
+            .unwrap();
+        let reply = send(&router, req).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(body(&reply)["code"], "invalid_argument", "{bad}");
+        assert!(body(&reply)["message"].as_str().unwrap().len() > 10);
+    }
+    let req = Request::builder()
+        .method("POST")
+        .uri("/depot.core.v1.UsageService/GetUsage")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"startAt": "not a time"}).to_string()))
+        .unwrap();
+    assert_eq!(send(&router, req).await.status, StatusCode::BAD_REQUEST);
+    let builds_after: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(builds_before, builds_after);
 }

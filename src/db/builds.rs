@@ -367,21 +367,32 @@ pub async fn list(
     after: Option<(DateTime<Utc>, String)>,
     limit: i64,
 ) -> Result<Vec<Build>> {
-    let (at, id) = match after {
-        Some((at, id)) => (Some(at), Some(id)),
-        None => (None, None),
-    };
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM builds
-         WHERE project_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-         ORDER BY created_at DESC, id DESC LIMIT $4"
-    ))
-    .bind(project_id)
-    .bind(at)
-    .bind(id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
+    // Two statements rather than one with `$2 IS NULL OR …`: a generic plan of the OR
+    // cannot start the index scan at the cursor, and later pages would cost more.
+    Ok(match after {
+        None => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM builds WHERE project_id = $1
+                 ORDER BY created_at DESC, id DESC LIMIT $2"
+            ))
+            .bind(project_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        Some((at, id)) => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM builds WHERE project_id = $1 AND (created_at, id) < ($2, $3)
+                 ORDER BY created_at DESC, id DESC LIMIT $4"
+            ))
+            .bind(project_id)
+            .bind(at)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+    })
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]

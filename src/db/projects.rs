@@ -187,6 +187,32 @@ pub async fn list(pool: &PgPool, filter: &ProjectFilter) -> Result<Vec<Project>>
     .await?)
 }
 
+/// A page of the filtered projects in (name, id) order, after the cursor.
+pub async fn list_page(
+    pool: &PgPool,
+    filter: &ProjectFilter,
+    after: Option<(String, String)>,
+    limit: i64,
+) -> Result<Vec<Project>> {
+    let (name, id) = after.unzip();
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM projects
+         WHERE ($1::text[] IS NULL OR organization_id = ANY($1))
+           AND ($2::text[] IS NULL OR id = ANY($2))
+           AND ($3::text IS NULL OR organization_id = $3)
+           AND ($4::text IS NULL OR (name, id) > ($4, $5))
+         ORDER BY name, id LIMIT $6"
+    ))
+    .bind(&filter.organization_ids)
+    .bind(&filter.project_ids)
+    .bind(&filter.organization_id)
+    .bind(name)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// A project's name and its organization's, for listings that show both.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ProjectSummary {

@@ -235,6 +235,40 @@ impl Projects {
         }
     }
 
+    /// A page of the projects the caller may view, by name. The token is the previous
+    /// page's `next_page_token` (empty: the first page; the answer's is empty on the last).
+    pub async fn list_page(
+        &self,
+        principal: &Principal,
+        organization_id: Option<&str>,
+        page_token: &str,
+        page_size: Option<i64>,
+    ) -> Result<(Vec<Project>, String)> {
+        const LISTING: &str = "projects";
+        let size = crate::pages::page_size(page_size, 100)?;
+        let after = match crate::pages::decode(LISTING, page_token)? {
+            None => None,
+            Some(cursor) => Some(serde_json::from_str::<(String, String)>(&cursor).map_err(
+                |_| Error::invalid("page_token", "is not a page token of this listing"),
+            )?),
+        };
+        let visible = authz::visible_projects(principal, Action::ViewProject)?;
+        let Some(filter) = filter_for(visible, organization_id) else {
+            return Ok((Vec::new(), String::new()));
+        };
+        let mut projects = rows::list_page(&self.pool, &filter, after, size + 1).await?;
+        let next = if projects.len() as i64 > size {
+            projects.truncate(size as usize);
+            projects
+                .last()
+                .map(|p| crate::pages::encode(LISTING, &json!([p.name, p.id]).to_string()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((projects, next))
+    }
+
     /// Like [`Projects::list`], with each project's organization name.
     pub async fn summaries(&self, principal: &Principal) -> Result<Vec<ProjectSummary>> {
         let visible = authz::visible_projects(principal, Action::ViewProject)?;

@@ -37,6 +37,7 @@ type Json<T> = axum::Json<T>;
 #[derive(Serialize, ToSchema)]
 struct Projects {
     projects: Vec<Project>,
+    next_page_token: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -57,9 +58,14 @@ struct UpdatedProject {
 struct ProjectListQuery {
     /// Only this organization's projects.
     organization_id: Option<String>,
+    /// Rows per page: 1 to 1000 (default 100).
+    #[param(minimum = 0, maximum = 1000)]
+    page_size: Option<i64>,
+    /// The `next_page_token` of the previous page; absent for the first page.
+    page_token: Option<String>,
 }
 
-/// The projects the token can see.
+/// The projects the token can see, by name.
 #[utoipa::path(get, path = "/projects", tag = "projects", params(ProjectListQuery),
     responses((status = 200, body = Projects), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn list_projects(
@@ -67,11 +73,19 @@ async fn list_projects(
     Auth(principal): Auth,
     ApiQuery(q): ApiQuery<ProjectListQuery>,
 ) -> Result<Json<Projects>> {
-    let projects = app
+    let (projects, next_page_token) = app
         .projects
-        .list(&principal, q.organization_id.as_deref())
+        .list_page(
+            &principal,
+            q.organization_id.as_deref(),
+            q.page_token.as_deref().unwrap_or_default(),
+            q.page_size,
+        )
         .await?;
-    Ok(axum::Json(Projects { projects }))
+    Ok(axum::Json(Projects {
+        projects,
+        next_page_token,
+    }))
 }
 
 #[derive(Deserialize, ToSchema)]
