@@ -191,6 +191,83 @@ async fn builds_steps_sharing_and_usage_over_rest() {
     .await;
     assert_eq!(foreign.status, StatusCode::NOT_FOUND);
 
+    // The BuildKit endpoint operations, with the build's token.
+    let bad = request(
+        &router,
+        "GET",
+        &format!("/api/v1/builds/{build}/endpoint?platform=sparc"),
+        Some(&build_token),
+        None,
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(body(&bad)["message"].as_str().unwrap().contains("amd64"));
+    let health = request(
+        &router,
+        "POST",
+        &format!("/api/v1/builds/{build}/health"),
+        Some(&build_token),
+        None,
+    )
+    .await;
+    assert_eq!(health.status, StatusCode::OK, "{:?}", body(&health));
+    assert!(body(&health)["cancels_at"].is_string());
+    let release = request(
+        &router,
+        "POST",
+        &format!("/api/v1/builds/{build}/release?platform=arm64"),
+        Some(&build_token),
+        None,
+    )
+    .await;
+    assert_eq!(release.status, StatusCode::NO_CONTENT);
+
+    // Tokens are renamed over REST too.
+    let created_token = request(
+        &router,
+        "POST",
+        &format!("/api/v1/projects/{project}/tokens"),
+        Some(token),
+        Some(json!({"name": "ci"})),
+    )
+    .await;
+    let token_id = body(&created_token)["token"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let renamed = request(
+        &router,
+        "PATCH",
+        &format!("/api/v1/tokens/{token_id}"),
+        Some(token),
+        Some(json!({"name": "deploys"})),
+    )
+    .await;
+    assert_eq!(
+        renamed.status,
+        StatusCode::NO_CONTENT,
+        "{:?}",
+        body(&renamed)
+    );
+    let listed_tokens = request(
+        &router,
+        "GET",
+        &format!("/api/v1/projects/{project}/tokens"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(body(&listed_tokens)["tokens"][0]["name"], "deploys");
+    let foreign_rename = request(
+        &router,
+        "PATCH",
+        &format!("/api/v1/tokens/{token_id}"),
+        Some(&other.user_token),
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(foreign_rename.status, StatusCode::NOT_FOUND);
+
     let finish = format!("/api/v1/builds/{build}/finish");
     let bad = request(
         &router,

@@ -7,15 +7,16 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::PageQuery;
 use crate::api::extract::{ApiJson, ApiQuery, Auth};
 use crate::app::AppState;
+use crate::builds::connection::{self, BuilderConnection};
 use crate::builds::{BuildDetails, BuildSpec};
-use crate::db::builds::{Build, LogLine, Outcome, StepRow};
+use crate::db::builds::{Build, LogLine, Outcome, Platform, StepRow};
 use crate::error::{Error, ErrorBody, Result};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -27,6 +28,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_steps))
         .routes(routes!(list_step_logs))
         .routes(routes!(share_build, stop_sharing_build))
+        .routes(routes!(get_endpoint))
+        .routes(routes!(report_health))
+        .routes(routes!(release_endpoint))
 }
 
 type Json<T> = axum::Json<T>;
@@ -210,6 +214,103 @@ async fn list_step_logs(
         lines: page.lines,
         next_page_token: page.next_page_token.unwrap_or_default(),
     }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct PlatformQuery {
+    /// `amd64` or `arm64`.
+    platform: String,
+}
+
+fn platform(name: &str) -> Result<Platform> {
+    Platform::parse(name).ok_or_else(|| Error::invalid("platform", "must be amd64 or arm64"))
+}
+
+/// Where to reach a build's BuildKit for one platform.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Endpoint {
+    /// The builder is still starting: ask again after `wait_ms`.
+    Pending { wait_ms: u32 },
+    /// Connect with mTLS: this client certificate and key, trusting `ca_cert`.
+    Active {
+        endpoint: String,
+        server_name: String,
+        cert: String,
+        key: String,
+        ca_cert: String,
+    },
+}
+
+/// A BuildKit endpoint for one platform of a build (build tokens): held until the builder
+/// is ready or the scheduler's wait runs out, then `active` or `pending`. The same path
+/// as the depot CLI's GetBuildKitConnection and the public API's GetEndpoint.
+#[utoipa::path(get, path = "/builds/{id}/endpoint", tag = "builds",
+    params(("id" = String, Path, description = "Build id"), PlatformQuery),
+    responses((status = 200, body = Endpoint), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn get_endpoint(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PlatformQuery>,
+) -> Result<Json<Endpoint>> {
+    let platform = platform(&q.platform)?;
+    let connection = connection::get(
+        &app.builds,
+        &app.scheduler,
+        &app.events,
+        &principal,
+        &id,
+        platform,
+    )
+    .await?;
+    Ok(axum::Json(match connection {
+        BuilderConnection::Pending { wait_ms } => Endpoint::Pending { wait_ms },
+        BuilderConnection::Active(a) => Endpoint::Active {
+            endpoint: a.endpoint,
+            server_name: a.server_name,
+            cert: a.client_cert_pem,
+            key: a.client_key_pem,
+            ca_cert: a.ca_cert_pem,
+        },
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// When the build must stop: its deadline, or now once it is finished or canceled.
+    cancels_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Reports that the build's client is alive (build tokens); a build whose reports stop
+/// is failed after `builds.health_timeout_seconds`.
+#[utoipa::path(post, path = "/builds/{id}/health", tag = "builds",
+    params(("id" = String, Path, description = "Build id")),
+    responses((status = 200, body = Health), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn report_health(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Health>> {
+    let cancels_at = app.builds.report_health(&principal, &id).await?;
+    Ok(axum::Json(Health { cancels_at }))
+}
+
+/// Gives one platform's builder back; the build goes on (build tokens).
+#[utoipa::path(post, path = "/builds/{id}/release", tag = "builds",
+    params(("id" = String, Path, description = "Build id"), PlatformQuery),
+    responses((status = 204), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn release_endpoint(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PlatformQuery>,
+) -> Result<StatusCode> {
+    let platform = platform(&q.platform)?;
+    connection::release(&app.builds, &principal, &id, platform).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize, ToSchema)]

@@ -24,7 +24,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_projects, create_project))
         .routes(routes!(get_project, update_project, delete_project))
         .routes(routes!(list_project_tokens, create_project_token))
-        .routes(routes!(revoke_token))
+        .routes(routes!(rename_token, revoke_token))
         .routes(routes!(list_trust_policies, add_trust_policy))
         .routes(routes!(remove_trust_policy))
         .routes(routes!(get_project_cache))
@@ -253,6 +253,26 @@ async fn create_project_token(
         StatusCode::CREATED,
         axum::Json(CreatedToken { token, secret }),
     ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RenameTokenBody {
+    name: String,
+}
+
+/// Renames a token (its description).
+#[utoipa::path(patch, path = "/tokens/{id}", tag = "projects",
+    params(("id" = String, Path, description = "Token id")), request_body = RenameTokenBody,
+    responses((status = 204), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn rename_token(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RenameTokenBody>,
+) -> Result<StatusCode> {
+    app.tokens.rename(&principal, None, &id, &body.name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(delete, path = "/tokens/{id}", tag = "projects",
