@@ -26,7 +26,7 @@ pub struct ClientLimiter {
 
 /// Which limited endpoint a path is, if any.
 pub fn limited_endpoint(path: &str) -> Option<&'static str> {
-    if path.starts_with("/login/") {
+    if path.starts_with("/login/") || path == "/dashboard/sign-in" {
         return Some("login_page");
     }
     if path == "/kiln.agent.v1.MachineAgentService/Register" {

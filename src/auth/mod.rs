@@ -8,6 +8,7 @@ pub mod login;
 pub mod principal;
 pub mod token;
 pub mod trust;
+pub mod web;
 
 use std::collections::HashSet;
 use std::sync::Arc;

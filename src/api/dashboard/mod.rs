@@ -1,14 +1,17 @@
-//! Server-rendered pages. Today: the approval page of `depot login` (`/login/<user code>`)
-//! and shared builds (`/shared/builds/<build>/<token>`).
+//! Server-rendered pages: the dashboard (`/dashboard`, signed in with a session cookie;
+//! `pages.rs`, `web.rs`), the approval page of `depot login` (`/login/<user code>`) and
+//! shared builds (`/shared/builds/<build>/<token>`).
 
+mod pages;
 mod shared;
+pub mod web;
 
 use axum::Form;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -19,6 +22,28 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/login/{code}", get(login_page).post(login_decide))
         .route("/shared/builds/{build}/{token}", get(shared::shared_build))
+        .route("/", get(web::root))
+        .route("/dashboard", get(pages::index))
+        .route(
+            "/dashboard/sign-in",
+            get(pages::sign_in_page).post(pages::sign_in),
+        )
+        .route("/dashboard/sign-out", post(pages::sign_out))
+        .route("/dashboard/assets/{name}", get(web::stylesheet))
+        .route("/dashboard/projects/{id}", get(pages::project))
+        .route(
+            "/dashboard/projects/{id}/settings",
+            post(pages::save_settings),
+        )
+        .route("/dashboard/projects/{id}/reset", post(pages::reset_cache))
+        .route(
+            "/dashboard/projects/{project}/builds/{build}",
+            get(pages::build),
+        )
+        .route(
+            "/dashboard/projects/{project}/builds/{build}/share",
+            post(pages::share_build),
+        )
 }
 
 /// Escapes text for HTML element and attribute content.

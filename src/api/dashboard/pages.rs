@@ -1,0 +1,758 @@
+//! Dashboard pages: sign-in and out, projects, a project's settings and cache, and a
+//! build's detail (the link the depot CLI prints after every build). Each handler calls
+//! the same domain functions as the APIs; forms are validated on the server, and an
+//! invalid submission changes nothing and says what is wrong next to the field.
+
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::web::{self, Session, error_page, layout, page, problem, same_origin, secure};
+use crate::app::AppState;
+use crate::auth::login;
+use crate::db::builds::{Build, StepRow};
+use crate::db::projects::Project;
+use crate::error::Error;
+use crate::projects::ProjectSettings;
+
+/// How long a dashboard session lasts.
+const SESSION_HOURS: i64 = 12;
+
+#[derive(Deserialize, Default)]
+pub struct Next {
+    next: Option<String>,
+}
+
+/// Only our own dashboard paths are followed after sign-in (no open redirect).
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with("/dashboard") && !n.starts_with("//") && !n.contains('\\') => {
+            n.to_string()
+        }
+        _ => "/dashboard".to_string(),
+    }
+}
+
+fn sign_in_form(next: &str, email: &str, error: Option<&str>) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            section.card {
+                h1 { "Sign in to Kiln" }
+                @if let Some(error) = error { p.error role="alert" { (error) } }
+                form method="post" action="/dashboard/sign-in" {
+                    input type="hidden" name="next" value=(next);
+                    label for="email" { "Email" }
+                    input #email type="email" name="email" value=(email) autocomplete="username" required;
+                    label for="password" { "Password" }
+                    input #password type="password" name="password" autocomplete="current-password" required;
+                    p { button type="submit" { "Sign in" } }
+                }
+                p.muted { "The same account as " span.code { "depot login" } "." }
+            }
+        },
+    )
+}
+
+pub async fn sign_in_page(Query(q): Query<Next>) -> Response {
+    page(
+        StatusCode::OK,
+        sign_in_form(&safe_next(q.next.as_deref()), "", None),
+    )
+}
+
+#[derive(Deserialize)]
+pub struct SignInForm {
+    email: String,
+    password: String,
+    next: Option<String>,
+}
+
+/// Throttled like `depot login`'s approval page: a failed attempt is reserved per email
+/// before any password work.
+pub async fn sign_in(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<SignInForm>,
+) -> Response {
+    let next = safe_next(form.next.as_deref());
+    if !same_origin(&app, &headers) {
+        return page(
+            StatusCode::FORBIDDEN,
+            sign_in_form(
+                &next,
+                "",
+                Some("This form must be sent from Kiln's own page."),
+            ),
+        );
+    }
+    let attempt = match app.sign_ins.begin(&form.email) {
+        Ok(attempt) => attempt,
+        Err(wait) => {
+            let msg = format!(
+                "Too many failed sign-ins for this email; try again in {} minutes.",
+                wait.as_secs().div_ceil(60).max(1)
+            );
+            return page(
+                StatusCode::TOO_MANY_REQUESTS,
+                sign_in_form(&next, &form.email, Some(&msg)),
+            );
+        }
+    };
+    let user = match login::sign_in(&app.db, &form.email, &form.password).await {
+        Ok(user) => {
+            attempt.succeeded();
+            user
+        }
+        Err(Error::Unauthenticated(msg)) => {
+            attempt.failed();
+            return page(
+                StatusCode::UNAUTHORIZED,
+                sign_in_form(&next, &form.email, Some(&msg)),
+            );
+        }
+        Err(err) => return error_page(None, err),
+    };
+    match crate::auth::web::start_session(&app.db, &user, chrono::Duration::hours(SESSION_HOURS))
+        .await
+    {
+        Ok(secret) => {
+            let mut response = Redirect::to(&next).into_response();
+            if let Ok(value) = web::session_cookie(&app, &secret, SESSION_HOURS * 3600).parse() {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            secure(response)
+        }
+        Err(err) => error_page(None, err),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+fn forged(session: &Session) -> Response {
+    problem(
+        StatusCode::FORBIDDEN,
+        Some(session),
+        "Request refused",
+        "This request did not come from this Kiln's own page; nothing was changed. Reload the page and try again.",
+    )
+}
+
+/// Ends the session: its token is revoked on every replica.
+pub async fn sign_out(
+    State(app): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    let principal = session.principal.clone();
+    if let Err(err) = app
+        .tokens
+        .revoke(&principal, None, &principal.token_id)
+        .await
+    {
+        return error_page(Some(&session), err);
+    }
+    let mut response = Redirect::to("/dashboard/sign-in").into_response();
+    if let Ok(value) = web::session_cookie(&app, "", 0).parse() {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    secure(response)
+}
+
+fn gib(bytes: i64) -> String {
+    format!("{:.1}", bytes as f64 / crate::cache::GIB as f64)
+}
+
+/// A bar of `used` out of `size` (SVG: no inline style, so the CSP needs no exception).
+fn usage_bar(used: i64, size: i64) -> Markup {
+    let fraction = if size > 0 {
+        (used as f64 / size as f64).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    html! {
+        svg.bar viewBox="0 0 100 10" preserveAspectRatio="none" role="img"
+            aria-label=(format!("{} of {} GiB used", gib(used), gib(size))) {
+            rect.size x="0" y="0" width="100" height="10" {}
+            rect.used x="0" y="0" width=(format!("{:.2}", fraction * 100.0)) height="10" {}
+        }
+    }
+}
+
+fn state_label(state: &str) -> Markup {
+    html! { span class=(format!("state-{state}")) { (state) } }
+}
+
+fn build_link(build: &Build) -> String {
+    format!(
+        "/dashboard/projects/{}/builds/{}",
+        build.project_id, build.id
+    )
+}
+
+/// Organizations and their projects: cache size, cache used, last build.
+pub async fn index(State(app): State<AppState>, session: Session) -> Response {
+    let principal = &session.principal;
+    let (orgs, projects) =
+        match tokio::try_join!(app.orgs.list(principal), app.projects.list(principal, None)) {
+            Ok(found) => found,
+            Err(err) => return error_page(Some(&session), err),
+        };
+    let mut rows = Vec::new();
+    for project in projects.iter().take(200) {
+        let volumes = app.cache.list(principal, Some(&project.id)).await;
+        let last = app
+            .builds
+            .list(principal, Some(&project.id), "", Some(1))
+            .await;
+        match (volumes, last) {
+            (Ok(volumes), Ok(last)) => {
+                let used: i64 = volumes.iter().filter_map(|v| v.volume.used_bytes).sum();
+                rows.push((project, used, last.builds.into_iter().next()));
+            }
+            (Err(err), _) | (_, Err(err)) => return error_page(Some(&session), err),
+        }
+    }
+    let body = html! {
+        h1 { "Projects" }
+        @for org in &orgs {
+            section.card {
+                h2 { (org.name) }
+                table {
+                    thead { tr { th { "Project" } th { "Cache size (amd64 / arm64)" } th { "Cache used" } th { "Last build" } } }
+                    tbody {
+                        @for (project, used, last) in rows.iter().filter(|(p, _, _)| p.organization_id == org.id) {
+                            tr {
+                                td { a href=(format!("/dashboard/projects/{}", project.id)) { (project.name) } }
+                                td { (project.cache_size_gb_amd64) " GB / " (project.cache_size_gb_arm64) " GB" }
+                                td { (gib(*used)) " GiB" }
+                                td {
+                                    @if let Some(build) = last {
+                                        a href=(build_link(build)) { (state_label(&build.state)) }
+                                        " " span.muted { (build.created_at.format("%Y-%m-%d %H:%M UTC")) }
+                                    } @else { span.muted { "none yet" } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if orgs.is_empty() { p { "You belong to no organization yet." } }
+    };
+    page(StatusCode::OK, layout("Projects", Some(&session), body))
+}
+
+/// What a settings form said was wrong, by field.
+#[derive(Default)]
+struct FieldErrors {
+    fields: Vec<(&'static str, String)>,
+    general: Option<String>,
+}
+
+impl FieldErrors {
+    fn of(&self, field: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(_, e)| e.as_str())
+    }
+}
+
+/// What the project page says back after a submission.
+#[derive(Default)]
+struct Feedback<'a> {
+    /// The submitted values, shown again when they were refused.
+    values: Option<&'a SettingsForm>,
+    errors: FieldErrors,
+    notice: Option<String>,
+    reset_error: Option<&'a str>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct ProjectQuery {
+    saved: Option<String>,
+    reset: Option<String>,
+}
+
+fn number_field(
+    label: &str,
+    name: &'static str,
+    value: &str,
+    unit: &str,
+    errors: &FieldErrors,
+) -> Markup {
+    let error = errors.of(name);
+    html! {
+        label for=(name) { (label) }
+        input id=(name) type="number" name=(name) value=(value) min="1" required
+            aria-invalid=(if error.is_some() { "true" } else { "false" })
+            aria-describedby=(format!("{name}-error"));
+        " " span.muted { (unit) }
+        @if let Some(error) = error { p.error id=(format!("{name}-error")) role="alert" { (error) } }
+    }
+}
+
+fn project_page(
+    session: &Session,
+    project: &Project,
+    volumes: &[crate::cache::VolumeView],
+    builds: &[Build],
+    feedback: &Feedback<'_>,
+) -> Markup {
+    let (values, errors) = (feedback.values, &feedback.errors);
+    let (notice, reset_error) = (feedback.notice.as_deref(), feedback.reset_error);
+    let value = |field: fn(&SettingsForm) -> &str, current: i32| -> String {
+        values.map_or_else(|| current.to_string(), |v| field(v).to_string())
+    };
+    layout(
+        &project.name,
+        Some(session),
+        html! {
+            h1 { (project.name) }
+            @if let Some(notice) = notice { p.notice role="status" { (notice) } }
+            div.grid {
+                section.card {
+                    h2 { "Cache" }
+                    @for platform in ["amd64", "arm64"] {
+                        @let size = if platform == "amd64" { project.cache_size_gb_amd64 } else { project.cache_size_gb_arm64 };
+                        @let volume = volumes.iter().find(|v| v.volume.platform == platform);
+                        p {
+                            strong { (platform) } ": "
+                            @if let Some(v) = volume {
+                                (gib(v.volume.used_bytes.unwrap_or(0))) " of " (gib(v.volume.size_bytes)) " GiB used"
+                                (usage_bar(v.volume.used_bytes.unwrap_or(0), v.volume.size_bytes))
+                                @if let Some(pending) = &v.pending { br; span.muted { (pending) } }
+                            } @else {
+                                (size) " GB, not allocated yet (the first build creates it)"
+                            }
+                        }
+                    }
+                    form method="post" action=(format!("/dashboard/projects/{}/reset", project.id)) {
+                        input type="hidden" name="csrf" value=(session.csrf);
+                        label {
+                            input type="checkbox" name="confirm" value="yes";
+                            " I understand the next builds start from an empty cache"
+                        }
+                        @if let Some(error) = reset_error { p.error role="alert" { (error) } }
+                        p { button.secondary type="submit" { "Reset cache" } }
+                    }
+                }
+                section.card {
+                    h2 { "Settings" }
+                    @if let Some(error) = &errors.general { p.error role="alert" { (error) } }
+                    form method="post" action=(format!("/dashboard/projects/{}/settings", project.id)) {
+                        input type="hidden" name="csrf" value=(session.csrf);
+                        input type="hidden" name="version" value=(project.version);
+                        (number_field("Cache size, amd64", "cache_size_gb_amd64", &value(|v| &v.cache_size_gb_amd64, project.cache_size_gb_amd64), "GB", errors))
+                        (number_field("Cache size, arm64", "cache_size_gb_arm64", &value(|v| &v.cache_size_gb_arm64, project.cache_size_gb_arm64), "GB", errors))
+                        p.muted { "A larger cache takes effect at once; a smaller one at the next cache reset." }
+                        (number_field("Build timeout", "build_timeout_minutes", &value(|v| &v.build_timeout_minutes, project.build_timeout_minutes), "minutes", errors))
+                        p { button type="submit" { "Save settings" } }
+                    }
+                }
+            }
+            section.card {
+                h2 { "Recent builds" }
+                table {
+                    thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } } }
+                    tbody {
+                        @for build in builds {
+                            tr {
+                                td { a href=(build_link(build)) { span.code { (build.id) } } }
+                                td { (state_label(&build.state)) }
+                                td { (build.created_at.format("%Y-%m-%d %H:%M:%S UTC")) }
+                                td { (duration(build)) }
+                            }
+                        }
+                    }
+                }
+                @if builds.is_empty() { p.muted { "No builds yet: run " span.code { "depot build --project " (project.id) " ." } } }
+            }
+        },
+    )
+}
+
+fn duration(build: &Build) -> String {
+    match build.finished_at {
+        Some(finished) => {
+            let secs = (finished - build.started_at.unwrap_or(build.created_at)).num_seconds();
+            format!("{}m {:02}s", secs / 60, secs % 60)
+        }
+        None => "running".into(),
+    }
+}
+
+async fn render_project(
+    app: &AppState,
+    session: &Session,
+    id: &str,
+    status: StatusCode,
+    feedback: &Feedback<'_>,
+) -> Response {
+    let principal = &session.principal;
+    let project = match app.projects.get(principal, Some(id)).await {
+        Ok(project) => project,
+        Err(err) => return error_page(Some(session), err),
+    };
+    let (volumes, builds) = match tokio::try_join!(
+        app.cache.list(principal, Some(id)),
+        app.builds.list(principal, Some(id), "", Some(20))
+    ) {
+        Ok(found) => found,
+        Err(err) => return error_page(Some(session), err),
+    };
+    page(
+        status,
+        project_page(session, &project, &volumes, &builds.builds, feedback),
+    )
+}
+
+pub async fn project(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectQuery>,
+) -> Response {
+    let notice = match (q.saved.is_some(), q.reset.as_deref()) {
+        (true, _) => Some("Settings saved.".to_string()),
+        (_, Some("done")) => Some("Cache reset: the next builds start from an empty cache.".into()),
+        (_, Some("unused")) => {
+            Some("The cache was not used since its last reset; nothing to do.".into())
+        }
+        _ => None,
+    };
+    let feedback = Feedback {
+        notice,
+        ..Default::default()
+    };
+    render_project(&app, &session, &id, StatusCode::OK, &feedback).await
+}
+
+#[derive(Deserialize)]
+pub struct SettingsForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    cache_size_gb_amd64: String,
+    #[serde(default)]
+    cache_size_gb_arm64: String,
+    #[serde(default)]
+    build_timeout_minutes: String,
+}
+
+pub async fn save_settings(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<SettingsForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    let mut errors = FieldErrors::default();
+    let mut number = |field: &'static str, text: &str| -> Option<i32> {
+        match text.trim().parse::<i32>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                errors
+                    .fields
+                    .push((field, "Enter a whole number above 0.".into()));
+                None
+            }
+        }
+    };
+    let amd64 = number("cache_size_gb_amd64", &form.cache_size_gb_amd64);
+    let arm64 = number("cache_size_gb_arm64", &form.cache_size_gb_arm64);
+    let timeout = number("build_timeout_minutes", &form.build_timeout_minutes);
+    let version = form.version.trim().parse::<i64>().ok();
+    if errors.fields.is_empty() {
+        let settings = ProjectSettings {
+            cache_size_gb_amd64: amd64,
+            cache_size_gb_arm64: arm64,
+            build_timeout_minutes: timeout,
+            ..Default::default()
+        };
+        let expected = version.map(|v| vec![v]);
+        match app
+            .projects
+            .update_if_unchanged(&session.principal, Some(&id), settings, expected.as_deref())
+            .await
+        {
+            Ok(_) => {
+                return secure(
+                    Redirect::to(&format!("/dashboard/projects/{id}?saved=1")).into_response(),
+                );
+            }
+            Err(Error::InvalidArgument { field, reason }) => {
+                let field = match field.as_str() {
+                    "cache_size_gb_amd64" => "cache_size_gb_amd64",
+                    "cache_size_gb_arm64" => "cache_size_gb_arm64",
+                    "build_timeout_minutes" => "build_timeout_minutes",
+                    _ => "",
+                };
+                if field.is_empty() {
+                    errors.general = Some(reason);
+                } else {
+                    errors.fields.push((field, reason));
+                }
+            }
+            Err(Error::PreconditionFailed(_)) => {
+                errors.general = Some(
+                    "Someone changed these settings since you opened this page; nothing was \
+                     saved. The form now shows the current values."
+                        .into(),
+                );
+                let feedback = Feedback {
+                    errors,
+                    ..Default::default()
+                };
+                return render_project(&app, &session, &id, StatusCode::CONFLICT, &feedback).await;
+            }
+            Err(err) => return error_page(Some(&session), err),
+        }
+    }
+    let feedback = Feedback {
+        values: Some(&form),
+        errors,
+        ..Default::default()
+    };
+    render_project(
+        &app,
+        &session,
+        &id,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &feedback,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct ResetForm {
+    #[serde(default)]
+    csrf: String,
+    confirm: Option<String>,
+}
+
+pub async fn reset_cache(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<ResetForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    if form.confirm.as_deref() != Some("yes") {
+        let feedback = Feedback {
+            reset_error: Some(
+                "Tick the box to confirm: the next builds start from an empty cache.",
+            ),
+            ..Default::default()
+        };
+        return render_project(
+            &app,
+            &session,
+            &id,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &feedback,
+        )
+        .await;
+    }
+    match app.cache.reset(&session.principal, Some(&id)).await {
+        Ok(reset) => secure(
+            Redirect::to(&format!(
+                "/dashboard/projects/{id}?reset={}",
+                if reset.took_effect { "done" } else { "unused" }
+            ))
+            .into_response(),
+        ),
+        Err(err) => error_page(Some(&session), err),
+    }
+}
+
+/// A waterfall of steps over time: one bar per step from its start to its end.
+fn waterfall(build: &Build, steps: &[StepRow]) -> Markup {
+    let timed: Vec<&StepRow> = steps.iter().filter(|s| s.started_at.is_some()).collect();
+    let start = timed
+        .iter()
+        .filter_map(|s| s.started_at)
+        .min()
+        .unwrap_or(build.created_at);
+    let end = timed
+        .iter()
+        .filter_map(|s| s.completed_at.or(s.started_at))
+        .max()
+        .unwrap_or(start);
+    let span = ((end - start).num_milliseconds().max(1)) as f64;
+    let row = 18;
+    let height = (timed.len() * row).max(row);
+    html! {
+        svg.waterfall viewBox=(format!("0 0 1000 {height}")) role="img"
+            aria-label="Step timings: one bar per step from its start to its end" {
+            @for (i, step) in timed.iter().enumerate() {
+                @let from = step.started_at.map_or(0.0, |t| (t - start).num_milliseconds() as f64 / span);
+                @let to = step.completed_at.or(step.started_at).map_or(from, |t| (t - start).num_milliseconds() as f64 / span);
+                @let x = 300.0 + from * 690.0;
+                @let width = ((to - from) * 690.0).max(2.0);
+                text x="0" y=(i * row + 13) { (step.name.chars().take(48).collect::<String>()) }
+                rect class=(if step.cached { "cached" } else { "run" }) x=(format!("{x:.1}")) y=(i * row + 3)
+                    width=(format!("{width:.1}")) height="12" {
+                    title { (step.name) (if step.cached { " (cached)" } else { "" }) }
+                }
+            }
+        }
+    }
+}
+
+/// A build: status, duration, error, steps with a timing chart, logs, and sharing.
+pub async fn build(
+    State(app): State<AppState>,
+    session: Session,
+    Path((project_id, build_id)): Path<(String, String)>,
+) -> Response {
+    let principal = &session.principal;
+    let build = match app.builds.get(principal, &build_id).await {
+        Ok(build) if build.project_id == project_id => build,
+        Ok(_) => return error_page(Some(&session), Error::not_found("build", &build_id)),
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let steps = match app
+        .builds
+        .steps_page(principal, Some(&project_id), &build_id, "", Some(1000))
+        .await
+    {
+        Ok(page) => page.steps,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let mut logs = Vec::new();
+    for step in steps.iter().filter(|s| s.log_lines > 0).take(50) {
+        match app
+            .builds
+            .step_logs(
+                principal,
+                Some(&project_id),
+                &build_id,
+                &step.digest,
+                "",
+                Some(500),
+            )
+            .await
+        {
+            Ok(page) => logs.push((step, page.lines)),
+            Err(err) => return error_page(Some(&session), err),
+        }
+    }
+    let body = html! {
+        p { a href=(format!("/dashboard/projects/{project_id}")) { "← Project" } }
+        h1 { "Build " span.code { (build.id) } }
+        section.card {
+            p {
+                "Status: " strong { (state_label(&build.state)) }
+                " · " (duration(&build))
+                " · started " (build.created_at.format("%Y-%m-%d %H:%M:%S UTC"))
+                @if let (Some(total), Some(cached)) = (build.total_steps, build.cached_steps) {
+                    " · " (cached) " of " (total) " steps cached"
+                }
+            }
+            @if let Some(error) = &build.error { p.error role="alert" { (error) } }
+            form method="post" action=(format!("/dashboard/projects/{project_id}/builds/{build_id}/share")) {
+                input type="hidden" name="csrf" value=(session.csrf);
+                button.secondary type="submit" { "Share a read-only link" }
+            }
+        }
+        section.card {
+            h2 { "Steps" }
+            @if steps.is_empty() { p.muted { "No steps reported." } } @else {
+                (waterfall(&build, &steps))
+                table {
+                    thead { tr { th { "Step" } th { "Cache" } th { "Time" } th { "Error" } } }
+                    tbody {
+                        @for step in &steps {
+                            tr {
+                                td { (step.name) }
+                                td { @if step.cached { "cached" } }
+                                td {
+                                    @if let (Some(s), Some(c)) = (step.started_at, step.completed_at) {
+                                        (format!("{:.1}s", (c - s).num_milliseconds() as f64 / 1000.0))
+                                    }
+                                }
+                                td.error { (step.error.as_deref().unwrap_or_default()) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if !logs.is_empty() {
+            section.card {
+                h2 { "Logs" }
+                @for (step, lines) in &logs {
+                    details {
+                        summary { (step.name) " (" (step.log_lines) " lines)" }
+                        pre.log { @for line in lines { (line.message) "\n" } }
+                    }
+                }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        layout(&format!("Build {}", build.id), Some(&session), body),
+    )
+}
+
+/// Shares a build and shows its link.
+pub async fn share_build(
+    State(app): State<AppState>,
+    session: Session,
+    Path((project_id, build_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    match app.builds.get(&session.principal, &build_id).await {
+        Ok(build) if build.project_id == project_id => {}
+        Ok(_) => return error_page(Some(&session), Error::not_found("build", &build_id)),
+        Err(err) => return error_page(Some(&session), err),
+    }
+    match app.builds.share(&session.principal, &build_id).await {
+        Ok(path) => {
+            let url = app.config.public_link(&path);
+            page(
+                StatusCode::OK,
+                layout(
+                    "Shared build",
+                    Some(&session),
+                    html! {
+                        section.card {
+                            h1 { "Build shared" }
+                            p { "Anyone with this link can read the build without signing in:" }
+                            p { a.code href=(url) { (url) } }
+                            p { a href=(format!("/dashboard/projects/{project_id}/builds/{build_id}")) { "Back to the build" } }
+                        }
+                    },
+                ),
+            )
+        }
+        Err(err) => error_page(Some(&session), err),
+    }
+}

@@ -1,0 +1,443 @@
+//! The dashboard's pages and actions, in process: sign-in with a session cookie, the
+//! projects list, a project's settings and cache reset, a build's detail at the link the
+//! depot CLI prints, and the rules around them (CSRF, escaping, other organizations).
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use common::http::{Reply, send};
+use common::{TestDb, app, tenant};
+
+fn html(reply: &Reply) -> String {
+    String::from_utf8_lossy(&reply.body).into_owned()
+}
+
+async fn get(router: &axum::Router, path: &str, cookie: Option<&str>) -> Reply {
+    let mut req = Request::builder().uri(path);
+    if let Some(c) = cookie {
+        req = req.header(header::COOKIE, c);
+    }
+    send(router, req.body(Body::empty()).unwrap()).await
+}
+
+async fn post_form(
+    router: &axum::Router,
+    path: &str,
+    cookie: Option<&str>,
+    origin: Option<&str>,
+    form: &[(&str, &str)],
+) -> Reply {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        req = req.header(header::COOKIE, c);
+    }
+    if let Some(o) = origin {
+        req = req.header(header::ORIGIN, o);
+    }
+    send(router, req.body(Body::from(body)).unwrap()).await
+}
+
+/// The value of `name="csrf"` in a page.
+fn csrf(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 19;
+    page[at..at + page[at..].find('"').unwrap()].to_string()
+}
+
+async fn email_of(db: &TestDb, user_id: &str) -> String {
+    sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Signs in through the form; returns the `Cookie` header value.
+async fn sign_in(router: &axum::Router, email: &str, password: &str) -> String {
+    let reply = post_form(
+        router,
+        "/dashboard/sign-in",
+        None,
+        None,
+        &[
+            ("email", email),
+            ("password", password),
+            ("next", "/dashboard"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", html(&reply));
+    let set = reply.headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    set.split(';').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn signing_in_sees_only_ones_own_projects_escaped_and_signing_out_ends_it() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "dash").await;
+    let other = tenant(&db.pool, "other").await;
+    let evil = common::project(&db.pool, &t.org_id, "<img src=x onerror=alert(1)>").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let router = kiln::api::router(app(&db));
+
+    let anonymous = get(&router, "/dashboard", None).await;
+    assert_eq!(anonymous.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        anonymous.headers[header::LOCATION],
+        "/dashboard/sign-in?next=%2Fdashboard"
+    );
+    let form = get(&router, "/dashboard/sign-in", None).await;
+    assert_eq!(form.status, StatusCode::OK);
+    let csp = form.headers[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap();
+    assert!(csp.contains("default-src 'none'") && !csp.contains("unsafe-inline"));
+    assert!(html(&form).contains("<title>Sign in · Kiln</title>"));
+
+    let wrong = post_form(
+        &router,
+        "/dashboard/sign-in",
+        None,
+        None,
+        &[("email", &email), ("password", "nope")],
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(html(&wrong).contains("wrong email or password"));
+    assert!(!wrong.headers.contains_key(header::SET_COOKIE));
+    // An open redirect is not followed.
+    let cookie = {
+        let reply = post_form(
+            &router,
+            "/dashboard/sign-in",
+            None,
+            None,
+            &[
+                ("email", &email),
+                ("password", "a long password"),
+                ("next", "//evil.example/"),
+            ],
+        )
+        .await;
+        assert_eq!(reply.headers[header::LOCATION], "/dashboard");
+        reply.headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+
+    let index = get(&router, "/dashboard", Some(&cookie)).await;
+    assert_eq!(index.status, StatusCode::OK);
+    let page = html(&index);
+    assert!(page.contains(&t.project.name));
+    assert!(!page.contains(&other.project.name));
+    assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;"));
+    assert!(!page.contains("<img src=x"));
+    assert!(page.contains(&format!("/dashboard/projects/{}", evil.id)));
+
+    // Another organization's project is a 404 page, not an error or a leak.
+    let theirs = get(
+        &router,
+        &format!("/dashboard/projects/{}", other.project.id),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND);
+    assert!(html(&theirs).contains("Not found"));
+    let unknown = get(
+        &router,
+        "/dashboard/projects/nope/builds/nope",
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+
+    // The stylesheet is named by its hash and cached for good.
+    let css_path = {
+        let at = page.find("/dashboard/assets/app.").unwrap();
+        page[at..at + page[at..].find('"').unwrap()].to_string()
+    };
+    let css = get(&router, &css_path, None).await;
+    assert_eq!(css.status, StatusCode::OK);
+    assert!(
+        css.headers[header::CACHE_CONTROL]
+            .to_str()
+            .unwrap()
+            .contains("immutable")
+    );
+    assert_eq!(
+        get(&router, "/dashboard/assets/app.000.css", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+
+    // Signing out needs the CSRF token, then the session is gone everywhere.
+    let forged = post_form(
+        &router,
+        "/dashboard/sign-out",
+        Some(&cookie),
+        None,
+        &[("csrf", "x")],
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(&router, "/dashboard", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+    let out = post_form(
+        &router,
+        "/dashboard/sign-out",
+        Some(&cookie),
+        None,
+        &[("csrf", &csrf(&page))],
+    )
+    .await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    assert!(
+        out.headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert_eq!(
+        get(&router, "/dashboard", Some(&cookie)).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn settings_and_cache_reset_are_validated_guarded_and_audited() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "settings").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let router = kiln::api::router(app(&db));
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let path = format!("/dashboard/projects/{}", t.project.id);
+    let page = html(&get(&router, &path, Some(&cookie)).await);
+    let token = csrf(&page);
+    let version = {
+        let at = page.find("name=\"version\" value=\"").unwrap() + 22;
+        page[at..at + page[at..].find('"').unwrap()].to_string()
+    };
+    let settings = format!("{path}/settings");
+    let size = |db: &TestDb| {
+        let pool = db.pool.clone();
+        let id = t.project.id.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT cache_size_gb_amd64 FROM projects WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let before = size(&db).await;
+    let valid = |csrf: &str| {
+        vec![
+            ("csrf".to_string(), csrf.to_string()),
+            ("version".to_string(), version.clone()),
+            ("cache_size_gb_amd64".to_string(), "75".to_string()),
+            ("cache_size_gb_arm64".to_string(), "50".to_string()),
+            ("build_timeout_minutes".to_string(), "60".to_string()),
+        ]
+    };
+    let as_refs = |v: &Vec<(String, String)>| -> Vec<(String, String)> { v.clone() };
+
+    // A forged cross-site POST changes nothing: no token, a wrong token, a foreign Origin.
+    for (form_csrf, origin) in [
+        ("", None),
+        ("forged", None),
+        (token.as_str(), Some("https://evil.example")),
+    ] {
+        let form = as_refs(&valid(form_csrf));
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let reply = post_form(&router, &settings, Some(&cookie), origin, &pairs).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{form_csrf} {origin:?}"
+        );
+        assert_eq!(size(&db).await, before);
+    }
+
+    // Invalid input is refused next to its field, and changes nothing.
+    let mut bad = valid(&token);
+    bad[2].1 = "ten".into();
+    bad[4].1 = "0".into();
+    let pairs: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let reply = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let text = html(&reply);
+    assert!(text.contains("id=\"cache_size_gb_amd64-error\""), "{text}");
+    assert!(text.contains("id=\"build_timeout_minutes-error\""));
+    assert!(text.contains("value=\"ten\""), "the user's input is kept");
+    assert_eq!(size(&db).await, before);
+    let mut huge = valid(&token);
+    huge[2].1 = "99999999".into();
+    let pairs: Vec<(&str, &str)> = huge.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let reply = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html(&reply).contains("cache_size_gb_amd64-error"));
+
+    // A valid change is saved; a second one from the same (now stale) page is refused.
+    let ok = valid(&token);
+    let pairs: Vec<(&str, &str)> = ok.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let saved = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", html(&saved));
+    assert_eq!(size(&db).await, 75);
+    let stale = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
+    assert_eq!(stale.status, StatusCode::CONFLICT);
+    assert!(html(&stale).contains("Someone changed these settings"));
+    let updates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE action = 'project.update' AND target_id = $1",
+    )
+    .bind(&t.project.id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(updates, 1);
+
+    // Reset asks for confirmation first.
+    let reset = format!("{path}/reset");
+    let unconfirmed = post_form(&router, &reset, Some(&cookie), None, &[("csrf", &token)]).await;
+    assert_eq!(unconfirmed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html(&unconfirmed).contains("Tick the box"));
+    let done = post_form(
+        &router,
+        &reset,
+        Some(&cookie),
+        None,
+        &[("csrf", &token), ("confirm", "yes")],
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER);
+    assert!(
+        done.headers[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .contains("reset=")
+    );
+}
+
+#[tokio::test]
+async fn a_build_has_a_page_at_the_link_the_cli_prints() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "build").await;
+    let other = tenant(&db.pool, "other").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let app = app(&db);
+    let router = kiln::api::router(app.clone());
+    let operator = common::operator();
+    let spec = |_: ()| kiln::builds::BuildSpec {
+        command: "build".into(),
+        options: serde_json::json!([]),
+        save: false,
+        ephemeral_cache: false,
+    };
+    let (build, _, _) = app
+        .builds
+        .create(&operator, Some(&t.project.id), spec(()))
+        .await
+        .unwrap();
+    let (theirs, _, _) = app
+        .builds
+        .create(&operator, Some(&other.project.id), spec(()))
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    app.builds
+        .record_steps(
+            &operator,
+            &build.id,
+            vec![kiln::db::builds::Step {
+                digest: "sha256:run".into(),
+                name: "[2/2] RUN make <all>".into(),
+                cached: false,
+                started_at: Some(now - chrono::Duration::seconds(3)),
+                completed_at: Some(now),
+                error: None,
+            }],
+        )
+        .await
+        .unwrap();
+    app.builds
+        .record_logs(
+            &operator,
+            &build.id,
+            vec![kiln::db::builds::NewLogLine {
+                digest: "sha256:run".into(),
+                at: now,
+                message: "<script>alert(1)</script>".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let link = format!("/dashboard/projects/{}/builds/{}", t.project.id, build.id);
+    let page = get(&router, &link, Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let text = html(&page);
+    assert!(text.contains("RUN make &lt;all&gt;"));
+    assert!(text.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!text.contains("<script>"));
+    assert!(text.contains("<svg class=\"waterfall\""));
+    // The same build under another project's path, and another organization's build.
+    let wrong = get(
+        &router,
+        &format!(
+            "/dashboard/projects/{}/builds/{}",
+            other.project.id, build.id
+        ),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::NOT_FOUND);
+    let foreign = get(
+        &router,
+        &format!(
+            "/dashboard/projects/{}/builds/{}",
+            other.project.id, theirs.id
+        ),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND);
+
+    // Sharing shows a link that renders without signing in.
+    let shared = post_form(
+        &router,
+        &format!("{link}/share"),
+        Some(&cookie),
+        None,
+        &[("csrf", &csrf(&text))],
+    )
+    .await;
+    assert_eq!(shared.status, StatusCode::OK, "{}", html(&shared));
+    let body = html(&shared);
+    let at = body.find("/shared/builds/").unwrap();
+    let path = &body[at..at + body[at..].find('"').unwrap()];
+    assert_eq!(get(&router, path, None).await.status, StatusCode::OK);
+}
