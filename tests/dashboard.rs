@@ -441,3 +441,127 @@ async fn a_build_has_a_page_at_the_link_the_cli_prints() {
     let path = &body[at..at + body[at..].find('"').unwrap()];
     assert_eq!(get(&router, path, None).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn tokens_are_shown_once_and_revoked_and_builds_list_live_by_status() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "tokens").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let app = app(&db);
+    let router = kiln::api::router(app.clone());
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let path = format!("/dashboard/projects/{}", t.project.id);
+    let page = html(&get(&router, &path, Some(&cookie)).await);
+    let token = csrf(&page);
+
+    let forged = post_form(
+        &router,
+        &format!("{path}/tokens"),
+        Some(&cookie),
+        None,
+        &[("csrf", "x"), ("name", "ci")],
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let blank = post_form(
+        &router,
+        &format!("{path}/tokens"),
+        Some(&cookie),
+        None,
+        &[("csrf", &token), ("name", "  ")],
+    )
+    .await;
+    assert_eq!(blank.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html(&blank).contains("role=\"alert\""));
+    let created = post_form(
+        &router,
+        &format!("{path}/tokens"),
+        Some(&cookie),
+        None,
+        &[("csrf", &token), ("name", "ci")],
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", html(&created));
+    assert_eq!(created.headers[header::CACHE_CONTROL], "no-store");
+    let shown = html(&created);
+    let at = shown.find("data-testid=\"secret\">").unwrap() + 21;
+    let secret = &shown[at..at + shown[at..].find('<').unwrap()];
+    assert!(secret.starts_with("kiln_p_"), "{secret}");
+    let project_page = html(&get(&router, &path, Some(&cookie)).await);
+    assert!(project_page.contains(">ci<"));
+    assert!(
+        !project_page.contains(secret),
+        "the secret is never rendered twice"
+    );
+    let token_id: String =
+        sqlx::query_scalar("SELECT id FROM tokens WHERE name = 'ci' AND project_id = $1")
+            .bind(&t.project.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let revoked = post_form(
+        &router,
+        &format!("{path}/tokens/{token_id}/revoke"),
+        Some(&cookie),
+        None,
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::SEE_OTHER);
+    let at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT revoked_at FROM tokens WHERE id = $1")
+            .bind(&token_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(at.is_some());
+
+    // The builds list: filtered by status, refreshing itself on the first page.
+    let operator = common::operator();
+    let spec = kiln::builds::BuildSpec {
+        command: "build".into(),
+        options: serde_json::json!([]),
+        save: false,
+        ephemeral_cache: false,
+    };
+    let (done, _, _) = app
+        .builds
+        .create(&operator, Some(&t.project.id), spec.clone())
+        .await
+        .unwrap();
+    let (live, _, _) = app
+        .builds
+        .create(&operator, Some(&t.project.id), spec)
+        .await
+        .unwrap();
+    app.builds
+        .finish(
+            &operator,
+            &done.id,
+            kiln::db::builds::Outcome::Failed("exit 1".into()),
+        )
+        .await
+        .unwrap();
+    let all = get(&router, &format!("{path}/builds"), Some(&cookie)).await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert_eq!(all.headers[header::REFRESH], "5");
+    let text = html(&all);
+    assert!(text.contains(&done.id) && text.contains(&live.id));
+    let failed = html(
+        &get(
+            &router,
+            &format!("{path}/builds?status=failed"),
+            Some(&cookie),
+        )
+        .await,
+    );
+    assert!(failed.contains(&done.id) && !failed.contains(&live.id));
+    let bad = get(
+        &router,
+        &format!("{path}/builds?status=exploded"),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}

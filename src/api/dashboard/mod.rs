@@ -36,6 +36,12 @@ pub fn routes() -> Router<AppState> {
             post(pages::save_settings),
         )
         .route("/dashboard/projects/{id}/reset", post(pages::reset_cache))
+        .route("/dashboard/projects/{id}/tokens", post(pages::create_token))
+        .route(
+            "/dashboard/projects/{id}/tokens/{token}/revoke",
+            post(pages::revoke_token),
+        )
+        .route("/dashboard/projects/{id}/builds", get(pages::builds))
         .route(
             "/dashboard/projects/{project}/builds/{build}",
             get(pages::build),

@@ -279,12 +279,14 @@ struct Feedback<'a> {
     errors: FieldErrors,
     notice: Option<String>,
     reset_error: Option<&'a str>,
+    token_error: Option<&'a str>,
 }
 
 #[derive(Deserialize, Default)]
 pub struct ProjectQuery {
     saved: Option<String>,
     reset: Option<String>,
+    revoked: Option<String>,
 }
 
 fn number_field(
@@ -310,6 +312,7 @@ fn project_page(
     project: &Project,
     volumes: &[crate::cache::VolumeView],
     builds: &[Build],
+    tokens: &[crate::db::tokens::TokenInfo],
     feedback: &Feedback<'_>,
 ) -> Markup {
     let (values, errors) = (feedback.values, &feedback.errors);
@@ -365,7 +368,38 @@ fn project_page(
                 }
             }
             section.card {
+                h2 { "Tokens" }
+                table {
+                    thead { tr { th { "Name" } th { "Token" } th { "Created" } th { "Last used" } th {} } }
+                    tbody {
+                        @for token in tokens.iter().filter(|t| t.revoked_at.is_none()) {
+                            tr {
+                                td { (token.name) }
+                                td { span.code { (token.display_prefix) "…" } }
+                                td { (token.created_at.format("%Y-%m-%d")) }
+                                td { (token.last_used_at.map_or_else(|| "never".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())) }
+                                td {
+                                    form method="post" action=(format!("/dashboard/projects/{}/tokens/{}/revoke", project.id, token.id)) {
+                                        input type="hidden" name="csrf" value=(session.csrf);
+                                        button.secondary type="submit" aria-label=(format!("Revoke token {}", token.name)) { "Revoke" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                form method="post" action=(format!("/dashboard/projects/{}/tokens", project.id)) {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    label for="token-name" { "New token name" }
+                    input #token-name type="text" name="name" required maxlength="100"
+                        aria-invalid=(if feedback.token_error.is_some() { "true" } else { "false" });
+                    @if let Some(error) = feedback.token_error { p.error role="alert" { (error) } }
+                    p { button type="submit" { "Create token" } }
+                }
+            }
+            section.card {
                 h2 { "Recent builds" }
+                p { a href=(format!("/dashboard/projects/{}/builds", project.id)) { "All builds, live" } }
                 table {
                     thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } } }
                     tbody {
@@ -407,16 +441,24 @@ async fn render_project(
         Ok(project) => project,
         Err(err) => return error_page(Some(session), err),
     };
-    let (volumes, builds) = match tokio::try_join!(
+    let (volumes, builds, tokens) = match tokio::try_join!(
         app.cache.list(principal, Some(id)),
-        app.builds.list(principal, Some(id), "", Some(20))
+        app.builds.list(principal, Some(id), "", Some(20)),
+        app.tokens.list_project_tokens(principal, Some(id))
     ) {
         Ok(found) => found,
         Err(err) => return error_page(Some(session), err),
     };
     page(
         status,
-        project_page(session, &project, &volumes, &builds.builds, feedback),
+        project_page(
+            session,
+            &project,
+            &volumes,
+            &builds.builds,
+            &tokens,
+            feedback,
+        ),
     )
 }
 
@@ -432,6 +474,7 @@ pub async fn project(
         (_, Some("unused")) => {
             Some("The cache was not used since its last reset; nothing to do.".into())
         }
+        _ if q.revoked.is_some() => Some("Token revoked.".into()),
         _ => None,
     };
     let feedback = Feedback {
@@ -755,4 +798,184 @@ pub async fn share_build(
         }
         Err(err) => error_page(Some(&session), err),
     }
+}
+
+#[derive(Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// Creates a project token and shows its secret, once.
+pub async fn create_token(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<TokenForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    let result = if form.name.trim().is_empty() {
+        Err(Error::invalid("name", "Give the token a name."))
+    } else {
+        app.tokens
+            .create_project_token(&session.principal, Some(&id), &form.name, None)
+            .await
+    };
+    match result {
+        Ok((info, secret)) => page(
+            StatusCode::OK,
+            layout(
+                "Token created",
+                Some(&session),
+                html! {
+                    section.card {
+                        h1 { "Token " (info.name) " created" }
+                        p { "Copy it now: Kiln stores only its hash and will not show it again." }
+                        p { span.code data-testid="secret" { (secret) } }
+                        p { a href=(format!("/dashboard/projects/{id}")) { "Back to the project" } }
+                    }
+                },
+            ),
+        ),
+        Err(Error::InvalidArgument { reason, .. }) => {
+            let feedback = Feedback {
+                token_error: Some(&reason),
+                ..Default::default()
+            };
+            render_project(
+                &app,
+                &session,
+                &id,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &feedback,
+            )
+            .await
+        }
+        Err(err) => error_page(Some(&session), err),
+    }
+}
+
+pub async fn revoke_token(
+    State(app): State<AppState>,
+    session: Session,
+    Path((id, token_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    match app
+        .tokens
+        .revoke(&session.principal, Some(&id), &token_id)
+        .await
+    {
+        Ok(_) => {
+            secure(Redirect::to(&format!("/dashboard/projects/{id}?revoked=1")).into_response())
+        }
+        Err(err) => error_page(Some(&session), err),
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub struct BuildsQuery {
+    status: Option<String>,
+    page_token: Option<String>,
+}
+
+const STATUSES: [&str; 6] = [
+    "queued",
+    "running",
+    "success",
+    "failed",
+    "canceled",
+    "timed_out",
+];
+
+/// A project's builds, newest first, filtered by status; the page refreshes itself every
+/// 5 seconds (no script needed) while it shows the first page.
+pub async fn builds(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    Query(q): Query<BuildsQuery>,
+) -> Response {
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    if status.is_some_and(|s| !STATUSES.contains(&s)) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            Some(&session),
+            "Unknown status",
+            "Filter by queued, running, success, failed, canceled or timed_out.",
+        );
+    }
+    let principal = &session.principal;
+    let project = match app.projects.get(principal, Some(&id)).await {
+        Ok(project) => project,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    // Filtering happens over pages of the listing, so a page may hold fewer rows.
+    let page_token = q.page_token.clone().unwrap_or_default();
+    let listed = match app
+        .builds
+        .list(principal, Some(&id), &page_token, Some(100))
+        .await
+    {
+        Ok(page) => page,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let shown: Vec<&Build> = listed
+        .builds
+        .iter()
+        .filter(|b| status.is_none_or(|s| b.state == s))
+        .collect();
+    let first_page = page_token.is_empty();
+    let body = html! {
+        p { a href=(format!("/dashboard/projects/{id}")) { "← " (project.name) } }
+        h1 { "Builds of " (project.name) }
+        form method="get" {
+            label for="status" { "Status" }
+            select #status name="status" {
+                option value="" selected[status.is_none()] { "any" }
+                @for s in STATUSES { option value=(s) selected[status == Some(s)] { (s) } }
+            }
+            " " button.secondary type="submit" { "Filter" }
+        }
+        section.card {
+            table {
+                thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } th { "Started by" } } }
+                tbody {
+                    @for build in &shown {
+                        tr {
+                            td { a href=(build_link(build)) { span.code { (build.id) } } }
+                            td { (state_label(&build.state)) }
+                            td { (build.created_at.format("%Y-%m-%d %H:%M:%S UTC")) }
+                            td { (duration(build)) }
+                            td { span.code { (build.created_by.as_deref().unwrap_or("—")) } }
+                        }
+                    }
+                }
+            }
+            @if shown.is_empty() { p.muted { "No builds here." } }
+            @if !listed.next_page_token.is_empty() {
+                p { a href=(format!("/dashboard/projects/{id}/builds?status={}&page_token={}", status.unwrap_or_default(), listed.next_page_token)) { "Older builds →" } }
+            }
+            @if first_page { p.muted { "This list refreshes every 5 seconds." } }
+        }
+    };
+    let mut response = page(
+        StatusCode::OK,
+        layout(&format!("Builds of {}", project.name), Some(&session), body),
+    );
+    if first_page {
+        response
+            .headers_mut()
+            .insert(header::REFRESH, axum::http::HeaderValue::from_static("5"));
+    }
+    response
 }
