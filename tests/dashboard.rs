@@ -565,3 +565,85 @@ async fn tokens_are_shown_once_and_revoked_and_builds_list_live_by_status() {
     .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn trust_relationships_are_added_validated_and_removed() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "trust").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let router = kiln::api::router(app(&db));
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let path = format!("/dashboard/projects/{}", t.project.id);
+    let page = html(&get(&router, &path, Some(&cookie)).await);
+    let token = csrf(&page);
+    assert!(page.contains("Trust relationships") && page.contains("None yet."));
+    let action = format!("{path}/trust-policies");
+
+    let added = post_form(
+        &router,
+        &action,
+        Some(&cookie),
+        None,
+        &[
+            ("csrf", &token),
+            ("provider", "github"),
+            ("repository_owner", "acme"),
+            ("repository", "api"),
+        ],
+    )
+    .await;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", html(&added));
+    let page = html(&get(&router, &path, Some(&cookie)).await);
+    assert!(page.contains("GitHub acme/api"));
+
+    // Missing fields and unknown providers are refused on the page; nothing is stored.
+    for form in [
+        vec![
+            ("csrf", token.as_str()),
+            ("provider", "gitlab"),
+            ("project_path", ""),
+        ],
+        vec![("csrf", token.as_str()), ("provider", "jenkins")],
+    ] {
+        let reply = post_form(&router, &action, Some(&cookie), None, &form).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{form:?}");
+        assert!(html(&reply).contains("role=\"alert\""));
+    }
+    let forged = post_form(
+        &router,
+        &action,
+        Some(&cookie),
+        None,
+        &[
+            ("csrf", "x"),
+            ("provider", "gitlab"),
+            ("project_path", "acme/web"),
+        ],
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM trust_policies WHERE project_id = $1")
+            .bind(&t.project.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(count, 1);
+
+    let policy: String = sqlx::query_scalar("SELECT id FROM trust_policies WHERE project_id = $1")
+        .bind(&t.project.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let removed = post_form(
+        &router,
+        &format!("{action}/{policy}/remove"),
+        Some(&cookie),
+        None,
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!(removed.status, StatusCode::SEE_OTHER);
+    assert!(html(&get(&router, &path, Some(&cookie)).await).contains("None yet."));
+}

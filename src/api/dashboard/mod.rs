@@ -43,6 +43,14 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/dashboard/projects/{id}/builds", get(pages::builds))
         .route(
+            "/dashboard/projects/{id}/trust-policies",
+            post(pages::add_trust_policy),
+        )
+        .route(
+            "/dashboard/projects/{id}/trust-policies/{policy}/remove",
+            post(pages::remove_trust_policy),
+        )
+        .route(
             "/dashboard/projects/{project}/builds/{build}",
             get(pages::build),
         )

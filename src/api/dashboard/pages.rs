@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::web::{self, Session, error_page, layout, page, problem, same_origin, secure};
 use crate::app::AppState;
 use crate::auth::login;
+use crate::auth::trust::TrustProvider;
 use crate::db::builds::{Build, StepRow};
 use crate::db::projects::Project;
 use crate::error::Error;
@@ -280,6 +281,7 @@ struct Feedback<'a> {
     notice: Option<String>,
     reset_error: Option<&'a str>,
     token_error: Option<&'a str>,
+    trust_error: Option<&'a str>,
 }
 
 #[derive(Deserialize, Default)]
@@ -287,6 +289,8 @@ pub struct ProjectQuery {
     saved: Option<String>,
     reset: Option<String>,
     revoked: Option<String>,
+    trusted: Option<String>,
+    untrusted: Option<String>,
 }
 
 fn number_field(
@@ -313,6 +317,7 @@ fn project_page(
     volumes: &[crate::cache::VolumeView],
     builds: &[Build],
     tokens: &[crate::db::tokens::TokenInfo],
+    policies: &[crate::projects::trust::TrustPolicy],
     feedback: &Feedback<'_>,
 ) -> Markup {
     let (values, errors) = (feedback.values, &feedback.errors);
@@ -397,6 +402,7 @@ fn project_page(
                     p { button type="submit" { "Create token" } }
                 }
             }
+            (trust_section(session, project, policies, feedback.trust_error))
             section.card {
                 h2 { "Recent builds" }
                 p { a href=(format!("/dashboard/projects/{}/builds", project.id)) { "All builds, live" } }
@@ -441,10 +447,11 @@ async fn render_project(
         Ok(project) => project,
         Err(err) => return error_page(Some(session), err),
     };
-    let (volumes, builds, tokens) = match tokio::try_join!(
+    let (volumes, builds, tokens, policies) = match tokio::try_join!(
         app.cache.list(principal, Some(id)),
         app.builds.list(principal, Some(id), "", Some(20)),
-        app.tokens.list_project_tokens(principal, Some(id))
+        app.tokens.list_project_tokens(principal, Some(id)),
+        app.projects.trust_policies(principal, Some(id))
     ) {
         Ok(found) => found,
         Err(err) => return error_page(Some(session), err),
@@ -457,6 +464,7 @@ async fn render_project(
             &volumes,
             &builds.builds,
             &tokens,
+            &policies,
             feedback,
         ),
     )
@@ -475,6 +483,8 @@ pub async fn project(
             Some("The cache was not used since its last reset; nothing to do.".into())
         }
         _ if q.revoked.is_some() => Some("Token revoked.".into()),
+        _ if q.trusted.is_some() => Some("Trust relationship added.".into()),
+        _ if q.untrusted.is_some() => Some("Trust relationship removed.".into()),
         _ => None,
     };
     let feedback = Feedback {
@@ -978,4 +988,239 @@ pub async fn builds(
             .insert(header::REFRESH, axum::http::HeaderValue::from_static("5"));
     }
     response
+}
+
+fn describe_policy(provider: &TrustProvider) -> String {
+    match provider {
+        TrustProvider::GitHub {
+            repository_owner,
+            repository,
+            repository_id,
+        } if repository_id.is_empty() => format!("GitHub {repository_owner}/{repository}"),
+        TrustProvider::GitHub {
+            repository_owner,
+            repository,
+            repository_id,
+        } => format!("GitHub {repository_owner}/{repository} (id {repository_id})"),
+        TrustProvider::GitLab {
+            project_path,
+            git_ref,
+        } if git_ref.is_empty() => format!("GitLab {project_path}"),
+        TrustProvider::GitLab {
+            project_path,
+            git_ref,
+        } => format!("GitLab {project_path} ({git_ref})"),
+        TrustProvider::CircleCi {
+            organization_uuid,
+            project_uuid,
+        } => format!("CircleCI {organization_uuid}/{project_uuid}"),
+        TrustProvider::Buildkite {
+            organization_slug,
+            pipeline_slug,
+        } => format!("Buildkite {organization_slug}/{pipeline_slug}"),
+    }
+}
+
+/// A provider's form: its name, title, and fields (name, label, required).
+type ProviderForm = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str, bool)],
+);
+
+const PROVIDER_FORMS: [ProviderForm; 4] = [
+    (
+        "github",
+        "GitHub Actions",
+        &[
+            ("repository_owner", "Owner", true),
+            ("repository", "Repository", true),
+            ("repository_id", "Repository id (optional)", false),
+        ],
+    ),
+    (
+        "gitlab",
+        "GitLab CI",
+        &[
+            ("project_path", "Project path", true),
+            ("ref", "Ref (optional)", false),
+        ],
+    ),
+    (
+        "circleci",
+        "CircleCI",
+        &[
+            ("organization_uuid", "Organization UUID", true),
+            ("project_uuid", "Project UUID", true),
+        ],
+    ),
+    (
+        "buildkite",
+        "Buildkite",
+        &[
+            ("organization_slug", "Organization slug", true),
+            ("pipeline_slug", "Pipeline slug", true),
+        ],
+    ),
+];
+
+/// One small form per provider: each has its own fields, and no script is needed.
+fn trust_section(
+    session: &Session,
+    project: &Project,
+    policies: &[crate::projects::trust::TrustPolicy],
+    error: Option<&str>,
+) -> Markup {
+    let action = format!("/dashboard/projects/{}/trust-policies", project.id);
+    html! {
+        section.card {
+            h2 { "Trust relationships" }
+            p.muted { "CI jobs whose OIDC token matches one of these build this project without a Kiln token." }
+            @if let Some(error) = error { p.error role="alert" { (error) } }
+            table {
+                tbody {
+                    @for policy in policies {
+                        tr {
+                            td { (describe_policy(&policy.provider)) }
+                            td {
+                                form method="post" action=(format!("{action}/{}/remove", policy.id)) {
+                                    input type="hidden" name="csrf" value=(session.csrf);
+                                    button.secondary type="submit" { "Remove" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if policies.is_empty() { p.muted { "None yet." } }
+            div.grid {
+                @for (provider, title, fields) in PROVIDER_FORMS {
+                    form method="post" action=(action) {
+                        h3 { (title) }
+                        input type="hidden" name="csrf" value=(session.csrf);
+                        input type="hidden" name="provider" value=(provider);
+                        @for (name, label, required) in fields {
+                            @let id = format!("{provider}-{name}");
+                            label for=(id) { (label) }
+                            input id=(id) type="text" name=(name) maxlength="200" required[*required];
+                        }
+                        p { button.secondary type="submit" { "Trust " (title) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct TrustForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    provider: String,
+    #[serde(default)]
+    repository_owner: String,
+    #[serde(default)]
+    repository: String,
+    #[serde(default)]
+    repository_id: String,
+    #[serde(default)]
+    project_path: String,
+    #[serde(default, rename = "ref")]
+    git_ref: String,
+    #[serde(default)]
+    organization_uuid: String,
+    #[serde(default)]
+    project_uuid: String,
+    #[serde(default)]
+    organization_slug: String,
+    #[serde(default)]
+    pipeline_slug: String,
+}
+
+pub async fn add_trust_policy(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<TrustForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    let t = |s: &str| s.trim().to_string();
+    let provider = match form.provider.as_str() {
+        "github" => Ok(TrustProvider::GitHub {
+            repository_owner: t(&form.repository_owner),
+            repository: t(&form.repository),
+            repository_id: t(&form.repository_id),
+        }),
+        "gitlab" => Ok(TrustProvider::GitLab {
+            project_path: t(&form.project_path),
+            git_ref: t(&form.git_ref),
+        }),
+        "circleci" => Ok(TrustProvider::CircleCi {
+            organization_uuid: t(&form.organization_uuid),
+            project_uuid: t(&form.project_uuid),
+        }),
+        "buildkite" => Ok(TrustProvider::Buildkite {
+            organization_slug: t(&form.organization_slug),
+            pipeline_slug: t(&form.pipeline_slug),
+        }),
+        _ => Err(Error::invalid(
+            "provider",
+            "choose GitHub, GitLab, CircleCI or Buildkite",
+        )),
+    };
+    let result = match provider {
+        Ok(provider) => app
+            .projects
+            .add_trust_policy(&session.principal, Some(&id), provider)
+            .await
+            .map(|_| ()),
+        Err(err) => Err(err),
+    };
+    match result {
+        Ok(()) => {
+            secure(Redirect::to(&format!("/dashboard/projects/{id}?trusted=1")).into_response())
+        }
+        Err(err @ (Error::InvalidArgument { .. } | Error::AlreadyExists(_))) => {
+            let message = err.to_string();
+            let feedback = Feedback {
+                trust_error: Some(&message),
+                ..Default::default()
+            };
+            render_project(
+                &app,
+                &session,
+                &id,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &feedback,
+            )
+            .await
+        }
+        Err(err) => error_page(Some(&session), err),
+    }
+}
+
+pub async fn remove_trust_policy(
+    State(app): State<AppState>,
+    session: Session,
+    Path((id, policy)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
+        return forged(&session);
+    }
+    match app
+        .projects
+        .remove_trust_policy(&session.principal, Some(&id), &policy)
+        .await
+    {
+        Ok(()) => {
+            secure(Redirect::to(&format!("/dashboard/projects/{id}?untrusted=1")).into_response())
+        }
+        Err(err) => error_page(Some(&session), err),
+    }
 }
