@@ -647,3 +647,61 @@ async fn trust_relationships_are_added_validated_and_removed() {
     assert_eq!(removed.status, StatusCode::SEE_OTHER);
     assert!(html(&get(&router, &path, Some(&cookie)).await).contains("None yet."));
 }
+
+#[tokio::test]
+async fn usage_shows_build_minutes_per_day() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "usage").await;
+    let other = tenant(&db.pool, "other").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let app = app(&db);
+    let router = kiln::api::router(app.clone());
+    let operator = common::operator();
+    let spec = kiln::builds::BuildSpec {
+        command: "build".into(),
+        options: serde_json::json!([]),
+        save: false,
+        ephemeral_cache: false,
+    };
+    for _ in 0..2 {
+        let (build, _, _) = app
+            .builds
+            .create(&operator, Some(&t.project.id), spec.clone())
+            .await
+            .unwrap();
+        app.builds
+            .finish(&operator, &build.id, kiln::db::builds::Outcome::Success)
+            .await
+            .unwrap();
+    }
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let reply = get(
+        &router,
+        &format!("/dashboard/projects/{}/usage", t.project.id),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = html(&reply);
+    assert!(text.contains("<svg class=\"usage\""), "{text}");
+    // The day the builds finished on (not "now": the test may straddle midnight).
+    let today: String = sqlx::query_scalar(
+        "SELECT ((finished_at AT TIME ZONE 'UTC')::date)::text FROM builds WHERE project_id = $1 LIMIT 1",
+    )
+    .bind(&t.project.id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        text.contains(&format!("<td>{today}</td><td>2</td>")),
+        "{text}"
+    );
+    let theirs = get(
+        &router,
+        &format!("/dashboard/projects/{}/usage", other.project.id),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND);
+}

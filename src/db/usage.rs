@@ -69,6 +69,27 @@ pub async fn projects(
     .await?)
 }
 
+/// A project's usage per UTC day over [start, end): (day, builds, build seconds, saved
+/// seconds), days without builds left out.
+pub async fn project_daily(
+    pool: &PgPool,
+    project_id: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<Vec<(chrono::NaiveDate, i64, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT (hour AT TIME ZONE 'UTC')::date AS day, sum(build_count)::bigint,
+                sum(build_seconds)::bigint, sum(saved_seconds)::bigint
+         FROM usage_hourly WHERE project_id = $1 AND hour >= date_trunc('hour', $2, 'UTC') AND hour < $3
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(project_id)
+    .bind(start)
+    .bind(end)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Bytes used by the filtered projects' live cache volumes, as last measured.
 pub async fn cache_used_bytes(pool: &PgPool, filter: &ProjectFilter) -> Result<i64> {
     Ok(sqlx::query_scalar(

@@ -78,6 +78,15 @@ pub struct Usage {
     pool: PgPool,
 }
 
+/// A project's builds on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsage {
+    pub day: chrono::NaiveDate,
+    pub builds: i64,
+    pub build_seconds: i64,
+    pub saved_seconds: i64,
+}
+
 /// The most projects `report` returns (projects with builds in the range).
 const MAX_REPORT_PROJECTS: i64 = 10_000;
 
@@ -132,6 +141,29 @@ impl Usage {
             .await?
             .pop()
             .ok_or_else(|| Error::not_found("project", project_id))
+    }
+
+    /// One project's usage per UTC day (days without builds left out).
+    pub async fn project_daily(
+        &self,
+        principal: &Principal,
+        project_id: &str,
+        range: Range,
+    ) -> Result<Vec<DailyUsage>> {
+        let project =
+            projects::load(&self.pool, principal, project_id, Action::ViewProject).await?;
+        Ok(
+            usage::project_daily(&self.pool, &project.id, range.start, range.end)
+                .await?
+                .into_iter()
+                .map(|(day, builds, build_seconds, saved_seconds)| DailyUsage {
+                    day,
+                    builds,
+                    build_seconds,
+                    saved_seconds,
+                })
+                .collect(),
+        )
     }
 
     /// Usage of every project the principal can see, idle ones included, in pages.

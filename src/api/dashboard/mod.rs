@@ -42,6 +42,7 @@ pub fn routes() -> Router<AppState> {
             post(pages::revoke_token),
         )
         .route("/dashboard/projects/{id}/builds", get(pages::builds))
+        .route("/dashboard/projects/{id}/usage", get(pages::usage))
         .route(
             "/dashboard/projects/{id}/trust-policies",
             post(pages::add_trust_policy),

@@ -405,7 +405,11 @@ fn project_page(
             (trust_section(session, project, policies, feedback.trust_error))
             section.card {
                 h2 { "Recent builds" }
-                p { a href=(format!("/dashboard/projects/{}/builds", project.id)) { "All builds, live" } }
+                p {
+                    a href=(format!("/dashboard/projects/{}/builds", project.id)) { "All builds, live" }
+                    " · "
+                    a href=(format!("/dashboard/projects/{}/usage", project.id)) { "Usage" }
+                }
                 table {
                     thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } } }
                     tbody {
@@ -1223,4 +1227,77 @@ pub async fn remove_trust_policy(
         }
         Err(err) => error_page(Some(&session), err),
     }
+}
+
+/// Build minutes and minutes saved per day over the last 30 days, as an SVG bar chart
+/// with the figures in a table beside it (for screen readers and exact numbers).
+pub async fn usage(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+) -> Response {
+    let principal = &session.principal;
+    let project = match app.projects.get(principal, Some(&id)).await {
+        Ok(project) => project,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let today = chrono::Utc::now().date_naive();
+    let first = today - chrono::Duration::days(29);
+    let start = first.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    let range = match crate::usage::Range::new(Some(start), None) {
+        Ok(range) => range,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let days = match app.usage.project_daily(principal, &id, range).await {
+        Ok(days) => days,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let minutes = |s: i64| s as f64 / 60.0;
+    let top = days
+        .iter()
+        .map(|d| minutes(d.build_seconds).max(minutes(d.saved_seconds)))
+        .fold(1.0_f64, f64::max);
+    let body = html! {
+        p { a href=(format!("/dashboard/projects/{id}")) { "← " (project.name) } }
+        h1 { "Usage of " (project.name) }
+        section.card {
+            h2 { "Build minutes and minutes saved, last 30 days" }
+            svg.usage viewBox="0 0 900 220" role="img"
+                aria-label="Build minutes (dark) and minutes saved by the cache (light) per day" {
+                @for offset in 0..30i64 {
+                    @let day = first + chrono::Duration::days(offset);
+                    @let x = 10.0 + offset as f64 * 29.5;
+                    @if let Some(d) = days.iter().find(|d| d.day == day) {
+                        @let built = minutes(d.build_seconds) / top * 190.0;
+                        @let saved = minutes(d.saved_seconds) / top * 190.0;
+                        rect.run x=(format!("{x:.1}")) y=(format!("{:.1}", 200.0 - built)) width="12" height=(format!("{built:.1}")) {
+                            title { (day) ": " (format!("{:.1}", minutes(d.build_seconds))) " build minutes" }
+                        }
+                        rect.cached x=(format!("{:.1}", x + 13.0)) y=(format!("{:.1}", 200.0 - saved)) width="12" height=(format!("{saved:.1}")) {
+                            title { (day) ": " (format!("{:.1}", minutes(d.saved_seconds))) " minutes saved" }
+                        }
+                    }
+                    @if offset % 5 == 0 { text x=(format!("{x:.1}")) y="215" { (day.format("%m-%d")) } }
+                }
+            }
+            table {
+                thead { tr { th { "Day (UTC)" } th { "Builds" } th { "Build minutes" } th { "Minutes saved" } } }
+                tbody {
+                    @for d in &days {
+                        tr {
+                            td { (d.day) }
+                            td { (d.builds) }
+                            td { (format!("{:.1}", minutes(d.build_seconds))) }
+                            td { (format!("{:.1}", minutes(d.saved_seconds))) }
+                        }
+                    }
+                }
+            }
+            @if days.is_empty() { p.muted { "No finished builds in the last 30 days." } }
+        }
+    };
+    page(
+        StatusCode::OK,
+        layout(&format!("Usage of {}", project.name), Some(&session), body),
+    )
 }
