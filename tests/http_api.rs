@@ -528,6 +528,24 @@ async fn the_login_page_checks_the_request_before_any_password() {
     // The sign-in throttle for that email was never touched.
     let wrong = post(format!("/login/{}", request.user_code)).await;
     assert_eq!(wrong, StatusCode::UNAUTHORIZED);
+
+    // The approval page wears the dashboard's stylesheet and security headers.
+    let page = common::http::send(
+        &router,
+        Request::builder()
+            .uri(format!("/login/{}", request.user_code))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    let csp = page.headers[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap();
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let html = String::from_utf8_lossy(&page.body);
+    assert!(html.contains("/dashboard/assets/app.") && !html.contains("<style"));
+    assert!(html.contains(&request.user_code));
 }
 
 #[tokio::test]

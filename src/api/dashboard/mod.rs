@@ -20,7 +20,15 @@ use crate::error::Error;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/login/{code}", get(login_page).post(login_decide))
+        .route(
+            "/login/{code}",
+            get(login_page)
+                .post(login_decide)
+                // The dashboard's security headers (CSP, no framing, no-store) here too.
+                .layer(axum::middleware::map_response(
+                    |response: Response| async move { web::secure(response) },
+                )),
+        )
         .route("/shared/builds/{build}/{token}", get(shared::shared_build))
         .route("/", get(web::root))
         .route("/dashboard", get(pages::index))
@@ -77,23 +85,17 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// The frame of the login approval pages: the dashboard's stylesheet and look.
 fn page(title: &str, body: &str) -> String {
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} · Kiln</title>
-<style>
-body{{font-family:system-ui,sans-serif;background:#f6f5f3;color:#1d1b19;display:flex;justify-content:center;padding:4rem 1rem}}
-main{{background:#fff;border:1px solid #e2ded8;border-radius:10px;padding:2rem;max-width:26rem;width:100%}}
-h1{{font-size:1.3rem;margin-top:0}} label{{display:block;margin:.8rem 0 .3rem;font-size:.9rem}}
-input{{width:100%;box-sizing:border-box;padding:.55rem;border:1px solid #c9c3bb;border-radius:6px;font-size:1rem}}
-.buttons{{display:flex;gap:.6rem;margin-top:1.2rem}} button{{padding:.6rem 1rem;border-radius:6px;border:1px solid #b5412a;font-size:1rem;cursor:pointer}}
-button.approve{{background:#b5412a;color:#fff}} button.deny{{background:#fff;color:#b5412a}}
-.code{{font-family:ui-monospace,monospace;background:#f0ede9;padding:.1rem .35rem;border-radius:4px}}
-.error{{color:#a0251b}} .muted{{color:#6d665e;font-size:.9rem}}
-.usercode{{font-family:ui-monospace,monospace;font-size:1.6rem;letter-spacing:.15em;text-align:center;margin:.4rem 0}}
-</style></head><body><main>{body}</main></body></html>"#,
+<link rel="stylesheet" href="{css}">
+</head><body><header class="top"><a class="brand" href="/dashboard">Kiln</a></header>
+<main class="narrow"><section class="card">{body}</section></main></body></html>"#,
         title = escape(title),
+        css = web::CSS_PATH.as_str(),
     )
 }
 
