@@ -435,6 +435,17 @@ pub struct BuildSpec {
 }
 
 impl BuildSpec {
+    /// A build with no CLI attached (the public API's CreateBuild, REST): the client
+    /// drives BuildKit itself, so there are no targets' options to keep.
+    pub fn without_cli() -> Self {
+        BuildSpec {
+            command: "build".into(),
+            options: serde_json::json!([]),
+            save: false,
+            ephemeral_cache: false,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         if self.save {
             return Err(Error::FailedPrecondition(

@@ -138,6 +138,17 @@ pub struct CsrfForm {
     csrf: String,
 }
 
+/// The answer to a form that did not come from our own page (a foreign origin or a
+/// wrong CSRF token), or `None` when it did.
+fn refuse_forged(
+    app: &AppState,
+    session: &Session,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Option<Response> {
+    (!same_origin(app, headers) || !session.check_csrf(csrf)).then(|| forged(session))
+}
+
 fn forged(session: &Session) -> Response {
     problem(
         StatusCode::FORBIDDEN,
@@ -154,8 +165,8 @@ pub async fn sign_out(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     let principal = session.principal.clone();
     if let Err(err) = app
@@ -519,8 +530,8 @@ pub async fn save_settings(
     headers: HeaderMap,
     Form(form): Form<SettingsForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     let mut errors = FieldErrors::default();
     let mut number = |field: &'static str, text: &str| -> Option<i32> {
@@ -613,8 +624,8 @@ pub async fn reset_cache(
     headers: HeaderMap,
     Form(form): Form<ResetForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     if form.confirm.as_deref() != Some("yes") {
         let feedback = Feedback {
@@ -783,8 +794,8 @@ pub async fn share_build(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     match app.builds.get(&session.principal, &build_id).await {
         Ok(build) if build.project_id == project_id => {}
@@ -830,8 +841,8 @@ pub async fn create_token(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     let result = if form.name.trim().is_empty() {
         Err(Error::invalid("name", "Give the token a name."))
@@ -881,8 +892,8 @@ pub async fn revoke_token(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     match app
         .tokens
@@ -1149,8 +1160,8 @@ pub async fn add_trust_policy(
     headers: HeaderMap,
     Form(form): Form<TrustForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     let t = |s: &str| s.trim().to_string();
     let provider = match form.provider.as_str() {
@@ -1214,8 +1225,8 @@ pub async fn remove_trust_policy(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !same_origin(&app, &headers) || !session.check_csrf(&form.csrf) {
-        return forged(&session);
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
     match app
         .projects

@@ -6,7 +6,6 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -78,12 +77,7 @@ async fn create_build(
     Auth(principal): Auth,
     Path(project): Path<String>,
 ) -> Result<(StatusCode, Json<CreatedBuild>)> {
-    let spec = BuildSpec {
-        command: "build".into(),
-        options: json!([]),
-        save: false,
-        ephemeral_cache: false,
-    };
+    let spec = BuildSpec::without_cli();
     let (build, build_token, _) = app.builds.create(&principal, Some(&project), spec).await?;
     Ok((
         StatusCode::CREATED,

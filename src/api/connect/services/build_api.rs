@@ -29,12 +29,7 @@ fn given(id: &str) -> Option<&str> {
 
 async fn create_build(call: Call, req: pb::CreateBuildRequest) -> Result<pb::CreateBuildResponse> {
     let principal = call.principal().await?;
-    let spec = BuildSpec {
-        command: "build".into(),
-        options: serde_json::json!([]),
-        save: false,
-        ephemeral_cache: false,
-    };
+    let spec = BuildSpec::without_cli();
     let (build, token, _) = call
         .app
         .builds
