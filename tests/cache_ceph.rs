@@ -1271,7 +1271,13 @@ async fn an_ephemeral_build_gets_its_own_builder_and_volume_and_both_go_with_it(
         .unwrap();
     wait_state(&replica, &volume.id, "deleted", Duration::from_secs(60)).await;
     assert_eq!(machine_state(&db, &machine).await, "terminated");
-    assert!(!rbd_namespaces(&conf, &pool).contains(&volume.namespace));
+    // The empty namespace goes right after the volume row says deleted.
+    common::wait_for(
+        "the build's namespace to be removed",
+        Duration::from_secs(30),
+        || async { !rbd_namespaces(&conf, &pool).contains(&volume.namespace) },
+    )
+    .await;
     // The project's volume is untouched, still attached to its builder.
     let project_now = kiln::db::volumes::get(&db.pool, &project_volume.id)
         .await
