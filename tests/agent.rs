@@ -182,7 +182,11 @@ async fn an_agent_registers_serves_its_project_reports_health_and_drains() {
     kiln::db::builds::finish(&db.pool, &build, &Outcome::Success)
         .await
         .unwrap();
-    assert!(kiln::db::machines::drain(&db.pool, &row.id).await.unwrap());
+    assert!(
+        kiln::db::machines::drain(&db.pool, &row.id, Some(&t.project.id))
+            .await
+            .unwrap()
+    );
     wait_for(
         "the agent to report its shutdown",
         Duration::from_secs(30),

@@ -705,3 +705,235 @@ async fn usage_shows_build_minutes_per_day() {
     .await;
     assert_eq!(theirs.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn projects_are_created_from_the_list_with_errors_beside_the_field() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "create").await;
+    let other = tenant(&db.pool, "elsewhere").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let router = kiln::api::router(app(&db));
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let index = html(&get(&router, "/dashboard", Some(&cookie)).await);
+    let token = csrf(&index);
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM projects")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let before = count().await;
+
+    // An empty name: 422, the error beside the field, nothing created.
+    let empty = post_form(
+        &router,
+        "/dashboard/projects",
+        Some(&cookie),
+        None,
+        &[
+            ("csrf", &token),
+            ("organization_id", &t.org_id),
+            ("name", "  "),
+        ],
+    )
+    .await;
+    assert_eq!(empty.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html(&empty).contains("role=\"alert\""), "{}", html(&empty));
+    assert_eq!(count().await, before);
+    // Another organization: not found, nothing created.
+    let foreign = post_form(
+        &router,
+        "/dashboard/projects",
+        Some(&cookie),
+        None,
+        &[
+            ("csrf", &token),
+            ("organization_id", &other.org_id),
+            ("name", "mine now"),
+        ],
+    )
+    .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND);
+    // A forged cross-site form: refused, nothing created.
+    let forged = post_form(
+        &router,
+        "/dashboard/projects",
+        Some(&cookie),
+        Some("https://evil.example"),
+        &[
+            ("csrf", &token),
+            ("organization_id", &t.org_id),
+            ("name", "forged"),
+        ],
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(count().await, before);
+
+    let created = post_form(
+        &router,
+        "/dashboard/projects",
+        Some(&cookie),
+        None,
+        &[
+            ("csrf", &token),
+            ("organization_id", &t.org_id),
+            ("name", "web app"),
+        ],
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", html(&created));
+    let location = created.headers[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let project = html(&get(&router, &location, Some(&cookie)).await);
+    assert!(project.contains("<h1>web app</h1>"), "{project}");
+    assert_eq!(count().await, before + 1);
+    // The list shows it, with its cache sizes and no build yet.
+    let index = html(&get(&router, "/dashboard", Some(&cookie)).await);
+    assert!(index.contains("web app") && index.contains("none yet"));
+}
+
+#[tokio::test]
+async fn owners_see_their_machines_drain_them_and_filter_the_audit_log() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "ops").await;
+    let other = tenant(&db.pool, "theirs").await;
+    let insert = |id: &'static str, project: Option<String>, state: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO machines (id, provider, platform, project_id, state, active_builds)
+                 VALUES ($1, 'local', 'amd64', $2, $3, 0)",
+            )
+            .bind(id)
+            .bind(project)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    insert("machineours01", Some(t.project.id.clone()), "assigned").await;
+    insert("machinetheirs1", Some(other.project.id.clone()), "ready").await;
+    insert("machinewarm001", None, "ready").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let router = kiln::api::router(app(&db));
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let index = html(&get(&router, "/dashboard", Some(&cookie)).await);
+    let path = format!("/dashboard/organizations/{}/operations", t.org_id);
+    assert!(index.contains(&path), "owners are offered the page");
+
+    let page = get(&router, &path, Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let body = html(&page);
+    assert!(body.contains("machineours01") && body.contains(&t.project.name));
+    assert!(!body.contains("machinetheirs1") && !body.contains("machinewarm001"));
+    assert!(body.contains("project.create"), "the audit log is shown");
+    let token = csrf(&body);
+
+    // Draining a machine of another organization, or of the warm pool: not found.
+    for machine in ["machinetheirs1", "machinewarm001"] {
+        let reply = post_form(
+            &router,
+            &format!(
+                "/dashboard/organizations/{}/machines/{machine}/drain",
+                t.org_id
+            ),
+            Some(&cookie),
+            None,
+            &[("csrf", &token)],
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{machine}");
+    }
+    // A forged drain changes nothing.
+    let drain = format!(
+        "/dashboard/organizations/{}/machines/machineours01/drain",
+        t.org_id
+    );
+    let forged = post_form(&router, &drain, Some(&cookie), None, &[("csrf", "forged")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let state = |id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM machines WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(state("machineours01").await, "assigned");
+    let drained = post_form(&router, &drain, Some(&cookie), None, &[("csrf", &token)]).await;
+    assert_eq!(drained.status, StatusCode::SEE_OTHER);
+    assert_eq!(state("machineours01").await, "draining");
+    assert_eq!(state("machinetheirs1").await, "ready");
+    assert_eq!(state("machinewarm001").await, "ready");
+    let again = post_form(&router, &drain, Some(&cookie), None, &[("csrf", &token)]).await;
+    assert!(
+        again.headers[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .ends_with("drained=0")
+    );
+
+    // Filters: by action, by date; a bad date is refused beside its field.
+    let only_drains = html(
+        &get(
+            &router,
+            &format!("{path}?action=machine.drain"),
+            Some(&cookie),
+        )
+        .await,
+    );
+    assert!(only_drains.contains("machine.drain") && !only_drains.contains("project.create"));
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let future = html(&get(&router, &format!("{path}?since={tomorrow}"), Some(&cookie)).await);
+    assert!(future.contains("No events match."));
+    let bad = get(&router, &format!("{path}?since=yesterday"), Some(&cookie)).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(html(&bad).contains("Enter a date such as"));
+
+    // A plain member sees neither the link nor the page; another organization's owner
+    // gets a 404.
+    let member = domain_member(&db, &t.org_id).await;
+    let member_cookie = sign_in(&router, &member, "a long password").await;
+    let index = html(&get(&router, "/dashboard", Some(&member_cookie)).await);
+    assert!(!index.contains(&path));
+    let refused = get(&router, &path, Some(&member_cookie)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(!html(&refused).contains("machineours01"));
+    common::set_password(&db.pool, &other.user_id, "a long password").await;
+    let their_email = email_of(&db, &other.user_id).await;
+    let their_cookie = sign_in(&router, &their_email, "a long password").await;
+    let hidden = get(&router, &path, Some(&their_cookie)).await;
+    assert_eq!(hidden.status, StatusCode::NOT_FOUND);
+}
+
+/// A new member (not an owner) of `org_id` with a password; returns their email.
+async fn domain_member(db: &TestDb, org_id: &str) -> String {
+    let d = common::domain(&db.pool);
+    let email = format!("{}@member.test", kiln::db::ids::new_id());
+    let user = d
+        .orgs
+        .create_user(&common::operator(), &email, "member")
+        .await
+        .unwrap();
+    d.orgs
+        .set_member(
+            &common::operator(),
+            org_id,
+            &user.id,
+            kiln::auth::Role::Member,
+        )
+        .await
+        .unwrap();
+    common::set_password(&db.pool, &user.id, "a long password").await;
+    email
+}

@@ -33,6 +33,8 @@ pub enum Action {
     /// Mint a short-lived pull token (`depot pull-token`, `depot pull`).
     MintPullToken,
     ViewAuditLog,
+    /// See the builder machines serving an organization's projects, and drain them.
+    ManageMachines,
     ActAsMachine,
     /// Manage the installation: organizations, users, memberships, any token, builder
     /// machines and jobs. Operators only.
@@ -43,7 +45,10 @@ impl Action {
     fn required_scope(self) -> Scope {
         match self {
             Action::ViewOrganization => Scope::OrgRead,
-            Action::ManageOrganization | Action::ViewAuditLog | Action::Operate => Scope::OrgAdmin,
+            Action::ManageOrganization
+            | Action::ViewAuditLog
+            | Action::ManageMachines
+            | Action::Operate => Scope::OrgAdmin,
             Action::ViewProject => Scope::ProjectsRead,
             Action::CreateProject
             | Action::UpdateProject
@@ -61,7 +66,10 @@ impl Action {
     fn owner_only(self) -> bool {
         matches!(
             self,
-            Action::ManageOrganization | Action::DeleteProject | Action::ViewAuditLog
+            Action::ManageOrganization
+                | Action::DeleteProject
+                | Action::ViewAuditLog
+                | Action::ManageMachines
         )
     }
 
@@ -88,6 +96,7 @@ impl Action {
             Action::PullImages => "pull images",
             Action::MintPullToken => "mint pull tokens",
             Action::ViewAuditLog => "read the audit log",
+            Action::ManageMachines => "see and drain this organization's builder machines",
             Action::ActAsMachine => "act as a builder machine",
             Action::Operate => "manage this installation",
         }
@@ -111,8 +120,11 @@ pub enum Target<'a> {
         project_id: &'a str,
         organization_id: &'a str,
     },
+    /// A builder machine, with the organization of the project it serves (none for a
+    /// machine in the warm pool).
     Machine {
         id: &'a str,
+        organization_id: Option<&'a str>,
     },
 }
 
@@ -126,7 +138,10 @@ impl Target<'_> {
             | Target::Build {
                 organization_id, ..
             } => Some(organization_id),
-            Target::Machine { .. } | Target::Instance => None,
+            Target::Machine {
+                organization_id, ..
+            } => *organization_id,
+            Target::Instance => None,
         }
     }
 
@@ -146,7 +161,7 @@ impl Target<'_> {
             Target::Organization { id } => Error::not_found("organization", id),
             Target::Project { id, .. } => Error::not_found("project", id),
             Target::Build { id, .. } => Error::not_found("build", id),
-            Target::Machine { id } => Error::not_found("machine", id),
+            Target::Machine { id, .. } => Error::not_found("machine", id),
         }
     }
 }
@@ -196,7 +211,9 @@ fn reach(p: &Principal, target: &Target<'_>) -> Reach {
             _ => Reach::Outside,
         },
         TokenKind::Machine => match target {
-            Target::Machine { id } if Some(*id) == p.machine_id.as_deref() => Reach::Within(None),
+            Target::Machine { id, .. } if Some(*id) == p.machine_id.as_deref() => {
+                Reach::Within(None)
+            }
             _ => Reach::Outside,
         },
     }
@@ -532,8 +549,26 @@ mod tests {
     fn machines_reach_only_themselves() {
         let mut p = principal(TokenKind::Machine);
         p.machine_id = Some("m1".into());
-        authorize(&p, Action::ActAsMachine, Target::Machine { id: "m1" }).unwrap();
-        assert!(authorize(&p, Action::ActAsMachine, Target::Machine { id: "m2" }).is_err());
+        authorize(
+            &p,
+            Action::ActAsMachine,
+            Target::Machine {
+                id: "m1",
+                organization_id: None,
+            },
+        )
+        .unwrap();
+        assert!(
+            authorize(
+                &p,
+                Action::ActAsMachine,
+                Target::Machine {
+                    id: "m2",
+                    organization_id: None
+                }
+            )
+            .is_err()
+        );
         assert!(authorize(&p, Action::ViewProject, PROJ_A).is_err());
     }
 
@@ -582,7 +617,17 @@ mod tests {
         let ops = Principal::operator("ops");
         authorize(&ops, Action::Operate, Target::Instance).unwrap();
         authorize(&ops, Action::DeleteProject, PROJ_B).unwrap();
-        assert!(authorize(&ops, Action::ActAsMachine, Target::Machine { id: "m1" }).is_err());
+        assert!(
+            authorize(
+                &ops,
+                Action::ActAsMachine,
+                Target::Machine {
+                    id: "m1",
+                    organization_id: None
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -213,6 +213,55 @@ pub async fn list_page(
     .await?)
 }
 
+/// A project with what the dashboard's project list shows beside it: the cache used on
+/// its live volumes (as last metered) and its newest build.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ProjectOverview {
+    #[sqlx(flatten)]
+    pub project: Project,
+    pub cache_used_bytes: i64,
+    pub last_build_id: Option<String>,
+    pub last_build_state: Option<String>,
+    pub last_build_at: Option<DateTime<Utc>>,
+}
+
+/// One query for the whole list: the newest build through `builds_project_idx`, the
+/// cache used through `volumes_live_project`.
+pub async fn list_overview(
+    pool: &PgPool,
+    filter: &ProjectFilter,
+    limit: i64,
+) -> Result<Vec<ProjectOverview>> {
+    let columns = COLUMNS
+        .split(',')
+        .map(|c| format!("p.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(sqlx::query_as(&format!(
+        "SELECT {columns},
+                COALESCE((SELECT sum(v.used_bytes) FROM volumes v
+                          WHERE v.project_id = p.id AND v.kind = 'project'
+                            AND v.state IN ('creating', 'available', 'attached', 'resizing')), 0)::bigint
+                    AS cache_used_bytes,
+                b.id AS last_build_id, b.state AS last_build_state, b.created_at AS last_build_at
+         FROM projects p
+         LEFT JOIN LATERAL (
+             SELECT id, state, created_at FROM builds
+             WHERE project_id = p.id ORDER BY created_at DESC, id DESC LIMIT 1
+         ) b ON true
+         WHERE ($1::text[] IS NULL OR p.organization_id = ANY($1))
+           AND ($2::text[] IS NULL OR p.id = ANY($2))
+           AND ($3::text IS NULL OR p.organization_id = $3)
+         ORDER BY p.organization_id, p.name LIMIT $4"
+    ))
+    .bind(&filter.organization_ids)
+    .bind(&filter.project_ids)
+    .bind(&filter.organization_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// A project's name and its organization's, for listings that show both.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ProjectSummary {

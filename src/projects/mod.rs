@@ -19,7 +19,9 @@ use crate::db::projects::{self as rows, ProjectFilter};
 use crate::db::{audit, notify};
 use crate::error::{Error, Result};
 
-pub use crate::db::projects::{DEFAULT_CACHE_SIZE_GB, Project, ProjectSettings, ProjectSummary};
+pub use crate::db::projects::{
+    DEFAULT_CACHE_SIZE_GB, Project, ProjectOverview, ProjectSettings, ProjectSummary,
+};
 
 pub const BUILDER_SIZES: [&str; 3] = ["16x32", "32x64", "64x128"];
 
@@ -267,6 +269,27 @@ impl Projects {
             String::new()
         };
         Ok((projects, next))
+    }
+
+    /// The projects the caller may view, each with its cache used and newest build (the
+    /// dashboard's list), at most `limit` of them.
+    pub async fn overview(
+        &self,
+        principal: &Principal,
+        limit: i64,
+    ) -> Result<Vec<ProjectOverview>> {
+        let visible = authz::visible_projects(principal, Action::ViewProject)?;
+        let can_see_builds = authz::visible_projects(principal, Action::ViewBuild).is_ok();
+        let Some(filter) = filter_for(visible, None) else {
+            return Ok(Vec::new());
+        };
+        let mut rows = rows::list_overview(&self.pool, &filter, limit).await?;
+        if !can_see_builds {
+            for row in &mut rows {
+                (row.last_build_id, row.last_build_state, row.last_build_at) = (None, None, None);
+            }
+        }
+        Ok(rows)
     }
 
     /// Like [`Projects::list`], with each project's organization name.

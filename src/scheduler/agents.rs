@@ -367,7 +367,10 @@ impl Scheduler {
         if let Err(err) = authorize(
             principal,
             Action::ActAsMachine,
-            Target::Machine { id: machine_id },
+            Target::Machine {
+                id: machine_id,
+                organization_id: None,
+            },
         ) {
             let reason = if principal.is(TokenKind::Machine) {
                 "agent token belongs to another machine"

@@ -778,26 +778,52 @@ impl Scheduler {
         crate::db::machines::list(&self.pool, state).await
     }
 
-    /// Stops giving builds to a machine; it is terminated once its builds finish
-    /// (operators). False if it was not ready or assigned.
+    /// Builder machines serving an organization's projects, in `state` or every live one
+    /// (its owners, and operators).
+    pub async fn organization_machines(
+        &self,
+        principal: &crate::auth::Principal,
+        organization_id: &str,
+        state: Option<&str>,
+    ) -> Result<Vec<crate::db::machines::MachineInfo>> {
+        crate::auth::authorize(
+            principal,
+            crate::auth::Action::ManageMachines,
+            crate::auth::Target::Organization {
+                id: organization_id,
+            },
+        )?;
+        crate::db::machines::list_for_organization(&self.pool, organization_id, state).await
+    }
+
+    /// Stops giving builds to a machine; it is terminated once its builds finish.
+    /// Operators may drain any machine, organization owners those serving their
+    /// projects. False if it was not ready or assigned.
     pub async fn drain(
         &self,
         principal: &crate::auth::Principal,
         machine_id: &str,
     ) -> Result<bool> {
+        let (project_id, organization_id) = crate::db::machines::serving(&self.pool, machine_id)
+            .await?
+            .unwrap_or_default();
         crate::auth::authorize(
             principal,
-            crate::auth::Action::Operate,
-            crate::auth::Target::Machine { id: machine_id },
+            crate::auth::Action::ManageMachines,
+            crate::auth::Target::Machine {
+                id: machine_id,
+                organization_id: organization_id.as_deref(),
+            },
         )?;
         let mut tx = self.pool.begin().await?;
-        if !crate::db::machines::drain(&mut *tx, machine_id).await? {
+        if !crate::db::machines::drain(&mut *tx, machine_id, project_id.as_deref()).await? {
             return Ok(false);
         }
         crate::db::audit::record(
             &mut *tx,
             principal
                 .audit("machine.drain")
+                .org_of(organization_id.as_deref())
                 .target("machine", machine_id),
         )
         .await?;

@@ -2,6 +2,7 @@
 //! `pages.rs`, `web.rs`), the approval page of `depot login` (`/login/<user code>`) and
 //! shared builds (`/shared/builds/<build>/<token>`).
 
+mod operations;
 mod pages;
 mod shared;
 pub mod web;
@@ -38,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/dashboard/sign-out", post(pages::sign_out))
         .route("/dashboard/assets/{name}", get(web::stylesheet))
+        .route("/dashboard/projects", post(pages::create_project))
         .route("/dashboard/projects/{id}", get(pages::project))
         .route(
             "/dashboard/projects/{id}/settings",
@@ -62,6 +64,14 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/dashboard/projects/{project}/builds/{build}",
             get(pages::build),
+        )
+        .route(
+            "/dashboard/organizations/{id}/operations",
+            get(operations::operations),
+        )
+        .route(
+            "/dashboard/organizations/{id}/machines/{machine}/drain",
+            post(operations::drain),
         )
         .route(
             "/dashboard/projects/{project}/builds/{build}/share",

@@ -135,12 +135,12 @@ pub async fn sign_in(
 #[derive(Deserialize)]
 pub struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub csrf: String,
 }
 
 /// The answer to a form that did not come from our own page (a foreign origin or a
 /// wrong CSRF token), or `None` when it did.
-fn refuse_forged(
+pub(super) fn refuse_forged(
     app: &AppState,
     session: &Session,
     headers: &HeaderMap,
@@ -203,7 +203,7 @@ fn usage_bar(used: i64, size: i64) -> Markup {
     }
 }
 
-fn state_label(state: &str) -> Markup {
+pub(super) fn state_label(state: &str) -> Markup {
     html! { span class=(format!("state-{state}")) { (state) } }
 }
 
@@ -214,29 +214,33 @@ fn build_link(build: &Build) -> String {
     )
 }
 
-/// Organizations and their projects: cache size, cache used, last build.
-pub async fn index(State(app): State<AppState>, session: Session) -> Response {
+/// How many projects the list shows.
+const PROJECTS_SHOWN: i64 = 500;
+
+/// What the project list says back after a refused "new project" form.
+#[derive(Default)]
+struct NewProjectFeedback<'a> {
+    organization_id: &'a str,
+    name: &'a str,
+    error: Option<&'a str>,
+}
+
+/// Organizations and their projects: cache size, cache used, last build; a form per
+/// organization to create a project.
+async fn render_index(
+    app: &AppState,
+    session: &Session,
+    status: StatusCode,
+    feedback: &NewProjectFeedback<'_>,
+) -> Response {
     let principal = &session.principal;
-    let (orgs, projects) =
-        match tokio::try_join!(app.orgs.list(principal), app.projects.list(principal, None)) {
-            Ok(found) => found,
-            Err(err) => return error_page(Some(&session), err),
-        };
-    let mut rows = Vec::new();
-    for project in projects.iter().take(200) {
-        let volumes = app.cache.list(principal, Some(&project.id)).await;
-        let last = app
-            .builds
-            .list(principal, Some(&project.id), "", Some(1))
-            .await;
-        match (volumes, last) {
-            (Ok(volumes), Ok(last)) => {
-                let used: i64 = volumes.iter().filter_map(|v| v.volume.used_bytes).sum();
-                rows.push((project, used, last.builds.into_iter().next()));
-            }
-            (Err(err), _) | (_, Err(err)) => return error_page(Some(&session), err),
-        }
-    }
+    let (orgs, rows) = match tokio::try_join!(
+        app.orgs.list(principal),
+        app.projects.overview(principal, PROJECTS_SHOWN)
+    ) {
+        Ok(found) => found,
+        Err(err) => return error_page(Some(session), err),
+    };
     let body = html! {
         h1 { "Projects" }
         @for org in &orgs {
@@ -245,26 +249,114 @@ pub async fn index(State(app): State<AppState>, session: Session) -> Response {
                 table {
                     thead { tr { th { "Project" } th { "Cache size (amd64 / arm64)" } th { "Cache used" } th { "Last build" } } }
                     tbody {
-                        @for (project, used, last) in rows.iter().filter(|(p, _, _)| p.organization_id == org.id) {
+                        @for row in rows.iter().filter(|r| r.project.organization_id == org.id) {
+                            @let project = &row.project;
                             tr {
                                 td { a href=(format!("/dashboard/projects/{}", project.id)) { (project.name) } }
                                 td { (project.cache_size_gb_amd64) " GB / " (project.cache_size_gb_arm64) " GB" }
-                                td { (gib(*used)) " GiB" }
+                                td { (gib(row.cache_used_bytes)) " GiB" }
                                 td {
-                                    @if let Some(build) = last {
-                                        a href=(build_link(build)) { (state_label(&build.state)) }
-                                        " " span.muted { (build.created_at.format("%Y-%m-%d %H:%M UTC")) }
+                                    @if let (Some(id), Some(state), Some(at)) = (&row.last_build_id, &row.last_build_state, row.last_build_at) {
+                                        a href=(format!("/dashboard/projects/{}/builds/{id}", project.id)) { (state_label(state)) }
+                                        " " span.muted { (at.format("%Y-%m-%d %H:%M UTC")) }
                                     } @else { span.muted { "none yet" } }
                                 }
                             }
                         }
                     }
                 }
+                @let mine = feedback.organization_id == org.id;
+                @let field = format!("new-project-{}", org.id);
+                form.inline method="post" action="/dashboard/projects" {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    input type="hidden" name="organization_id" value=(org.id);
+                    label for=(field) { "New project name" }
+                    input id=(field) type="text" name="name" required maxlength="100"
+                        value=(if mine { feedback.name } else { "" })
+                        aria-invalid=(if mine && feedback.error.is_some() { "true" } else { "false" });
+                    " " button type="submit" { "Create project" }
+                    @if mine { @if let Some(error) = feedback.error { p.error role="alert" { (error) } } }
+                }
+                @if may_operate(session, &org.id) {
+                    p { a href=(format!("/dashboard/organizations/{}/operations", org.id)) { "Machines and audit log" } }
+                }
             }
         }
         @if orgs.is_empty() { p { "You belong to no organization yet." } }
     };
-    page(StatusCode::OK, layout("Projects", Some(&session), body))
+    page(status, layout("Projects", Some(session), body))
+}
+
+/// Whether to offer the organization's operations page (machines, audit log).
+fn may_operate(session: &Session, organization_id: &str) -> bool {
+    crate::auth::authorize(
+        &session.principal,
+        crate::auth::Action::ViewAuditLog,
+        crate::auth::Target::Organization {
+            id: organization_id,
+        },
+    )
+    .is_ok()
+}
+
+pub async fn index(State(app): State<AppState>, session: Session) -> Response {
+    render_index(
+        &app,
+        &session,
+        StatusCode::OK,
+        &NewProjectFeedback::default(),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct NewProjectForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    organization_id: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// Creates a project with the default settings and opens its page.
+pub async fn create_project(
+    State(app): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Form(form): Form<NewProjectForm>,
+) -> Response {
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
+    }
+    let settings = ProjectSettings {
+        name: Some(form.name.trim().to_string()),
+        ..Default::default()
+    };
+    match app
+        .projects
+        .create(&session.principal, Some(&form.organization_id), settings)
+        .await
+    {
+        Ok(project) => {
+            secure(Redirect::to(&format!("/dashboard/projects/{}", project.id)).into_response())
+        }
+        Err(err @ (Error::InvalidArgument { .. } | Error::AlreadyExists(_))) => {
+            let message = match &err {
+                Error::InvalidArgument { field, reason } if field == "name" => {
+                    format!("The name {reason}.")
+                }
+                other => other.to_string(),
+            };
+            let feedback = NewProjectFeedback {
+                organization_id: &form.organization_id,
+                name: &form.name,
+                error: Some(&message),
+            };
+            render_index(&app, &session, StatusCode::UNPROCESSABLE_ENTITY, &feedback).await
+        }
+        Err(err) => error_page(Some(&session), err),
+    }
 }
 
 /// What a settings form said was wrong, by field.

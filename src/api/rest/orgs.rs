@@ -22,6 +22,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_organizations))
         .routes(routes!(list_audit_events))
         .routes(routes!(list_machines))
+        .routes(routes!(list_organization_machines))
         .routes(routes!(drain_machine))
 }
 
@@ -131,13 +132,32 @@ async fn list_machines(
     Ok(axum::Json(Machines { machines }))
 }
 
+/// Builder machines serving an organization's projects: state, project and age
+/// (organization owners).
+#[utoipa::path(get, path = "/organizations/{id}/machines", tag = "organizations",
+    params(("id" = String, Path, description = "Organization id"), MachineQuery),
+    responses((status = 200, body = Machines), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+async fn list_organization_machines(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<MachineQuery>,
+) -> Result<Json<Machines>> {
+    let machines = app
+        .scheduler
+        .organization_machines(&principal, &id, q.state.as_deref())
+        .await?;
+    Ok(axum::Json(Machines { machines }))
+}
+
 #[derive(Serialize, ToSchema)]
 struct Drained {
     /// False if the machine was in no state to drain (already draining, or gone).
     drained: bool,
 }
 
-/// Stops giving builds to a machine; it is terminated once its builds finish (operators).
+/// Stops giving builds to a machine; it is terminated once its builds finish (operators,
+/// and owners of the organization whose project it serves).
 #[utoipa::path(post, path = "/machines/{id}/drain", tag = "operators",
     params(("id" = String, Path, description = "Machine id")),
     responses((status = 200, body = Drained), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
