@@ -545,9 +545,82 @@ async fn tokens_are_shown_once_and_revoked_and_builds_list_live_by_status() {
         .unwrap();
     let all = get(&router, &format!("{path}/builds"), Some(&cookie)).await;
     assert_eq!(all.status, StatusCode::OK);
-    assert_eq!(all.headers[header::REFRESH], "5");
     let text = html(&all);
     assert!(text.contains(&done.id) && text.contains(&live.id));
+    // Live through server-sent events (a script from our origin), or a reload every 5
+    // seconds without script.
+    let events_path = format!("{path}/builds/events?status=");
+    assert!(
+        text.contains(&format!("data-live=\"{events_path}\"")),
+        "{text}"
+    );
+    assert!(text.contains("<noscript><meta http-equiv=\"refresh\" content=\"5\"></noscript>"));
+    let script = text
+        .split("<script src=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let js = get(&router, script, None).await;
+    assert_eq!(js.status, StatusCode::OK);
+    assert!(
+        js.headers[header::CACHE_CONTROL]
+            .to_str()
+            .unwrap()
+            .contains("immutable")
+    );
+    let mut events = {
+        use tower::ServiceExt;
+        let req = Request::builder()
+            .uri(&events_path)
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap();
+        let res = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+        res.into_body()
+    };
+    let next_rows = |body: &mut Body| {
+        let body = std::mem::take(body);
+        async move {
+            use http_body_util::BodyExt;
+            let mut body = body;
+            let mut text = String::new();
+            loop {
+                let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                    .await
+                    .expect("an event within 10 s")
+                    .unwrap()
+                    .unwrap();
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&data));
+                }
+                if text.contains("event: rows") && text.ends_with("\n\n") {
+                    return (text, body);
+                }
+            }
+        }
+    };
+    let (first, rest) = next_rows(&mut events).await;
+    events = rest;
+    assert!(
+        first.contains(&live.id) && first.contains("state-queued"),
+        "{first}"
+    );
+    app.builds
+        .finish(&operator, &live.id, kiln::db::builds::Outcome::Success)
+        .await
+        .unwrap();
+    let (second, _) = next_rows(&mut events).await;
+    assert!(
+        second.contains(&live.id) && second.contains("state-success"),
+        "{second}"
+    );
+    // Another organization's user cannot follow this list.
+    let stranger = get(&router, &events_path, None).await;
+    assert_eq!(stranger.status, StatusCode::SEE_OTHER);
     let failed = html(
         &get(
             &router,

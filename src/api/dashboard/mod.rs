@@ -38,7 +38,7 @@ pub fn routes() -> Router<AppState> {
             get(pages::sign_in_page).post(pages::sign_in),
         )
         .route("/dashboard/sign-out", post(pages::sign_out))
-        .route("/dashboard/assets/{name}", get(web::stylesheet))
+        .route("/dashboard/assets/{name}", get(web::asset))
         .route("/dashboard/projects", post(pages::create_project))
         .route("/dashboard/projects/{id}", get(pages::project))
         .route(
@@ -52,6 +52,10 @@ pub fn routes() -> Router<AppState> {
             post(pages::revoke_token),
         )
         .route("/dashboard/projects/{id}/builds", get(pages::builds))
+        .route(
+            "/dashboard/projects/{id}/builds/events",
+            get(pages::build_events),
+        )
         .route("/dashboard/projects/{id}/usage", get(pages::usage))
         .route(
             "/dashboard/projects/{id}/trust-policies",

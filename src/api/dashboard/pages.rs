@@ -1014,44 +1014,89 @@ const STATUSES: [&str; 6] = [
     "timed_out",
 ];
 
-/// A project's builds, newest first, filtered by status; the page refreshes itself every
-/// 5 seconds (no script needed) while it shows the first page.
+/// The rows of a build list (also what the live stream sends).
+fn build_rows(shown: &[&Build]) -> Markup {
+    html! {
+        @for build in shown {
+            tr {
+                td { a href=(build_link(build)) { span.code { (build.id) } } }
+                td { (state_label(&build.state)) }
+                td { (build.created_at.format("%Y-%m-%d %H:%M:%S UTC")) }
+                td { (duration(build)) }
+                td { span.code { (build.created_by.as_deref().unwrap_or("—")) } }
+            }
+        }
+        @if shown.is_empty() { tr { td colspan="5" { span.muted { "No builds here." } } } }
+    }
+}
+
+/// The status filter of a build list: none, or a known status.
+fn status_filter(session: &Session, status: Option<&str>) -> Result<Option<String>, Response> {
+    match status.filter(|s| !s.is_empty()) {
+        Some(s) if !STATUSES.contains(&s) => Err(problem(
+            StatusCode::BAD_REQUEST,
+            Some(session),
+            "Unknown status",
+            "Filter by queued, running, success, failed, canceled or timed_out.",
+        )),
+        other => Ok(other.map(str::to_string)),
+    }
+}
+
+/// One page of a project's builds, then those of `status`. Filtering happens over
+/// pages of the listing, so a page may hold fewer rows.
+async fn builds_page(
+    app: &AppState,
+    session: &Session,
+    project_id: &str,
+    status: Option<&str>,
+    page_token: &str,
+) -> crate::error::Result<(Vec<Build>, String)> {
+    let listed = app
+        .builds
+        .list(&session.principal, Some(project_id), page_token, Some(100))
+        .await?;
+    let shown = listed
+        .builds
+        .into_iter()
+        .filter(|b| status.is_none_or(|s| b.state == s))
+        .collect();
+    Ok((shown, listed.next_page_token))
+}
+
+/// A project's builds, newest first, filtered by status. The first page is live: a
+/// small script follows the server-sent events of `builds/events`; without script,
+/// the page reloads itself every 5 seconds.
 pub async fn builds(
     State(app): State<AppState>,
     session: Session,
     Path(id): Path<String>,
     Query(q): Query<BuildsQuery>,
 ) -> Response {
-    let status = q.status.as_deref().filter(|s| !s.is_empty());
-    if status.is_some_and(|s| !STATUSES.contains(&s)) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            Some(&session),
-            "Unknown status",
-            "Filter by queued, running, success, failed, canceled or timed_out.",
-        );
-    }
+    let status = match status_filter(&session, q.status.as_deref()) {
+        Ok(status) => status,
+        Err(refused) => return refused,
+    };
+    let status = status.as_deref();
     let principal = &session.principal;
     let project = match app.projects.get(principal, Some(&id)).await {
         Ok(project) => project,
         Err(err) => return error_page(Some(&session), err),
     };
-    // Filtering happens over pages of the listing, so a page may hold fewer rows.
     let page_token = q.page_token.clone().unwrap_or_default();
-    let listed = match app
-        .builds
-        .list(principal, Some(&id), &page_token, Some(100))
-        .await
+    let (shown, next_page_token) = match builds_page(&app, &session, &id, status, &page_token).await
     {
-        Ok(page) => page,
+        Ok(found) => found,
         Err(err) => return error_page(Some(&session), err),
     };
-    let shown: Vec<&Build> = listed
-        .builds
-        .iter()
-        .filter(|b| status.is_none_or(|s| b.state == s))
-        .collect();
+    let shown: Vec<&Build> = shown.iter().collect();
     let first_page = page_token.is_empty();
+    let live = first_page.then(|| {
+        format!(
+            "/dashboard/projects/{id}/builds/events?status={}",
+            status.unwrap_or_default()
+        )
+    });
     let body = html! {
         p { a href=(format!("/dashboard/projects/{id}")) { "← " (project.name) } }
         h1 { "Builds of " (project.name) }
@@ -1064,37 +1109,95 @@ pub async fn builds(
             " " button.secondary type="submit" { "Filter" }
         }
         section.card {
-            table {
+            table data-live=[live.as_deref()] {
                 thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } th { "Started by" } } }
-                tbody {
-                    @for build in &shown {
-                        tr {
-                            td { a href=(build_link(build)) { span.code { (build.id) } } }
-                            td { (state_label(&build.state)) }
-                            td { (build.created_at.format("%Y-%m-%d %H:%M:%S UTC")) }
-                            td { (duration(build)) }
-                            td { span.code { (build.created_by.as_deref().unwrap_or("—")) } }
-                        }
-                    }
-                }
+                tbody { (build_rows(&shown)) }
             }
-            @if shown.is_empty() { p.muted { "No builds here." } }
-            @if !listed.next_page_token.is_empty() {
-                p { a href=(format!("/dashboard/projects/{id}/builds?status={}&page_token={}", status.unwrap_or_default(), listed.next_page_token)) { "Older builds →" } }
+            @if !next_page_token.is_empty() {
+                p { a href=(format!("/dashboard/projects/{id}/builds?status={}&page_token={}", status.unwrap_or_default(), next_page_token)) { "Older builds →" } }
             }
-            @if first_page { p.muted { "This list refreshes every 5 seconds." } }
+            @if first_page { p.muted #live-status role="status" { "This list updates by itself." } }
         }
     };
-    let mut response = page(
+    let head = html! {
+        @if first_page {
+            script src=(web::LIVE_JS_PATH.as_str()) defer {}
+            noscript { meta http-equiv="refresh" content="5"; }
+        }
+    };
+    page(
         StatusCode::OK,
-        layout(&format!("Builds of {}", project.name), Some(&session), body),
-    );
-    if first_page {
-        response
-            .headers_mut()
-            .insert(header::REFRESH, axum::http::HeaderValue::from_static("5"));
+        web::layout_with_head(
+            &format!("Builds of {}", project.name),
+            Some(&session),
+            head,
+            body,
+        ),
+    )
+}
+
+/// How often a live list looks for changes, and how long one stream lasts (the browser
+/// reconnects by itself).
+const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const LIVE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Server-sent events for a live build list: the rows whenever they change.
+pub async fn build_events(
+    State(app): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    Query(q): Query<BuildsQuery>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let status = match status_filter(&session, q.status.as_deref()) {
+        Ok(status) => status,
+        Err(refused) => return refused,
+    };
+    // Unknown or foreign projects: 404 before any stream starts.
+    if let Err(err) = app.projects.get(&session.principal, Some(&id)).await {
+        return error_page(Some(&session), err);
     }
-    response
+    let deadline = tokio::time::Instant::now() + LIVE_FOR;
+    let state = (app, session, id, status, String::new(), true);
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(app, session, id, status, last, first)| async move {
+            loop {
+                if !first {
+                    tokio::time::sleep(LIVE_EVERY).await;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                // A revoked or expired session ends the stream.
+                if !session.still_valid(&app).await {
+                    return None;
+                }
+                let rows = match builds_page(&app, &session, &id, status.as_deref(), "").await {
+                    // An event's data may not hold a carriage return.
+                    Ok((shown, _)) => build_rows(&shown.iter().collect::<Vec<_>>())
+                        .into_string()
+                        .replace('\r', "&#13;"),
+                    Err(err) => {
+                        err.log();
+                        return None;
+                    }
+                };
+                if rows != last || first {
+                    let event = Event::default().event("rows").data(rows.clone());
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (app, session, id, status, rows, false),
+                    ));
+                }
+            }
+        },
+    );
+    secure(
+        Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+    )
 }
 
 fn describe_policy(provider: &TrustProvider) -> String {

@@ -17,31 +17,45 @@ use crate::auth::{Principal, TokenKind};
 pub const SESSION_COOKIE: &str = "kiln_session";
 
 const CSS: &str = include_str!("assets/app.css");
+const LIVE_JS: &str = include_str!("assets/live.js");
 
 /// The stylesheet's path: named by its content hash, so it can be cached forever.
-pub static CSS_PATH: LazyLock<String> = LazyLock::new(|| {
-    use sha2::Digest;
-    let hash = hex::encode(sha2::Sha256::digest(CSS.as_bytes()));
-    format!("/dashboard/assets/app.{}.css", &hash[..12])
-});
+pub static CSS_PATH: LazyLock<String> = LazyLock::new(|| hashed_path("app", "css", CSS));
 
-pub async fn stylesheet(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
-    if format!("/dashboard/assets/{name}") != *CSS_PATH {
+/// The live build list's script, named the same way.
+pub static LIVE_JS_PATH: LazyLock<String> = LazyLock::new(|| hashed_path("live", "js", LIVE_JS));
+
+fn hashed_path(stem: &str, extension: &str, content: &str) -> String {
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+    format!("/dashboard/assets/{stem}.{}.{extension}", &hash[..12])
+}
+
+/// The embedded assets, by their hashed names only: cached for good.
+pub async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    let path = format!("/dashboard/assets/{name}");
+    let (content_type, body) = if path == *CSS_PATH {
+        ("text/css; charset=utf-8", CSS)
+    } else if path == *LIVE_JS_PATH {
+        ("text/javascript; charset=utf-8", LIVE_JS)
+    } else {
         return StatusCode::NOT_FOUND.into_response();
-    }
+    };
     (
         [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
         ],
-        CSS,
+        body,
     )
         .into_response()
 }
 
-/// No script at all, styles only from our origin, no framing, forms only to us.
-pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
-    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// Scripts and styles only from our own files (never inline), server-sent events only
+/// from us, no framing, forms only to us.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+    base-uri 'none'";
 
 /// Adds the dashboard's security headers to a page.
 pub fn secure(mut response: Response) -> Response {
@@ -82,6 +96,12 @@ impl Session {
     /// Whether a submitted form's CSRF token is this session's.
     pub fn check_csrf(&self, submitted: &str) -> bool {
         csrf_matches(&self.secret, submitted)
+    }
+
+    /// Whether the session still holds (not signed out, revoked or expired): long-lived
+    /// streams check this as they go.
+    pub async fn still_valid(&self, app: &AppState) -> bool {
+        app.auth.verify(&self.secret).await.is_ok()
     }
 }
 
@@ -170,6 +190,16 @@ pub fn session_cookie(app: &AppState, value: &str, max_age_seconds: i64) -> Stri
 
 /// The page frame: title, navigation, the signed-in user's sign-out form.
 pub fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
+    layout_with_head(title, session, html! {}, body)
+}
+
+/// [`layout`] with more in the page's head (a script, say).
+pub fn layout_with_head(
+    title: &str,
+    session: Option<&Session>,
+    head: Markup,
+    body: Markup,
+) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -178,6 +208,7 @@ pub fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Kiln" }
                 link rel="stylesheet" href=(CSS_PATH.as_str());
+                (head)
             }
             body {
                 header.top {
