@@ -1030,15 +1030,18 @@ fn build_rows(shown: &[&Build]) -> Markup {
     }
 }
 
-/// The status filter of a build list: none, or a known status.
-fn status_filter(session: &Session, status: Option<&str>) -> Result<Option<String>, Response> {
+/// The status filter of a build list: none, or a known status (else the page saying so).
+fn status_filter(
+    session: &Session,
+    status: Option<&str>,
+) -> Result<Option<String>, Box<Response>> {
     match status.filter(|s| !s.is_empty()) {
-        Some(s) if !STATUSES.contains(&s) => Err(problem(
+        Some(s) if !STATUSES.contains(&s) => Err(Box::new(problem(
             StatusCode::BAD_REQUEST,
             Some(session),
             "Unknown status",
             "Filter by queued, running, success, failed, canceled or timed_out.",
-        )),
+        ))),
         other => Ok(other.map(str::to_string)),
     }
 }
@@ -1075,7 +1078,7 @@ pub async fn builds(
 ) -> Response {
     let status = match status_filter(&session, q.status.as_deref()) {
         Ok(status) => status,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let status = status.as_deref();
     let principal = &session.principal;
@@ -1151,7 +1154,7 @@ pub async fn build_events(
     use axum::response::sse::{Event, KeepAlive, Sse};
     let status = match status_filter(&session, q.status.as_deref()) {
         Ok(status) => status,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     // Unknown or foreign projects: 404 before any stream starts.
     if let Err(err) = app.projects.get(&session.principal, Some(&id)).await {
