@@ -3,7 +3,7 @@
 # binaries, Debian's Ceph, the pinned depot CLI from npm, moto from PyPI into a venv,
 # PyJWT/authlib from PyPI and jose from npm as third-party token verifiers, the official
 # Node SDK of the Depot API from npm, schemathesis from PyPI for the REST API's OpenAPI
-# document),
+# document, Debian's chromium and npm playwright-core for the dashboard's browser test),
 # starts a throwaway PostgreSQL cluster, a single-node Ceph cluster and a moto_server for
 # them, runs the whole suite, and cleans up.
 #   bash scripts/test.sh            # all tests
@@ -17,6 +17,7 @@ source scripts/lib/ceph.sh
 source scripts/lib/oidc-verifiers.sh
 source scripts/lib/depot-sdk.sh
 source scripts/lib/schemathesis.sh
+source scripts/lib/browser.sh
 
 cleanup() {
   stop_moto
@@ -31,6 +32,7 @@ ensure_moto
 ensure_oidc_verifiers
 ensure_depot_sdk
 ensure_schemathesis
+ensure_browser
 start_throwaway_postgres
 trap cleanup EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"

@@ -129,6 +129,8 @@ impl Builds {
         token.expires_at = Some(build.cancels_at + chrono::Duration::hours(1));
         token.created_by = principal.user_id.clone();
         let (info, minted) = issue(&mut *tx, token).await?;
+        // Live build lists on every replica learn of it.
+        notify::send(&mut *tx, BUILD_CHANNEL, &id).await?;
         tx.commit().await?;
         self.auth.prime(
             minted.hash,

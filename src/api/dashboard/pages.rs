@@ -400,13 +400,13 @@ fn number_field(
     label: &str,
     name: &'static str,
     value: &str,
-    unit: &str,
+    (unit, min, max): (&str, i32, Option<i32>),
     errors: &FieldErrors,
 ) -> Markup {
     let error = errors.of(name);
     html! {
         label for=(name) { (label) }
-        input id=(name) type="number" name=(name) value=(value) min="1" required
+        input id=(name) type="number" name=(name) value=(value) min=(min) max=[max] required
             aria-invalid=(if error.is_some() { "true" } else { "false" })
             aria-describedby=(format!("{name}-error"));
         " " span.muted { (unit) }
@@ -414,17 +414,29 @@ fn number_field(
     }
 }
 
-fn project_page(
-    session: &Session,
-    project: &Project,
-    volumes: &[crate::cache::VolumeView],
-    builds: &[Build],
-    tokens: &[crate::db::tokens::TokenInfo],
-    policies: &[crate::projects::trust::TrustPolicy],
-    feedback: &Feedback<'_>,
-) -> Markup {
+/// Everything the project page shows.
+struct ProjectView<'a> {
+    project: &'a Project,
+    volumes: &'a [crate::cache::VolumeView],
+    builds: &'a [Build],
+    tokens: &'a [crate::db::tokens::TokenInfo],
+    policies: &'a [crate::projects::trust::TrustPolicy],
+    /// The configured cache size bounds, GB.
+    cache_bounds: (i32, i32),
+}
+
+fn project_page(session: &Session, view: &ProjectView<'_>, feedback: &Feedback<'_>) -> Markup {
+    let ProjectView {
+        project,
+        volumes,
+        builds,
+        tokens,
+        policies,
+        cache_bounds: (min_gb, max_gb),
+    } = *view;
     let (values, errors) = (feedback.values, &feedback.errors);
     let (notice, reset_error) = (feedback.notice.as_deref(), feedback.reset_error);
+    let cache_unit = format!("GB ({min_gb} to {max_gb})");
     let value = |field: fn(&SettingsForm) -> &str, current: i32| -> String {
         values.map_or_else(|| current.to_string(), |v| field(v).to_string())
     };
@@ -467,10 +479,10 @@ fn project_page(
                     form method="post" action=(format!("/dashboard/projects/{}/settings", project.id)) {
                         input type="hidden" name="csrf" value=(session.csrf);
                         input type="hidden" name="version" value=(project.version);
-                        (number_field("Cache size, amd64", "cache_size_gb_amd64", &value(|v| &v.cache_size_gb_amd64, project.cache_size_gb_amd64), "GB", errors))
-                        (number_field("Cache size, arm64", "cache_size_gb_arm64", &value(|v| &v.cache_size_gb_arm64, project.cache_size_gb_arm64), "GB", errors))
+                        (number_field("Cache size, amd64", "cache_size_gb_amd64", &value(|v| &v.cache_size_gb_amd64, project.cache_size_gb_amd64), (&cache_unit, min_gb, Some(max_gb)), errors))
+                        (number_field("Cache size, arm64", "cache_size_gb_arm64", &value(|v| &v.cache_size_gb_arm64, project.cache_size_gb_arm64), (&cache_unit, min_gb, Some(max_gb)), errors))
                         p.muted { "A larger cache takes effect at once; a smaller one at the next cache reset." }
-                        (number_field("Build timeout", "build_timeout_minutes", &value(|v| &v.build_timeout_minutes, project.build_timeout_minutes), "minutes", errors))
+                        (number_field("Build timeout", "build_timeout_minutes", &value(|v| &v.build_timeout_minutes, project.build_timeout_minutes), ("minutes", 1, None), errors))
                         p { button type="submit" { "Save settings" } }
                     }
                 }
@@ -567,11 +579,14 @@ async fn render_project(
         status,
         project_page(
             session,
-            &project,
-            &volumes,
-            &builds.builds,
-            &tokens,
-            &policies,
+            &ProjectView {
+                project: &project,
+                volumes: &volumes,
+                builds: &builds.builds,
+                tokens: &tokens,
+                policies: &policies,
+                cache_bounds: (app.config.cache.min_size_gb, app.config.cache.max_size_gb),
+            },
             feedback,
         ),
     )
@@ -1031,10 +1046,7 @@ fn build_rows(shown: &[&Build]) -> Markup {
 }
 
 /// The status filter of a build list: none, or a known status (else the page saying so).
-fn status_filter(
-    session: &Session,
-    status: Option<&str>,
-) -> Result<Option<String>, Box<Response>> {
+fn status_filter(session: &Session, status: Option<&str>) -> Result<Option<String>, Box<Response>> {
     match status.filter(|s| !s.is_empty()) {
         Some(s) if !STATUSES.contains(&s) => Err(Box::new(problem(
             StatusCode::BAD_REQUEST,
@@ -1139,10 +1151,43 @@ pub async fn builds(
     )
 }
 
-/// How often a live list looks for changes, and how long one stream lasts (the browser
-/// reconnects by itself).
-const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// A live list re-reads its rows when a build of its project changes (a notification
+/// from any replica), and at least this often in case one was missed; one stream lasts
+/// `LIVE_FOR` (the browser reconnects by itself).
+const LIVE_FALLBACK: std::time::Duration = std::time::Duration::from_secs(5);
 const LIVE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Waits for a change to one of `project_id`'s builds, as announced on the build channel.
+async fn build_changed(
+    app: &AppState,
+    events: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<crate::db::notify::Notification>>,
+    project_id: &str,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(event) if event.channel == crate::builds::BUILD_CHANNEL => {
+                match app.builds.lookup(&event.payload).await {
+                    Ok(Some(build)) if build.project_id != project_id => continue,
+                    _ => return,
+                }
+            }
+            Ok(_) => continue,
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// What a live build list's stream carries from one event to the next.
+struct LiveList {
+    app: AppState,
+    session: Session,
+    project_id: String,
+    status: Option<String>,
+    events: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::db::notify::Notification>>,
+    last: Option<String>,
+}
 
 /// Server-sent events for a live build list: the rows whenever they change.
 pub async fn build_events(
@@ -1161,41 +1206,54 @@ pub async fn build_events(
         return error_page(Some(&session), err);
     }
     let deadline = tokio::time::Instant::now() + LIVE_FOR;
-    let state = (app, session, id, status, String::new(), true);
-    let stream = futures_util::stream::unfold(
-        state,
-        move |(app, session, id, status, last, first)| async move {
-            loop {
-                if !first {
-                    tokio::time::sleep(LIVE_EVERY).await;
-                }
-                if tokio::time::Instant::now() >= deadline {
+    let live = LiveList {
+        events: app.events.subscribe(),
+        app,
+        session,
+        project_id: id,
+        status,
+        last: None,
+    };
+    let stream = futures_util::stream::unfold(live, move |mut live| async move {
+        loop {
+            if live.last.is_some() {
+                let woken = tokio::time::timeout(
+                    LIVE_FALLBACK,
+                    build_changed(&live.app, &mut live.events, &live.project_id),
+                );
+                if tokio::time::timeout_at(deadline, woken).await.is_err() {
                     return None;
-                }
-                // A revoked or expired session ends the stream.
-                if !session.still_valid(&app).await {
-                    return None;
-                }
-                let rows = match builds_page(&app, &session, &id, status.as_deref(), "").await {
-                    // An event's data may not hold a carriage return.
-                    Ok((shown, _)) => build_rows(&shown.iter().collect::<Vec<_>>())
-                        .into_string()
-                        .replace('\r', "&#13;"),
-                    Err(err) => {
-                        err.log();
-                        return None;
-                    }
-                };
-                if rows != last || first {
-                    let event = Event::default().event("rows").data(rows.clone());
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(event),
-                        (app, session, id, status, rows, false),
-                    ));
                 }
             }
-        },
-    );
+            // A revoked or expired session ends the stream.
+            if !live.session.still_valid(&live.app).await {
+                return None;
+            }
+            let rows = match builds_page(
+                &live.app,
+                &live.session,
+                &live.project_id,
+                live.status.as_deref(),
+                "",
+            )
+            .await
+            {
+                // An event's data may not hold a carriage return.
+                Ok((shown, _)) => build_rows(&shown.iter().collect::<Vec<_>>())
+                    .into_string()
+                    .replace('\r', "&#13;"),
+                Err(err) => {
+                    err.log();
+                    return None;
+                }
+            };
+            if live.last.as_deref() != Some(rows.as_str()) {
+                let event = Event::default().event("rows").data(rows.clone());
+                live.last = Some(rows);
+                return Some((Ok::<_, std::convert::Infallible>(event), live));
+            }
+        }
+    });
     secure(
         Sse::new(stream)
             .keep_alive(KeepAlive::default())
