@@ -404,6 +404,64 @@ async fn a_build_has_a_page_at_the_link_the_cli_prints() {
     assert!(text.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(!text.contains("<script>"));
     assert!(text.contains("<svg class=\"waterfall\""));
+    assert!(
+        !text.contains("The whole log"),
+        "a short log is shown whole"
+    );
+    // Pages are sent compressed to browsers that take it.
+    let gzipped = send(
+        &router,
+        Request::builder()
+            .uri(&link)
+            .header(header::COOKIE, &cookie)
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(gzipped.headers[header::CONTENT_ENCODING], "gzip");
+
+    // A long log: the page shows its end and links to all of it, in pages.
+    let lines: Vec<_> = (1..=1500)
+        .map(|n| kiln::db::builds::NewLogLine {
+            digest: "sha256:run".into(),
+            at: now,
+            message: format!("compiling unit {n}"),
+        })
+        .collect();
+    for chunk in lines.chunks(500) {
+        app.builds
+            .record_logs(&operator, &build.id, chunk.to_vec())
+            .await
+            .unwrap();
+    }
+    let text = html(&get(&router, &link, Some(&cookie)).await);
+    assert!(text.contains("compiling unit 1471\n") && !text.contains("compiling unit 1470\n"));
+    let whole = format!("{link}/logs/sha256:run");
+    assert!(text.contains(&format!("href=\"{whole}\"")), "{text}");
+    let first = html(&get(&router, &whole, Some(&cookie)).await);
+    assert!(first.contains("&lt;script&gt;") && first.contains("compiling unit 999\n"));
+    assert!(!first.contains("compiling unit 1000\n"));
+    let at = first.find("page_token=").unwrap() + 11;
+    let next = &first[at..at + first[at..].find('"').unwrap()];
+    let second = html(
+        &get(
+            &router,
+            &format!("{whole}?page_token={next}"),
+            Some(&cookie),
+        )
+        .await,
+    );
+    assert!(second.contains("compiling unit 1500\n") && !second.contains("compiling unit 999\n"));
+    let unknown = get(&router, &format!("{link}/logs/sha256:nope"), Some(&cookie)).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let bad = get(
+        &router,
+        &format!("{whole}?page_token=garbage"),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     // The same build under another project's path, and another organization's build.
     let wrong = get(
         &router,

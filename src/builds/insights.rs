@@ -118,6 +118,20 @@ impl Builds {
         })
     }
 
+    /// The end of each step's log, for a page that shows a whole build: the last
+    /// `per_step` lines of each step, `total` lines at most, lines cut to
+    /// `max_chars` characters.
+    pub async fn log_tails(
+        &self,
+        principal: &Principal,
+        project_id: Option<&str>,
+        build_id: &str,
+        (per_step, total, max_chars): (i64, i64, i32),
+    ) -> Result<Vec<(String, LogLine)>> {
+        let id = self.readable(principal, project_id, build_id).await?;
+        builds::log_tails(&self.pool, &id, per_step, total, max_chars).await
+    }
+
     /// Stores step log lines the CLI reports, bounded per step and per build
     /// (`builds.log_lines_per_step`, `builds.log_lines_per_build`).
     pub async fn record_logs(

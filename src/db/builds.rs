@@ -558,6 +558,38 @@ pub async fn step_logs(
     .await?)
 }
 
+/// The last `per_step` lines of each step of a build that logged anything, at most
+/// `total` lines in all (earliest steps first), each cut to `max_chars` characters.
+pub async fn log_tails(
+    pool: &PgPool,
+    build_id: &str,
+    per_step: i64,
+    total: i64,
+    max_chars: i32,
+) -> Result<Vec<(String, LogLine)>> {
+    let rows: Vec<(String, i32, DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT s.digest, l.seq, l.at, left(l.message, $4)
+         FROM build_steps s
+         CROSS JOIN LATERAL (
+             SELECT seq, at, message FROM build_step_logs
+             WHERE build_id = s.build_id AND digest = s.digest
+             ORDER BY seq DESC LIMIT $2
+         ) l
+         WHERE s.build_id = $1 AND s.log_lines > 0
+         ORDER BY s.position, l.seq LIMIT $3",
+    )
+    .bind(build_id)
+    .bind(per_step)
+    .bind(total)
+    .bind(max_chars)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(digest, seq, at, message)| (digest, LogLine { seq, at, message }))
+        .collect())
+}
+
 /// A log line as the CLI reports it.
 #[derive(Debug, Clone)]
 pub struct NewLogLine {

@@ -78,9 +78,15 @@ pub fn routes() -> Router<AppState> {
             post(operations::drain),
         )
         .route(
+            "/dashboard/projects/{project}/builds/{build}/logs/{digest}",
+            get(pages::step_log),
+        )
+        .route(
             "/dashboard/projects/{project}/builds/{build}/share",
             post(pages::share_build),
         )
+        // Pages are text that compresses well; the event stream is left alone.
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
 }
 
 /// Escapes text for HTML element and attribute content.

@@ -816,24 +816,33 @@ pub async fn build(
         Ok(page) => page.steps,
         Err(err) => return error_page(Some(&session), err),
     };
-    let mut logs = Vec::new();
-    for step in steps.iter().filter(|s| s.log_lines > 0).take(50) {
-        match app
-            .builds
-            .step_logs(
-                principal,
-                Some(&project_id),
-                &build_id,
-                &step.digest,
-                "",
-                Some(500),
-            )
-            .await
-        {
-            Ok(page) => logs.push((step, page.lines)),
-            Err(err) => return error_page(Some(&session), err),
-        }
-    }
+    // The end of each step's log, within a budget that keeps the page light; each step
+    // links to its whole log.
+    let tails = match app
+        .builds
+        .log_tails(
+            principal,
+            Some(&project_id),
+            &build_id,
+            (LOG_TAIL_LINES, LOG_TAIL_TOTAL, LOG_TAIL_CHARS),
+        )
+        .await
+    {
+        Ok(tails) => tails,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let logs: Vec<(&StepRow, Vec<&str>)> = steps
+        .iter()
+        .filter(|s| s.log_lines > 0)
+        .map(|step| {
+            let lines = tails
+                .iter()
+                .filter(|(digest, _)| *digest == step.digest)
+                .map(|(_, line)| line.message.as_str())
+                .collect();
+            (step, lines)
+        })
+        .collect();
     let body = html! {
         p { a href=(format!("/dashboard/projects/{project_id}")) { "← Project" } }
         h1 { "Build " span.code { (build.id) } }
@@ -881,7 +890,13 @@ pub async fn build(
                 @for (step, lines) in &logs {
                     details {
                         summary { (step.name) " (" (step.log_lines) " lines)" }
-                        pre.log { @for line in lines { (line.message) "\n" } }
+                        @if lines.len() < step.log_lines as usize {
+                            p.muted {
+                                "The last " (lines.len()) " lines. "
+                                a href=(format!("/dashboard/projects/{project_id}/builds/{build_id}/logs/{}", step.digest)) { "The whole log" }
+                            }
+                        }
+                        pre.log { @for line in lines { (line) "\n" } }
                     }
                 }
             }
@@ -890,6 +905,79 @@ pub async fn build(
     page(
         StatusCode::OK,
         layout(&format!("Build {}", build.id), Some(&session), body),
+    )
+}
+
+/// How much of the logs a build's page shows: the last lines of each step, and a cap
+/// for the whole page.
+const LOG_TAIL_LINES: i64 = 30;
+const LOG_TAIL_TOTAL: i64 = 600;
+/// Longer lines are cut on the build's page (never on the whole log's).
+const LOG_TAIL_CHARS: i32 = 300;
+
+#[derive(Deserialize, Default)]
+pub struct LogQuery {
+    page_token: Option<String>,
+}
+
+/// One step's whole log, 1,000 lines a page.
+pub async fn step_log(
+    State(app): State<AppState>,
+    session: Session,
+    Path((project_id, build_id, digest)): Path<(String, String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let principal = &session.principal;
+    let steps = match app
+        .builds
+        .steps_page(principal, Some(&project_id), &build_id, "", Some(1000))
+        .await
+    {
+        Ok(page) => page.steps,
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let Some(step) = steps.iter().find(|s| s.digest == digest) else {
+        return error_page(Some(&session), Error::not_found("build step", &digest));
+    };
+    let page_token = q.page_token.unwrap_or_default();
+    let lines = match app
+        .builds
+        .step_logs(
+            principal,
+            Some(&project_id),
+            &build_id,
+            &digest,
+            &page_token,
+            Some(1000),
+        )
+        .await
+    {
+        Ok(lines) => lines,
+        Err(err @ Error::InvalidArgument { .. }) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                Some(&session),
+                "Bad page link",
+                &err.public_message(),
+            );
+        }
+        Err(err) => return error_page(Some(&session), err),
+    };
+    let build_path = format!("/dashboard/projects/{project_id}/builds/{build_id}");
+    let body = html! {
+        p { a href=(build_path) { "← Build " (build_id) } }
+        h1 { (step.name) }
+        section.card {
+            pre.log.full { @for line in &lines.lines { (line.message) "\n" } }
+            @if lines.lines.is_empty() { p.muted { "No more lines." } }
+            @if let Some(next) = &lines.next_page_token {
+                p { a href=(format!("{build_path}/logs/{digest}?page_token={next}")) { "Next lines →" } }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        layout(&format!("Log of {}", step.name), Some(&session), body),
     )
 }
 
