@@ -1068,3 +1068,100 @@ async fn domain_member(db: &TestDb, org_id: &str) -> String {
     common::set_password(&db.pool, &user.id, "a long password").await;
     email
 }
+
+#[tokio::test]
+async fn server_admins_see_every_machine_and_the_installations_audit_log() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "admin").await;
+    let other = tenant(&db.pool, "elsewhere").await;
+    for (id, project) in [
+        ("machinewarm002", None),
+        ("machineother02", Some(other.project.id.clone())),
+    ] {
+        sqlx::query(
+            "INSERT INTO machines (id, provider, platform, project_id, state, active_builds)
+             VALUES ($1, 'local', 'amd64', $2, 'ready', 0)",
+        )
+        .bind(id)
+        .bind(project)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let kiln_app = app(&db);
+    let router = kiln::api::router(kiln_app.clone());
+    let cookie = sign_in(&router, &email, "a long password").await;
+
+    // Not yet an admin: no link, no page.
+    let index = html(&get(&router, "/dashboard", Some(&cookie)).await);
+    assert!(!index.contains("/dashboard/operations\""));
+    let refused = get(&router, "/dashboard/operations", Some(&cookie)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(!html(&refused).contains("machinewarm002"));
+
+    // Only an operator grants it; the signed-in session has it at once.
+    let d = &kiln_app;
+    let user_principal = kiln::auth::Principal {
+        kind: kiln::auth::PrincipalKind::Token(kiln::auth::TokenKind::User),
+        user_id: Some(t.user_id.clone()),
+        ..kiln::auth::Principal::operator("self")
+    };
+    assert!(
+        d.orgs
+            .set_server_admin(&user_principal, &t.user_id, true)
+            .await
+            .is_err()
+    );
+    assert!(
+        d.orgs
+            .set_server_admin(&common::operator(), &t.user_id, true)
+            .await
+            .unwrap()
+    );
+    let app_router = router.clone();
+    let index = html(&get(&app_router, "/dashboard", Some(&cookie)).await);
+    assert!(index.contains("href=\"/dashboard/operations\""), "{index}");
+    let page = get(&app_router, "/dashboard/operations", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let body = html(&page);
+    assert!(body.contains("machinewarm002") && body.contains("machineother02"));
+    assert!(
+        body.contains("user.grant_server_admin"),
+        "the installation's audit log"
+    );
+    let token = csrf(&body);
+    let drained = post_form(
+        &app_router,
+        "/dashboard/operations/machines/machinewarm002/drain",
+        Some(&cookie),
+        None,
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!(drained.status, StatusCode::SEE_OTHER);
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM machines WHERE id = 'machinewarm002'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "draining");
+    // Still no way into another organization's projects.
+    let theirs = get(
+        &app_router,
+        &format!("/dashboard/projects/{}", other.project.id),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND);
+
+    // Revoked: gone at once.
+    d.orgs
+        .set_server_admin(&common::operator(), &t.user_id, false)
+        .await
+        .unwrap();
+    let app_router = router.clone();
+    let refused = get(&app_router, "/dashboard/operations", Some(&cookie)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+}

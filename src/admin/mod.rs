@@ -85,6 +85,19 @@ pub enum UserCommand {
         #[arg(long)]
         user: String,
     },
+    /// Make a user a server admin (every builder machine and the installation's audit log
+    /// in the dashboard; `kiln admin`'s powers through their own sessions and user tokens)
+    GrantAdmin {
+        /// User id or email
+        #[arg(long)]
+        user: String,
+    },
+    /// Take server admin away from a user
+    RevokeAdmin {
+        /// User id or email
+        #[arg(long)]
+        user: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,6 +352,17 @@ async fn user(app: &App, me: &Principal, out: &Output, cmd: UserCommand) -> anyh
             let password = password.trim_end_matches(['\r', '\n']);
             app.orgs.set_password(me, &user.id, password).await?;
             eprintln!("password set for {}", user.email);
+        }
+        UserCommand::GrantAdmin { user: ref who } | UserCommand::RevokeAdmin { user: ref who } => {
+            let grant = matches!(cmd, UserCommand::GrantAdmin { .. });
+            let user = app.orgs.find_user(me, who).await?;
+            let changed = app.orgs.set_server_admin(me, &user.id, grant).await?;
+            eprintln!(
+                "{} {} a server admin{}",
+                user.email,
+                if grant { "is" } else { "is not" },
+                if changed { "" } else { " (no change)" }
+            );
         }
     }
     Ok(())

@@ -156,7 +156,8 @@ impl Target<'_> {
     fn not_found(&self) -> Error {
         match self {
             Target::Instance => Error::PermissionDenied(
-                "only an operator can do this, with `kiln admin` on the server".into(),
+                "only an operator (with `kiln admin` on the server) or a server admin can do this"
+                    .into(),
             ),
             Target::Organization { id } => Error::not_found("organization", id),
             Target::Project { id, .. } => Error::not_found("project", id),
@@ -177,6 +178,13 @@ enum Reach {
 fn reach(p: &Principal, target: &Target<'_>) -> Reach {
     let kind = match p.kind {
         PrincipalKind::Operator => return Reach::Within(Some(Role::Owner)),
+        // A server admin reaches the installation and its machines; inside organizations
+        // only as their memberships allow.
+        PrincipalKind::Token(TokenKind::User)
+            if p.server_admin && matches!(target, Target::Instance | Target::Machine { .. }) =>
+        {
+            return Reach::Within(Some(Role::Owner));
+        }
         PrincipalKind::Ci(trust) => return ci_reach(p, trust, target),
         PrincipalKind::Token(kind) => kind,
     };
@@ -332,7 +340,7 @@ pub fn authorize(principal: &Principal, action: Action, target: Target<'_>) -> R
             return Err(target.not_found());
         }
     };
-    if action == Action::Operate && principal.kind != PrincipalKind::Operator {
+    if action == Action::Operate && !operates(principal) {
         return Err(Target::Instance.not_found());
     }
     require_scope(principal, action)?;
@@ -344,6 +352,12 @@ pub fn authorize(principal: &Principal, action: Action, target: Target<'_>) -> R
         )));
     }
     Ok(())
+}
+
+/// Operators at the console, and server admins signed in as themselves.
+fn operates(principal: &Principal) -> bool {
+    principal.kind == PrincipalKind::Operator
+        || (principal.is(TokenKind::User) && principal.server_admin)
 }
 
 /// Which rows of a listing a principal may see.
@@ -468,6 +482,7 @@ mod tests {
             machine_id: None,
             scopes: kind.default_scopes(),
             memberships: vec![],
+            server_admin: false,
             expires_at: None,
             ci: None,
         }
@@ -606,6 +621,31 @@ mod tests {
             visible_organizations(&principal(TokenKind::Project)).unwrap(),
             Visible::Organizations(vec!["orga".into()])
         );
+    }
+
+    #[test]
+    fn server_admins_operate_through_their_own_user_tokens_only() {
+        let mut admin = principal(TokenKind::User);
+        admin.server_admin = true;
+        authorize(&admin, Action::Operate, Target::Instance).unwrap();
+        let warm = Target::Machine {
+            id: "m1",
+            organization_id: None,
+        };
+        authorize(&admin, Action::ManageMachines, warm).unwrap();
+        // Not a way into organizations the admin does not belong to.
+        assert!(authorize(&admin, Action::ViewProject, PROJ_B).is_err());
+        // Only a user token carries it; never a derived or narrower one.
+        for kind in TokenKind::ALL.into_iter().filter(|k| *k != TokenKind::User) {
+            let mut p = principal(kind);
+            p.server_admin = true;
+            assert!(
+                authorize(&p, Action::Operate, Target::Instance).is_err(),
+                "{kind}"
+            );
+        }
+        let plain = principal(TokenKind::User);
+        assert!(authorize(&plain, Action::ManageMachines, warm).is_err());
     }
 
     #[test]

@@ -121,6 +121,7 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
         machine_id: None,
         scopes: authz::ci_scopes(trust),
         memberships: Vec::new(),
+        server_admin: false,
         expires_at: Some(token.verified.expires_at),
         ci: Some(Arc::new(CiGrant {
             issuer: token.issuer,

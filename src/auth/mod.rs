@@ -282,6 +282,8 @@ fn principal_of(row: crate::db::tokens::TokenAuthRow) -> Result<Principal> {
         machine_id: row.machine_id,
         scopes: Scopes::from_stored(&row.scopes),
         memberships,
+        // Only a user's own token (a dashboard session, say) carries the user's standing.
+        server_admin: row.server_admin && kind == TokenKind::User,
         expires_at: row.expires_at,
         ci: None,
     })

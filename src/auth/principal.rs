@@ -124,6 +124,8 @@ pub struct Principal {
     pub scopes: Scopes,
     /// For user tokens: the organizations the user belongs to.
     pub memberships: Vec<Membership>,
+    /// For user tokens: the user is a server admin, who operates the installation.
+    pub server_admin: bool,
     pub expires_at: Option<DateTime<Utc>>,
     /// For CI principals: the verified identity and the projects that trust it.
     #[schema(value_type = Option<CiGrant>)]
@@ -153,6 +155,7 @@ impl Principal {
                     .collect::<Vec<_>>(),
             ),
             memberships: Vec::new(),
+            server_admin: false,
             expires_at: None,
             ci: None,
         }

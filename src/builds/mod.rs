@@ -144,6 +144,7 @@ impl Builds {
                 machine_id: None,
                 scopes: TokenKind::Build.default_scopes(),
                 memberships: Vec::new(),
+                server_admin: false,
                 expires_at: info.expires_at,
                 ci: None,
             },

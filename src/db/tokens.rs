@@ -21,6 +21,8 @@ pub struct TokenAuthRow {
     pub revoked_at: Option<DateTime<Utc>>,
     /// "org_id:role" pairs for user tokens.
     pub memberships: Vec<String>,
+    /// For user tokens: whether the user is a server admin.
+    pub server_admin: bool,
 }
 
 /// One round trip: the token and, for user tokens, the user's memberships.
@@ -29,7 +31,9 @@ pub async fn find_by_hash(pool: &PgPool, hash: &[u8; 32]) -> sqlx::Result<Option
         "SELECT t.id, t.kind, t.user_id, t.organization_id, t.project_id, t.build_id, t.machine_id,
                 t.scopes, t.expires_at, t.revoked_at,
                 COALESCE((SELECT array_agg(m.organization_id || ':' || m.role)
-                          FROM memberships m WHERE m.user_id = t.user_id), '{}') AS memberships
+                          FROM memberships m WHERE m.user_id = t.user_id), '{}') AS memberships,
+                COALESCE((SELECT u.server_admin FROM users u WHERE u.id = t.user_id), false)
+                    AS server_admin
          FROM tokens t WHERE t.token_hash = $1",
     )
     .bind(&hash[..])

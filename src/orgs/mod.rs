@@ -207,6 +207,54 @@ impl Orgs {
         Ok(())
     }
 
+    /// Makes a user a server admin, or no longer one (operators only: a server admin
+    /// cannot grant it). Every replica re-reads its cached tokens. False if it was so
+    /// already.
+    pub async fn set_server_admin(
+        &self,
+        principal: &Principal,
+        user_id: &str,
+        admin: bool,
+    ) -> Result<bool> {
+        if principal.kind != crate::auth::PrincipalKind::Operator {
+            return Err(Error::PermissionDenied(
+                "only an operator grants or revokes server admin, with `kiln admin` on the server"
+                    .into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<bool> =
+            sqlx::query_scalar("SELECT server_admin FROM users WHERE id = $1 FOR UPDATE")
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        match exists {
+            None => return Err(Error::not_found("user", user_id)),
+            Some(current) if current == admin => return Ok(false),
+            Some(_) => {}
+        }
+        sqlx::query("UPDATE users SET server_admin = $2 WHERE id = $1")
+            .bind(user_id)
+            .bind(admin)
+            .execute(&mut *tx)
+            .await?;
+        audit::record(
+            &mut *tx,
+            principal
+                .audit(if admin {
+                    "user.grant_server_admin"
+                } else {
+                    "user.revoke_server_admin"
+                })
+                .target("user", user_id),
+        )
+        .await?;
+        notify::send(&mut *tx, INVALIDATION_CHANNEL, INVALIDATE_ALL).await?;
+        tx.commit().await?;
+        self.auth.invalidate(None);
+        Ok(true)
+    }
+
     /// Adds a member or changes their role; every replica re-reads memberships.
     pub async fn set_member(
         &self,

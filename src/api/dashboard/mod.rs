@@ -69,6 +69,11 @@ pub fn routes() -> Router<AppState> {
             "/dashboard/projects/{project}/builds/{build}",
             get(pages::build),
         )
+        .route("/dashboard/operations", get(operations::installation))
+        .route(
+            "/dashboard/operations/machines/{machine}/drain",
+            post(operations::drain_any),
+        )
         .route(
             "/dashboard/organizations/{id}/operations",
             get(operations::operations),

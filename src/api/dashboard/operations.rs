@@ -1,5 +1,7 @@
-//! The operators' page of an organization (its owners, and server operators): the
-//! builder machines serving its projects, with drain, and its audit log with filters.
+//! Operations pages: an organization's (its owners) with the builder machines serving its
+//! projects and its audit log, and the installation's (server admins) with every machine,
+//! warm pools included, and every audit event. Machines can be drained; the audit log is
+//! filtered and paged.
 
 use axum::Form;
 use axum::extract::{Path, Query, State};
@@ -93,7 +95,7 @@ fn age(since: DateTime<Utc>) -> String {
 
 fn machines_section(
     session: &Session,
-    organization_id: &str,
+    scope: &Scope,
     machines: &[MachineInfo],
     names: &[(String, String)],
 ) -> Markup {
@@ -106,7 +108,10 @@ fn machines_section(
     html! {
         section.card {
             h2 { "Builder machines" }
-            p.muted { "Machines serving this organization's projects. A drained machine takes no new builds and is terminated once its builds finish; the next build gets a fresh one." }
+            p.muted {
+                @if matches!(scope, Scope::Installation) { "Every live machine, warm pools included. " } @else { "Machines serving this organization's projects. " }
+                "A drained machine takes no new builds and is terminated once its builds finish; the next build gets a fresh one."
+            }
             table {
                 thead { tr { th { "Machine" } th { "State" } th { "Project" } th { "Platform" } th { "Builds" } th { "Age" } th {} } }
                 tbody {
@@ -116,15 +121,16 @@ fn machines_section(
                             td { (state_label(&machine.state)) }
                             td {
                                 @if let Some(project) = &machine.project_id {
-                                    a href=(format!("/dashboard/projects/{project}")) { (project_name(project)) }
-                                }
+                                    @if matches!(scope, Scope::Installation) { span.code { (project) } }
+                                    @else { a href=(format!("/dashboard/projects/{project}")) { (project_name(project)) } }
+                                } @else { span.muted { "warm pool" } }
                             }
                             td { (machine.platform) }
                             td { (machine.active_builds) }
                             td { (age(machine.created_at)) }
                             td {
                                 @if matches!(machine.state.as_str(), "ready" | "assigned") {
-                                    form method="post" action=(format!("/dashboard/organizations/{organization_id}/machines/{}/drain", machine.id)) {
+                                    form method="post" action=(scope.drain_path(&machine.id)) {
                                         input type="hidden" name="csrf" value=(session.csrf);
                                         button.secondary type="submit" aria-label=(format!("Drain machine {}", machine.id)) { "Drain" }
                                     }
@@ -134,7 +140,7 @@ fn machines_section(
                     }
                 }
             }
-            @if machines.is_empty() { p.muted { "No machines are serving this organization's projects." } }
+            @if machines.is_empty() { p.muted { "No live machines." } }
         }
     }
 }
@@ -160,7 +166,7 @@ fn date_filter(label: &str, name: &str, value: &str, error: Option<&str>) -> Mar
 }
 
 fn audit_section(
-    organization_id: &str,
+    scope: &Scope,
     q: &OperationsQuery,
     events: &[AuditRecord],
     next_page_token: &str,
@@ -183,13 +189,18 @@ fn audit_section(
                 p.error role="alert" { (field) ": " (message) }
             }
             table {
-                thead { tr { th { "When (UTC)" } th { "Action" } th { "Actor" } th { "Target" } th { "Details" } } }
+                thead { tr {
+                    th { "When (UTC)" } th { "Action" } th { "Actor" }
+                    @if matches!(scope, Scope::Installation) { th { "Organization" } }
+                    th { "Target" } th { "Details" }
+                } }
                 tbody {
                     @for event in events {
                         tr {
                             td { (event.occurred_at.format("%Y-%m-%d %H:%M:%S")) }
                             td { span.code { (event.action) } }
                             td { (event.actor_kind) " " span.code { (event.actor_id.as_deref().unwrap_or_default()) } }
+                            @if matches!(scope, Scope::Installation) { td { span.code { (event.organization_id.as_deref().unwrap_or_default()) } } }
                             td { (event.target_kind.as_deref().unwrap_or_default()) " " span.code { (event.target_id.as_deref().unwrap_or_default()) } }
                             td { @if !event.details.is_null() { span.code.details { (truncated(&event.details.to_string(), 300)) } } }
                         }
@@ -198,7 +209,7 @@ fn audit_section(
             }
             @if events.is_empty() { p.muted { "No events match." } }
             @if !next_page_token.is_empty() {
-                p { a href=(format!("/dashboard/organizations/{organization_id}/operations?{}&page_token={}#audit", q.query_string(), next_page_token)) { "Older events →" } }
+                p { a href=(format!("{}?{}&page_token={}#audit", scope.path(), q.query_string(), next_page_token)) { "Older events →" } }
             }
         }
     }
@@ -211,39 +222,98 @@ fn truncated(text: &str, max: usize) -> String {
     }
 }
 
-/// The operators' page: machines (with drain) and the audit log with filters.
+/// Whose operations a page shows.
+enum Scope {
+    Organization(String),
+    Installation,
+}
+
+impl Scope {
+    fn path(&self) -> String {
+        match self {
+            Scope::Organization(id) => format!("/dashboard/organizations/{id}/operations"),
+            Scope::Installation => "/dashboard/operations".into(),
+        }
+    }
+
+    fn drain_path(&self, machine: &str) -> String {
+        match self {
+            Scope::Organization(id) => {
+                format!("/dashboard/organizations/{id}/machines/{machine}/drain")
+            }
+            Scope::Installation => format!("/dashboard/operations/machines/{machine}/drain"),
+        }
+    }
+}
+
+/// An organization's operations page (its owners).
 pub async fn operations(
     State(app): State<AppState>,
     session: Session,
     Path(id): Path<String>,
     Query(q): Query<OperationsQuery>,
 ) -> Response {
+    render(&app, &session, Scope::Organization(id), &q).await
+}
+
+/// The installation's operations page (server admins).
+pub async fn installation(
+    State(app): State<AppState>,
+    session: Session,
+    Query(q): Query<OperationsQuery>,
+) -> Response {
+    render(&app, &session, Scope::Installation, &q).await
+}
+
+async fn render(app: &AppState, session: &Session, scope: Scope, q: &OperationsQuery) -> Response {
     let principal = &session.principal;
-    let organization = match app.orgs.list(principal).await {
-        Ok(orgs) => match orgs.into_iter().find(|o| o.id == id) {
-            Some(org) => org,
-            None => return error_page(Some(&session), Error::not_found("organization", &id)),
-        },
-        Err(err) => return error_page(Some(&session), err),
-    };
-    let machines = match app
-        .scheduler
-        .organization_machines(principal, &id, None)
-        .await
-    {
-        Ok(machines) => machines,
-        Err(err) => return error_page(Some(&session), err),
-    };
-    let names: Vec<(String, String)> = match app.projects.list(principal, Some(&id)).await {
-        Ok(projects) => projects.into_iter().map(|p| (p.id, p.name)).collect(),
-        Err(err) => return error_page(Some(&session), err),
+    let (title, organization_id, machines, names) = match &scope {
+        Scope::Organization(id) => {
+            let organization = match app.orgs.list(principal).await {
+                Ok(orgs) => match orgs.into_iter().find(|o| o.id == *id) {
+                    Some(org) => org,
+                    None => return error_page(Some(session), Error::not_found("organization", id)),
+                },
+                Err(err) => return error_page(Some(session), err),
+            };
+            let machines = match app
+                .scheduler
+                .organization_machines(principal, id, None)
+                .await
+            {
+                Ok(machines) => machines,
+                Err(err) => return error_page(Some(session), err),
+            };
+            let names: Vec<(String, String)> = match app.projects.list(principal, Some(id)).await {
+                Ok(projects) => projects.into_iter().map(|p| (p.id, p.name)).collect(),
+                Err(err) => return error_page(Some(session), err),
+            };
+            (
+                format!("Operations of {}", organization.name),
+                Some(id.as_str()),
+                machines,
+                names,
+            )
+        }
+        Scope::Installation => {
+            let machines = match app.scheduler.machines(principal, None).await {
+                Ok(machines) => machines,
+                Err(err) => return error_page(Some(session), err),
+            };
+            (
+                "Operations of this installation".to_string(),
+                None,
+                machines,
+                Vec::new(),
+            )
+        }
     };
     let (status, events, next, error) = match q.filter() {
         Ok(filter) => match app
             .orgs
             .audit_events(
                 principal,
-                Some(&id),
+                organization_id,
                 &filter,
                 &q.page_token,
                 Some(AUDIT_PAGE),
@@ -257,7 +327,7 @@ pub async fn operations(
                 String::new(),
                 Some((field, reason)),
             ),
-            Err(err) => return error_page(Some(&session), err),
+            Err(err) => return error_page(Some(session), err),
         },
         Err((field, reason)) => (
             StatusCode::BAD_REQUEST,
@@ -273,19 +343,27 @@ pub async fn operations(
     };
     let body = html! {
         p { a href="/dashboard" { "← Projects" } }
-        h1 { "Operations of " (organization.name) }
+        h1 { (title) }
         @if let Some(notice) = notice { p.notice role="status" { (notice) } }
-        (machines_section(&session, &id, &machines, &names))
-        (audit_section(&id, &q, &events, &next, error.as_ref().map(|(f, r)| (f.as_str(), r.as_str()))))
+        (machines_section(session, &scope, &machines, &names))
+        (audit_section(&scope, q, &events, &next, error.as_ref().map(|(f, r)| (f.as_str(), r.as_str()))))
     };
-    page(
-        status,
-        layout(
-            &format!("Operations of {}", organization.name),
-            Some(&session),
-            body,
+    page(status, layout(&title, Some(session), body))
+}
+
+async fn drain_and_return(
+    app: &AppState,
+    session: &Session,
+    scope: Scope,
+    machine: &str,
+) -> Response {
+    match app.scheduler.drain(&session.principal, machine).await {
+        Ok(drained) => secure(
+            Redirect::to(&format!("{}?drained={}", scope.path(), u8::from(drained)))
+                .into_response(),
         ),
-    )
+        Err(err) => error_page(Some(session), err),
+    }
 }
 
 /// Drains one machine serving the organization's projects.
@@ -299,14 +377,19 @@ pub async fn drain(
     if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
         return refused;
     }
-    match app.scheduler.drain(&session.principal, &machine).await {
-        Ok(drained) => secure(
-            Redirect::to(&format!(
-                "/dashboard/organizations/{id}/operations?drained={}",
-                u8::from(drained)
-            ))
-            .into_response(),
-        ),
-        Err(err) => error_page(Some(&session), err),
+    drain_and_return(&app, &session, Scope::Organization(id), &machine).await
+}
+
+/// Drains any machine (server admins).
+pub async fn drain_any(
+    State(app): State<AppState>,
+    session: Session,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Some(refused) = refuse_forged(&app, &session, &headers, &form.csrf) {
+        return refused;
     }
+    drain_and_return(&app, &session, Scope::Installation, &machine).await
 }

@@ -283,8 +283,21 @@ async fn render_index(
             }
         }
         @if orgs.is_empty() { p { "You belong to no organization yet." } }
+        @if may_operate_installation(session) {
+            p { a href="/dashboard/operations" { "This installation: every machine and the audit log" } }
+        }
     };
     page(status, layout("Projects", Some(session), body))
+}
+
+/// Whether to offer the installation's operations page (server admins).
+fn may_operate_installation(session: &Session) -> bool {
+    crate::auth::authorize(
+        &session.principal,
+        crate::auth::Action::Operate,
+        crate::auth::Target::Instance,
+    )
+    .is_ok()
 }
 
 /// Whether to offer the organization's operations page (machines, audit log).

@@ -117,7 +117,7 @@ struct Machines {
     machines: Vec<MachineInfo>,
 }
 
-/// Builder machines: state, project and age (operators).
+/// Every live builder machine: state, project and age (operators and server admins).
 #[utoipa::path(get, path = "/machines", tag = "operators", params(MachineQuery),
     responses((status = 200, body = Machines), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
 async fn list_machines(
