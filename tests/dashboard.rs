@@ -1165,3 +1165,167 @@ async fn server_admins_see_every_machine_and_the_installations_audit_log() {
     let refused = get(&app_router, "/dashboard/operations", Some(&cookie)).await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn sign_in_is_throttled_per_email_like_depot_login() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "throttle").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let router = kiln::api::router(app(&db));
+    let attempt = |password: &'static str| {
+        let router = router.clone();
+        let email = email.clone();
+        async move {
+            post_form(
+                &router,
+                "/dashboard/sign-in",
+                None,
+                None,
+                &[("email", &email), ("password", password)],
+            )
+            .await
+        }
+    };
+    for _ in 0..kiln::auth::login::MAX_FAILED_SIGN_INS {
+        assert_eq!(attempt("wrong").await.status, StatusCode::UNAUTHORIZED);
+    }
+    // Locked out: even the right password is refused, with when to try again, and no
+    // session is started.
+    let locked = attempt("a long password").await;
+    assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        html(&locked).contains("try again in 15 minutes"),
+        "{}",
+        html(&locked)
+    );
+    assert!(!locked.headers.contains_key(header::SET_COOKIE));
+}
+
+#[tokio::test]
+async fn another_organizations_user_reaches_nothing_on_any_page_or_action() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "victim").await;
+    let stranger = tenant(&db.pool, "stranger").await;
+    let app = app(&db);
+    let operator = common::operator();
+    let spec = kiln::builds::BuildSpec {
+        command: "build".into(),
+        options: serde_json::json!([]),
+        save: false,
+        ephemeral_cache: false,
+    };
+    let (build, _, _) = app
+        .builds
+        .create(&operator, Some(&t.project.id), spec)
+        .await
+        .unwrap();
+    let (token, _) = app
+        .tokens
+        .create_project_token(&operator, Some(&t.project.id), "ci", None)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO machines (id, provider, platform, project_id, state, active_builds)
+         VALUES ('machinevictim1', 'local', 'amd64', $1, 'ready', 0)",
+    )
+    .bind(&t.project.id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    common::set_password(&db.pool, &stranger.user_id, "a long password").await;
+    let email = email_of(&db, &stranger.user_id).await;
+    let router = kiln::api::router(app.clone());
+    let cookie = sign_in(&router, &email, "a long password").await;
+    let own = html(&get(&router, "/dashboard", Some(&cookie)).await);
+    let csrf_token = csrf(&own);
+    let (p, b, o) = (&t.project.id, &build.id, &t.org_id);
+    for path in [
+        format!("/dashboard/projects/{p}"),
+        format!("/dashboard/projects/{p}/builds"),
+        format!("/dashboard/projects/{p}/builds/events"),
+        format!("/dashboard/projects/{p}/usage"),
+        format!("/dashboard/projects/{p}/builds/{b}"),
+        format!("/dashboard/projects/{p}/builds/{b}/logs/sha256:x"),
+        format!("/dashboard/organizations/{o}/operations"),
+    ] {
+        let reply = get(&router, &path, Some(&cookie)).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "GET {path}");
+        assert!(!html(&reply).contains(&t.project.name), "GET {path}");
+    }
+    let forms: Vec<(String, Vec<(&str, &str)>)> = vec![
+        (
+            format!("/dashboard/projects/{p}/settings"),
+            vec![
+                ("cache_size_gb_amd64", "5"),
+                ("cache_size_gb_arm64", "5"),
+                ("build_timeout_minutes", "5"),
+            ],
+        ),
+        (
+            format!("/dashboard/projects/{p}/reset"),
+            vec![("confirm", "yes")],
+        ),
+        (
+            format!("/dashboard/projects/{p}/tokens"),
+            vec![("name", "mine")],
+        ),
+        (
+            format!("/dashboard/projects/{p}/tokens/{}/revoke", token.id),
+            vec![],
+        ),
+        (
+            format!("/dashboard/projects/{p}/trust-policies"),
+            vec![
+                ("provider", "github"),
+                ("repository_owner", "evil"),
+                ("repository", "repo"),
+            ],
+        ),
+        (format!("/dashboard/projects/{p}/builds/{b}/share"), vec![]),
+        (
+            format!("/dashboard/organizations/{o}/machines/machinevictim1/drain"),
+            vec![],
+        ),
+        (
+            "/dashboard/projects".to_string(),
+            vec![("organization_id", o.as_str()), ("name", "intruder")],
+        ),
+    ];
+    let audit_before: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    for (path, fields) in &forms {
+        let mut form = vec![("csrf", csrf_token.as_str())];
+        form.extend(fields.iter().copied());
+        let reply = post_form(&router, path, Some(&cookie), None, &form).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "POST {path}: {}",
+            html(&reply)
+        );
+    }
+    // Nothing changed anywhere.
+    let audit_after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(audit_after, audit_before);
+    let (size, shared): (i32, bool) = sqlx::query_as(
+        "SELECT p.cache_size_gb_amd64, b.shared FROM projects p JOIN builds b ON b.project_id = p.id
+         WHERE b.id = $1",
+    )
+    .bind(b)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((size, shared), (t.project.cache_size_gb_amd64, false));
+    let machine: String =
+        sqlx::query_scalar("SELECT state FROM machines WHERE id = 'machinevictim1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(machine, "ready");
+}

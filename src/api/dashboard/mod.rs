@@ -30,7 +30,12 @@ pub fn routes() -> Router<AppState> {
                     |response: Response| async move { web::secure(response) },
                 )),
         )
-        .route("/shared/builds/{build}/{token}", get(shared::shared_build))
+        .route(
+            "/shared/builds/{build}/{token}",
+            get(shared::shared_build).layer(axum::middleware::map_response(
+                |response: Response| async move { web::secure(response) },
+            )),
+        )
         .route("/", get(web::root))
         .route("/dashboard", get(pages::index))
         .route(

@@ -198,7 +198,7 @@ fn audit_section(
                     @for event in events {
                         tr {
                             td { (event.occurred_at.format("%Y-%m-%d %H:%M:%S")) }
-                            td { span.code { (event.action) } }
+                            td { span.code.nowrap { (event.action) } }
                             td { (event.actor_kind) " " span.code { (event.actor_id.as_deref().unwrap_or_default()) } }
                             @if matches!(scope, Scope::Installation) { td { span.code { (event.organization_id.as_deref().unwrap_or_default()) } } }
                             td { (event.target_kind.as_deref().unwrap_or_default()) " " span.code { (event.target_id.as_deref().unwrap_or_default()) } }

@@ -557,7 +557,7 @@ fn project_page(session: &Session, view: &ProjectView<'_>, feedback: &Feedback<'
     )
 }
 
-fn duration(build: &Build) -> String {
+pub(super) fn duration(build: &Build) -> String {
     match build.finished_at {
         Some(finished) => {
             let secs = (finished - build.started_at.unwrap_or(build.created_at)).num_seconds();
@@ -775,9 +775,17 @@ pub async fn reset_cache(
     }
 }
 
+/// A step as the timing chart draws it.
+pub(super) struct TimedStep<'a> {
+    pub name: &'a str,
+    pub cached: bool,
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// A waterfall of steps over time: one bar per step from its start to its end.
-fn waterfall(build: &Build, steps: &[StepRow]) -> Markup {
-    let timed: Vec<&StepRow> = steps.iter().filter(|s| s.started_at.is_some()).collect();
+pub(super) fn waterfall(build: &Build, steps: &[TimedStep<'_>]) -> Markup {
+    let timed: Vec<&TimedStep<'_>> = steps.iter().filter(|s| s.started_at.is_some()).collect();
     let start = timed
         .iter()
         .filter_map(|s| s.started_at)
@@ -877,7 +885,12 @@ pub async fn build(
         section.card {
             h2 { "Steps" }
             @if steps.is_empty() { p.muted { "No steps reported." } } @else {
-                (waterfall(&build, &steps))
+                (waterfall(&build, &steps.iter().map(|s| TimedStep {
+                    name: &s.name,
+                    cached: s.cached,
+                    started_at: s.started_at,
+                    completed_at: s.completed_at,
+                }).collect::<Vec<_>>()))
                 table {
                     thead { tr { th { "Step" } th { "Cache" } th { "Time" } th { "Error" } } }
                     tbody {

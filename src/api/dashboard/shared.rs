@@ -3,9 +3,12 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
+use maud::html;
 
-use super::{escape, message, page};
+use super::message;
+use super::pages::{TimedStep, duration, state_label, waterfall};
+use super::web::{layout, page};
 use crate::app::AppState;
 use crate::error::Error;
 
@@ -21,44 +24,58 @@ pub async fn shared_build(
         Err(err) => return err.into_response(),
     };
     let build = &details.build;
-    let duration = build.finished_at.map_or_else(
-        || "running".to_string(),
-        |f| {
-            let secs = (f - build.started_at.unwrap_or(build.created_at)).num_seconds();
-            format!("{}m {:02}s", secs / 60, secs % 60)
-        },
+    let steps: Vec<TimedStep<'_>> = details
+        .steps
+        .iter()
+        .map(|s| TimedStep {
+            name: &s.name,
+            cached: s.cached,
+            started_at: s.started_at,
+            completed_at: s.completed_at,
+        })
+        .collect();
+    let body = html! {
+        h1 { "Build " span.code { (build.id) } }
+        section.card {
+            p {
+                "Status: " strong data-testid="status" { (state_label(&build.state)) }
+                " · " (duration(build))
+                " · started " (build.created_at.format("%Y-%m-%d %H:%M UTC"))
+            }
+            @if let Some(error) = &build.error { p.error role="alert" { (error) } }
+            p.muted { "A read-only page shared by this build's project." }
+        }
+        section.card {
+            h2 { "Steps" }
+            @if details.steps.is_empty() { p.muted { "No steps reported." } } @else {
+                (waterfall(build, &steps))
+                table {
+                    thead { tr { th { "Step" } th { "Cache" } th { "Time" } th { "Error" } } }
+                    tbody {
+                        @for step in &details.steps {
+                            tr {
+                                td { (step.name) }
+                                td { @if step.cached { "cached" } }
+                                td {
+                                    @if let (Some(s), Some(c)) = (step.started_at, step.completed_at) {
+                                        (format!("{:.1}s", (c - s).num_milliseconds() as f64 / 1000.0))
+                                    }
+                                }
+                                td.error { (step.error.as_deref().unwrap_or_default()) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let mut response = page(
+        StatusCode::OK,
+        layout(&format!("Build {}", build.id), None, body),
     );
-    let mut rows = String::new();
-    for step in &details.steps {
-        let took = match (step.started_at, step.completed_at) {
-            (Some(s), Some(c)) => format!("{:.1}s", (c - s).num_milliseconds() as f64 / 1000.0),
-            _ => String::new(),
-        };
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"error\">{}</td></tr>",
-            escape(&step.name),
-            if step.cached { "cached" } else { "" },
-            took,
-            escape(step.error.as_deref().unwrap_or_default()),
-        ));
-    }
-    let error = build
-        .error
-        .as_deref()
-        .map(|e| format!(r#"<p class="error" role="alert">{}</p>"#, escape(e)))
-        .unwrap_or_default();
-    let body = format!(
-        r#"<h1>Build <span class="code">{id}</span></h1>
-<p>Status: <strong data-testid="status">{state}</strong> · {duration} · started {created}</p>
-{error}
-<table><thead><tr><th>Step</th><th>Cache</th><th>Time</th><th>Error</th></tr></thead><tbody>{rows}</tbody></table>"#,
-        id = escape(&build.id),
-        state = escape(&build.state),
-        created = build.created_at.format("%Y-%m-%d %H:%M UTC"),
+    response.headers_mut().insert(
+        axum::http::HeaderName::from_static("x-robots-tag"),
+        axum::http::HeaderValue::from_static("noindex"),
     );
-    (
-        [("cache-control", "no-store"), ("x-robots-tag", "noindex")],
-        Html(page("Shared build", &body)),
-    )
-        .into_response()
+    response
 }
