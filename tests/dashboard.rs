@@ -261,6 +261,14 @@ async fn settings_and_cache_reset_are_validated_guarded_and_audited() {
             ("cache_size_gb_amd64".to_string(), "75".to_string()),
             ("cache_size_gb_arm64".to_string(), "50".to_string()),
             ("build_timeout_minutes".to_string(), "60".to_string()),
+            ("cache_retention_days".to_string(), "14".to_string()),
+            ("builder_size".to_string(), "32x64".to_string()),
+            ("autoscaling_enabled".to_string(), "on".to_string()),
+            (
+                "autoscaling_builds_per_builder".to_string(),
+                "2".to_string(),
+            ),
+            ("autoscaling_max_builders".to_string(), "4".to_string()),
         ]
     };
     let as_refs = |v: &Vec<(String, String)>| -> Vec<(String, String)> { v.clone() };
@@ -300,6 +308,18 @@ async fn settings_and_cache_reset_are_validated_guarded_and_audited() {
     let reply = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
     assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(html(&reply).contains("cache_size_gb_amd64-error"));
+    let mut odd = valid(&token);
+    odd[6].1 = "128x256".into();
+    odd[9].1 = "1000".into();
+    let pairs: Vec<(&str, &str)> = odd.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let reply = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let text = html(&reply);
+    assert!(
+        text.contains("must be one of") || text.contains("autoscaling_max_builders-error"),
+        "{text}"
+    );
+    assert_eq!(size(&db).await, before);
 
     // A valid change is saved; a second one from the same (now stale) page is refused.
     let ok = valid(&token);
@@ -307,6 +327,19 @@ async fn settings_and_cache_reset_are_validated_guarded_and_audited() {
     let saved = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
     assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", html(&saved));
     assert_eq!(size(&db).await, 75);
+    let others: (i32, String, bool, i32, i32) = sqlx::query_as(
+        "SELECT cache_retention_days, builder_size, autoscaling_enabled,
+                autoscaling_builds_per_builder, autoscaling_max_builders
+         FROM projects WHERE id = $1",
+    )
+    .bind(&t.project.id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(others, (14, "32x64".to_string(), true, 2, 4));
+    let page = html(&get(&router, &path, Some(&cookie)).await);
+    assert!(page.contains("<option value=\"32x64\" selected>"), "{page}");
+    assert!(page.contains("name=\"autoscaling_enabled\" value=\"on\" checked"));
     let stale = post_form(&router, &settings, Some(&cookie), None, &pairs).await;
     assert_eq!(stale.status, StatusCode::CONFLICT);
     assert!(html(&stale).contains("Someone changed these settings"));

@@ -257,6 +257,57 @@ impl Builds {
         })
     }
 
+    /// A page of builds like [`Builds::list`], each with the platforms it asked for and
+    /// who started it (a user's email, a token's name, or a CI identity).
+    pub async fn list_described(
+        &self,
+        principal: &Principal,
+        project_id: Option<&str>,
+        page_token: &str,
+        page_size: Option<i64>,
+    ) -> Result<(Vec<DescribedBuild>, String)> {
+        let page = self
+            .list(principal, project_id, page_token, page_size)
+            .await?;
+        let ids: Vec<String> = page.builds.iter().map(|b| b.id.clone()).collect();
+        let mut starters: Vec<String> = page
+            .builds
+            .iter()
+            .filter_map(|b| b.created_by.clone())
+            .collect();
+        starters.sort();
+        starters.dedup();
+        let (platforms, tokens) = tokio::try_join!(
+            builds::platforms_of(&self.pool, &ids),
+            builds::starters(&self.pool, &starters)
+        )?;
+        let described = page
+            .builds
+            .into_iter()
+            .map(|build| {
+                let platforms = platforms
+                    .iter()
+                    .filter(|(id, _)| *id == build.id)
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                let started_by = build.created_by.as_deref().map(|by| {
+                    match tokens.iter().find(|(id, ..)| id == by) {
+                        Some((_, _, kind, Some(email))) if kind == "user" => email.clone(),
+                        Some((_, name, kind, _)) => format!("{kind} token “{name}”"),
+                        // CI identities are stored as they are (`oidc:<subject>`).
+                        None => by.to_string(),
+                    }
+                });
+                DescribedBuild {
+                    build,
+                    platforms,
+                    started_by,
+                }
+            })
+            .collect();
+        Ok((described, page.next_page_token))
+    }
+
     /// A build's options and a pull token for its image (`depot pull`).
     pub async fn pull_info(
         &self,
@@ -467,6 +518,14 @@ pub struct BuildDetails {
     pub build: Build,
     pub platforms: Vec<BuildPlatform>,
     pub steps: Vec<Step>,
+}
+
+/// A build with the platforms it asked for and who started it, for listings people read.
+#[derive(Debug, Clone)]
+pub struct DescribedBuild {
+    pub build: Build,
+    pub platforms: Vec<String>,
+    pub started_by: Option<String>,
 }
 
 /// One page of builds and the token of the next page (empty on the last page).

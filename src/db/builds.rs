@@ -169,6 +169,31 @@ pub async fn platforms(pool: &PgPool, build_id: &str) -> Result<Vec<BuildPlatfor
     .await?)
 }
 
+/// The platforms each of `build_ids` asked for: (build id, platform), in platform order.
+pub async fn platforms_of(pool: &PgPool, build_ids: &[String]) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT build_id, platform FROM build_platforms WHERE build_id = ANY($1)
+         ORDER BY build_id, platform",
+    )
+    .bind(build_ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Who the tokens `ids` stand for: (token id, token name, kind, the user's email).
+pub async fn starters(
+    pool: &PgPool,
+    ids: &[String],
+) -> Result<Vec<(String, String, String, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT t.id, t.name, t.kind, u.email FROM tokens t LEFT JOIN users u ON u.id = t.user_id
+         WHERE t.id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// The outcome the CLI reports with FinishBuild.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

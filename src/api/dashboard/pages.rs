@@ -14,6 +14,7 @@ use super::web::{self, Session, error_page, layout, page, problem, same_origin, 
 use crate::app::AppState;
 use crate::auth::login;
 use crate::auth::trust::TrustProvider;
+use crate::builds::DescribedBuild;
 use crate::db::builds::{Build, StepRow};
 use crate::db::projects::Project;
 use crate::error::Error;
@@ -495,7 +496,24 @@ fn project_page(session: &Session, view: &ProjectView<'_>, feedback: &Feedback<'
                         (number_field("Cache size, amd64", "cache_size_gb_amd64", &value(|v| &v.cache_size_gb_amd64, project.cache_size_gb_amd64), (&cache_unit, min_gb, Some(max_gb)), errors))
                         (number_field("Cache size, arm64", "cache_size_gb_arm64", &value(|v| &v.cache_size_gb_arm64, project.cache_size_gb_arm64), (&cache_unit, min_gb, Some(max_gb)), errors))
                         p.muted { "A larger cache takes effect at once; a smaller one at the next cache reset." }
-                        (number_field("Build timeout", "build_timeout_minutes", &value(|v| &v.build_timeout_minutes, project.build_timeout_minutes), ("minutes", 1, None), errors))
+                        (number_field("Keep unused cache entries for", "cache_retention_days", &value(|v| &v.cache_retention_days, project.cache_retention_days), ("days (1 to 365)", 1, Some(365)), errors))
+                        (number_field("Build timeout", "build_timeout_minutes", &value(|v| &v.build_timeout_minutes, project.build_timeout_minutes), ("minutes (1 to 1440)", 1, Some(1440)), errors))
+                        @let size = values.map_or(project.builder_size.as_str(), |v| v.builder_size.as_str());
+                        label for="builder_size" { "Builder size" }
+                        select #builder_size name="builder_size" {
+                            @for option in crate::projects::BUILDER_SIZES {
+                                @let (cpus, memory) = option.split_once('x').unwrap_or((option, ""));
+                                option value=(option) selected[size == option] { (cpus) " CPUs, " (memory) " GB memory" }
+                            }
+                        }
+                        @if let Some(error) = errors.of("builder_size") { p.error role="alert" { (error) } }
+                        @let autoscaling = values.map_or(project.autoscaling_enabled, |v| v.autoscaling_enabled.is_some());
+                        label {
+                            input type="checkbox" name="autoscaling_enabled" value="on" checked[autoscaling];
+                            " Autoscaling: more builders when builds queue up"
+                        }
+                        (number_field("Builds per builder", "autoscaling_builds_per_builder", &value(|v| &v.autoscaling_builds_per_builder, project.autoscaling_builds_per_builder), ("(1 to 100)", 1, Some(100)), errors))
+                        (number_field("At most", "autoscaling_max_builders", &value(|v| &v.autoscaling_max_builders, project.autoscaling_max_builders), ("builders (1 to 100)", 1, Some(100)), errors))
                         p { button type="submit" { "Save settings" } }
                     }
                 }
@@ -641,6 +659,16 @@ pub struct SettingsForm {
     cache_size_gb_arm64: String,
     #[serde(default)]
     build_timeout_minutes: String,
+    #[serde(default)]
+    cache_retention_days: String,
+    #[serde(default)]
+    builder_size: String,
+    /// A checkbox: present when ticked.
+    autoscaling_enabled: Option<String>,
+    #[serde(default)]
+    autoscaling_builds_per_builder: String,
+    #[serde(default)]
+    autoscaling_max_builders: String,
 }
 
 pub async fn save_settings(
@@ -668,12 +696,23 @@ pub async fn save_settings(
     let amd64 = number("cache_size_gb_amd64", &form.cache_size_gb_amd64);
     let arm64 = number("cache_size_gb_arm64", &form.cache_size_gb_arm64);
     let timeout = number("build_timeout_minutes", &form.build_timeout_minutes);
+    let retention = number("cache_retention_days", &form.cache_retention_days);
+    let per_builder = number(
+        "autoscaling_builds_per_builder",
+        &form.autoscaling_builds_per_builder,
+    );
+    let max_builders = number("autoscaling_max_builders", &form.autoscaling_max_builders);
     let version = form.version.trim().parse::<i64>().ok();
     if errors.fields.is_empty() {
         let settings = ProjectSettings {
             cache_size_gb_amd64: amd64,
             cache_size_gb_arm64: arm64,
             build_timeout_minutes: timeout,
+            cache_retention_days: retention,
+            builder_size: Some(form.builder_size.trim().to_string()),
+            autoscaling_enabled: Some(form.autoscaling_enabled.is_some()),
+            autoscaling_builds_per_builder: per_builder,
+            autoscaling_max_builders: max_builders,
             ..Default::default()
         };
         let expected = version.map(|v| vec![v]);
@@ -692,6 +731,10 @@ pub async fn save_settings(
                     "cache_size_gb_amd64" => "cache_size_gb_amd64",
                     "cache_size_gb_arm64" => "cache_size_gb_arm64",
                     "build_timeout_minutes" => "build_timeout_minutes",
+                    "cache_retention_days" => "cache_retention_days",
+                    "builder_size" => "builder_size",
+                    "autoscaling_builds_per_builder" => "autoscaling_builds_per_builder",
+                    "autoscaling_max_builders" => "autoscaling_max_builders",
                     _ => "",
                 };
                 if field.is_empty() {
@@ -1144,18 +1187,20 @@ const STATUSES: [&str; 6] = [
 ];
 
 /// The rows of a build list (also what the live stream sends).
-fn build_rows(shown: &[&Build]) -> Markup {
+fn build_rows(shown: &[&DescribedBuild]) -> Markup {
     html! {
-        @for build in shown {
+        @for row in shown {
+            @let build = &row.build;
             tr {
                 td { a href=(build_link(build)) { span.code { (build.id) } } }
                 td { (state_label(&build.state)) }
                 td { (build.created_at.format("%Y-%m-%d %H:%M:%S UTC")) }
                 td { (duration(build)) }
-                td { span.code { (build.created_by.as_deref().unwrap_or("—")) } }
+                td { (row.platforms.join(", ")) }
+                td { (row.started_by.as_deref().unwrap_or("—")) }
             }
         }
-        @if shown.is_empty() { tr { td colspan="5" { span.muted { "No builds here." } } } }
+        @if shown.is_empty() { tr { td colspan="6" { span.muted { "No builds here." } } } }
     }
 }
 
@@ -1180,17 +1225,16 @@ async fn builds_page(
     project_id: &str,
     status: Option<&str>,
     page_token: &str,
-) -> crate::error::Result<(Vec<Build>, String)> {
-    let listed = app
+) -> crate::error::Result<(Vec<DescribedBuild>, String)> {
+    let (listed, next) = app
         .builds
-        .list(&session.principal, Some(project_id), page_token, Some(100))
+        .list_described(&session.principal, Some(project_id), page_token, Some(100))
         .await?;
     let shown = listed
-        .builds
         .into_iter()
-        .filter(|b| status.is_none_or(|s| b.state == s))
+        .filter(|b| status.is_none_or(|s| b.build.state == s))
         .collect();
-    Ok((shown, listed.next_page_token))
+    Ok((shown, next))
 }
 
 /// A project's builds, newest first, filtered by status. The first page is live: a
@@ -1218,7 +1262,7 @@ pub async fn builds(
         Ok(found) => found,
         Err(err) => return error_page(Some(&session), err),
     };
-    let shown: Vec<&Build> = shown.iter().collect();
+    let shown: Vec<&DescribedBuild> = shown.iter().collect();
     let first_page = page_token.is_empty();
     let live = first_page.then(|| {
         format!(
@@ -1239,7 +1283,7 @@ pub async fn builds(
         }
         section.card {
             table data-live=[live.as_deref()] {
-                thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } th { "Started by" } } }
+                thead { tr { th { "Build" } th { "Status" } th { "Started" } th { "Duration" } th { "Platforms" } th { "Started by" } } }
                 tbody { (build_rows(&shown)) }
             }
             @if !next_page_token.is_empty() {
