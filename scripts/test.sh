@@ -3,7 +3,8 @@
 # binaries, Debian's Ceph, the pinned depot CLI from npm, moto from PyPI into a venv,
 # PyJWT/authlib from PyPI and jose from npm as third-party token verifiers, the official
 # Node SDK of the Depot API from npm, schemathesis from PyPI for the REST API's OpenAPI
-# document, Debian's chromium and npm playwright-core for the dashboard's browser test),
+# document, Debian's chromium and npm playwright-core for the dashboard's browser test,
+# Debian's skopeo for the model images),
 # starts a throwaway PostgreSQL cluster, a single-node Ceph cluster and a moto_server for
 # them, runs the whole suite, and cleans up.
 #   bash scripts/test.sh            # all tests
@@ -18,6 +19,7 @@ source scripts/lib/oidc-verifiers.sh
 source scripts/lib/depot-sdk.sh
 source scripts/lib/schemathesis.sh
 source scripts/lib/browser.sh
+source scripts/lib/oci-clients.sh
 
 cleanup() {
   stop_moto
@@ -33,6 +35,7 @@ ensure_oidc_verifiers
 ensure_depot_sdk
 ensure_schemathesis
 ensure_browser
+ensure_oci_clients
 start_throwaway_postgres
 trap cleanup EXIT
 echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"

@@ -20,6 +20,7 @@ pub mod pages;
 pub mod pki;
 pub mod projects;
 pub mod proto;
+pub mod registry;
 pub mod scheduler;
 pub mod telemetry;
 pub mod tokens;

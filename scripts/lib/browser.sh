@@ -1,22 +1,14 @@
 # The browser for the dashboard's end-to-end test: Debian's chromium (never a downloaded
 # browser) driven by npm playwright-core, pinned and installed outside the checkout.
 # Source this file.
+source "$(dirname "${BASH_SOURCE[0]}")/debian.sh"
 
 PLAYWRIGHT_CORE_VERSION="1.65.1"
 
 # ensure_browser: sets and exports TEST_CHROMIUM (the browser binary) and
 # TEST_PLAYWRIGHT_DIR (a directory whose node_modules holds playwright-core).
 ensure_browser() {
-  if [ ! -x /usr/bin/chromium ]; then
-    if [ "$(id -u)" = 0 ]; then
-      echo "==> installing Debian's chromium (apt-get install chromium)" >&2
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
-    else
-      echo "chromium is missing: sudo apt-get install -y --no-install-recommends chromium" >&2
-      return 1
-    fi
-  fi
+  ensure_debian_package chromium chromium || return 1
   local dir="${PLAYWRIGHT_CACHE:-/var/tmp/kiln-playwright}/$PLAYWRIGHT_CORE_VERSION"
   if [ ! -f "$dir/node_modules/playwright-core/package.json" ]; then
     echo "==> installing playwright-core@$PLAYWRIGHT_CORE_VERSION (npm) into $dir" >&2

@@ -1,0 +1,9 @@
+//! The model registry: AI models served as OCI images (like depot.ai), so a Dockerfile
+//! embeds one with a single `COPY --from`.
+//!
+//! So far: `image`, which turns a model directory into a reproducible OCI image (an index
+//! over linux/amd64 and linux/arm64, one layer per large file) written as an OCI image
+//! layout. Storage through `object_store`, the `/v2/` read API, imports from a hub and the
+//! metadata in Postgres come next (issue 13).
+
+pub mod image;
