@@ -3,7 +3,9 @@
 //!
 //! So far: `image`, which turns a model directory into a reproducible OCI image (an index
 //! over linux/amd64 and linux/arm64, one layer per large file) written as an OCI image
-//! layout. Storage through `object_store`, the `/v2/` read API, imports from a hub and the
+//! layout, and `reference`, the spec's grammar for names, tags, digests and `/v2/` paths.
+//! Storage through `object_store`, the `/v2/` read API, imports from a hub and the
 //! metadata in Postgres come next (issue 13).
 
 pub mod image;
+pub mod reference;
