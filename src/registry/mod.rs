@@ -3,9 +3,11 @@
 //!
 //! So far: `image`, which turns a model directory into a reproducible OCI image (an index
 //! over linux/amd64 and linux/arm64, one layer per large file) written as an OCI image
-//! layout, and `reference`, the spec's grammar for names, tags, digests and `/v2/` paths.
+//! layout; `reference`, the spec's grammar for names, tags, digests and `/v2/` paths; and
+//! `range`, how a blob request's `Range` header is answered.
 //! Storage through `object_store`, the `/v2/` read API, imports from a hub and the
 //! metadata in Postgres come next (issue 13).
 
 pub mod image;
+pub mod range;
 pub mod reference;
