@@ -3,11 +3,13 @@
 //!
 //! So far: `image`, which turns a model directory into a reproducible OCI image (an index
 //! over linux/amd64 and linux/arm64, one layer per large file) written as an OCI image
-//! layout; `reference`, the spec's grammar for names, tags, digests and `/v2/` paths; and
-//! `range`, how a blob request's `Range` header is answered.
+//! layout; `reference`, the spec's grammar for names, tags, digests and `/v2/` paths;
+//! `range`, how a blob request's `Range` header is answered; and `errors`, the `/v2/`
+//! API's errors in the spec's format.
 //! Storage through `object_store`, the `/v2/` read API, imports from a hub and the
 //! metadata in Postgres come next (issue 13).
 
+pub mod errors;
 pub mod image;
 pub mod range;
 pub mod reference;
