@@ -623,6 +623,21 @@ async fn render_project(
     )
 }
 
+/// Back to the project's page after a change, with what to say there.
+fn back_to_project(id: &str, notice: &str) -> Response {
+    secure(Redirect::to(&format!("/dashboard/projects/{id}?{notice}=1")).into_response())
+}
+
+/// The project's page again, saying why a form was refused (nothing changed).
+async fn refused_on_project(
+    app: &AppState,
+    session: &Session,
+    id: &str,
+    feedback: &Feedback<'_>,
+) -> Response {
+    render_project(app, session, id, StatusCode::UNPROCESSABLE_ENTITY, feedback).await
+}
+
 pub async fn project(
     State(app): State<AppState>,
     session: Session,
@@ -722,9 +737,7 @@ pub async fn save_settings(
             .await
         {
             Ok(_) => {
-                return secure(
-                    Redirect::to(&format!("/dashboard/projects/{id}?saved=1")).into_response(),
-                );
+                return back_to_project(&id, "saved");
             }
             Err(Error::InvalidArgument { field, reason }) => {
                 let field = match field.as_str() {
@@ -763,14 +776,7 @@ pub async fn save_settings(
         errors,
         ..Default::default()
     };
-    render_project(
-        &app,
-        &session,
-        &id,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        &feedback,
-    )
-    .await
+    refused_on_project(&app, &session, &id, &feedback).await
 }
 
 #[derive(Deserialize)]
@@ -797,14 +803,7 @@ pub async fn reset_cache(
             ),
             ..Default::default()
         };
-        return render_project(
-            &app,
-            &session,
-            &id,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &feedback,
-        )
-        .await;
+        return refused_on_project(&app, &session, &id, &feedback).await;
     }
     match app.cache.reset(&session.principal, Some(&id)).await {
         Ok(reset) => secure(
@@ -818,16 +817,70 @@ pub async fn reset_cache(
     }
 }
 
-/// A step as the timing chart draws it.
+/// A step as a build's page shows it (the signed-in page and the shared one).
 pub(super) struct TimedStep<'a> {
     pub name: &'a str,
     pub cached: bool,
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub error: Option<&'a str>,
+}
+
+impl<'a> From<&'a StepRow> for TimedStep<'a> {
+    fn from(s: &'a StepRow) -> Self {
+        TimedStep {
+            name: &s.name,
+            cached: s.cached,
+            started_at: s.started_at,
+            completed_at: s.completed_at,
+            error: s.error.as_deref(),
+        }
+    }
+}
+
+impl<'a> From<&'a crate::db::builds::Step> for TimedStep<'a> {
+    fn from(s: &'a crate::db::builds::Step) -> Self {
+        TimedStep {
+            name: &s.name,
+            cached: s.cached,
+            started_at: s.started_at,
+            completed_at: s.completed_at,
+            error: s.error.as_deref(),
+        }
+    }
+}
+
+/// A build's steps: the timing chart, then a table with cache hits, times and errors.
+pub(super) fn steps_section(build: &Build, steps: &[TimedStep<'_>]) -> Markup {
+    html! {
+        section.card {
+            h2 { "Steps" }
+            @if steps.is_empty() { p.muted { "No steps reported." } } @else {
+                (waterfall(build, steps))
+                table {
+                    thead { tr { th { "Step" } th { "Cache" } th { "Time" } th { "Error" } } }
+                    tbody {
+                        @for step in steps {
+                            tr {
+                                td { (step.name) }
+                                td { @if step.cached { "cached" } }
+                                td {
+                                    @if let (Some(s), Some(c)) = (step.started_at, step.completed_at) {
+                                        (format!("{:.1}s", (c - s).num_milliseconds() as f64 / 1000.0))
+                                    }
+                                }
+                                td.error { (step.error.unwrap_or_default()) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A waterfall of steps over time: one bar per step from its start to its end.
-pub(super) fn waterfall(build: &Build, steps: &[TimedStep<'_>]) -> Markup {
+fn waterfall(build: &Build, steps: &[TimedStep<'_>]) -> Markup {
     let timed: Vec<&TimedStep<'_>> = steps.iter().filter(|s| s.started_at.is_some()).collect();
     let start = timed
         .iter()
@@ -925,34 +978,7 @@ pub async fn build(
                 button.secondary type="submit" { "Share a read-only link" }
             }
         }
-        section.card {
-            h2 { "Steps" }
-            @if steps.is_empty() { p.muted { "No steps reported." } } @else {
-                (waterfall(&build, &steps.iter().map(|s| TimedStep {
-                    name: &s.name,
-                    cached: s.cached,
-                    started_at: s.started_at,
-                    completed_at: s.completed_at,
-                }).collect::<Vec<_>>()))
-                table {
-                    thead { tr { th { "Step" } th { "Cache" } th { "Time" } th { "Error" } } }
-                    tbody {
-                        @for step in &steps {
-                            tr {
-                                td { (step.name) }
-                                td { @if step.cached { "cached" } }
-                                td {
-                                    @if let (Some(s), Some(c)) = (step.started_at, step.completed_at) {
-                                        (format!("{:.1}s", (c - s).num_milliseconds() as f64 / 1000.0))
-                                    }
-                                }
-                                td.error { (step.error.as_deref().unwrap_or_default()) }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        (steps_section(&build, &steps.iter().map(TimedStep::from).collect::<Vec<_>>()))
         @if !logs.is_empty() {
             section.card {
                 h2 { "Logs" }
@@ -1136,14 +1162,7 @@ pub async fn create_token(
                 token_error: Some(&reason),
                 ..Default::default()
             };
-            render_project(
-                &app,
-                &session,
-                &id,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &feedback,
-            )
-            .await
+            refused_on_project(&app, &session, &id, &feedback).await
         }
         Err(err) => error_page(Some(&session), err),
     }
@@ -1164,9 +1183,7 @@ pub async fn revoke_token(
         .revoke(&session.principal, Some(&id), &token_id)
         .await
     {
-        Ok(_) => {
-            secure(Redirect::to(&format!("/dashboard/projects/{id}?revoked=1")).into_response())
-        }
+        Ok(_) => back_to_project(&id, "revoked"),
         Err(err) => error_page(Some(&session), err),
     }
 }
@@ -1610,23 +1627,14 @@ pub async fn add_trust_policy(
         Err(err) => Err(err),
     };
     match result {
-        Ok(()) => {
-            secure(Redirect::to(&format!("/dashboard/projects/{id}?trusted=1")).into_response())
-        }
+        Ok(()) => back_to_project(&id, "trusted"),
         Err(err @ (Error::InvalidArgument { .. } | Error::AlreadyExists(_))) => {
             let message = err.to_string();
             let feedback = Feedback {
                 trust_error: Some(&message),
                 ..Default::default()
             };
-            render_project(
-                &app,
-                &session,
-                &id,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &feedback,
-            )
-            .await
+            refused_on_project(&app, &session, &id, &feedback).await
         }
         Err(err) => error_page(Some(&session), err),
     }
@@ -1647,9 +1655,7 @@ pub async fn remove_trust_policy(
         .remove_trust_policy(&session.principal, Some(&id), &policy)
         .await
     {
-        Ok(()) => {
-            secure(Redirect::to(&format!("/dashboard/projects/{id}?untrusted=1")).into_response())
-        }
+        Ok(()) => back_to_project(&id, "untrusted"),
         Err(err) => error_page(Some(&session), err),
     }
 }

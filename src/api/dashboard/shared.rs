@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use maud::html;
 
 use super::message;
-use super::pages::{TimedStep, duration, state_label, waterfall};
+use super::pages::{TimedStep, duration, state_label, steps_section};
 use super::web::{layout, page};
 use crate::app::AppState;
 use crate::error::Error;
@@ -24,16 +24,7 @@ pub async fn shared_build(
         Err(err) => return err.into_response(),
     };
     let build = &details.build;
-    let steps: Vec<TimedStep<'_>> = details
-        .steps
-        .iter()
-        .map(|s| TimedStep {
-            name: &s.name,
-            cached: s.cached,
-            started_at: s.started_at,
-            completed_at: s.completed_at,
-        })
-        .collect();
+    let steps: Vec<TimedStep<'_>> = details.steps.iter().map(TimedStep::from).collect();
     let body = html! {
         h1 { "Build " span.code { (build.id) } }
         section.card {
@@ -45,29 +36,7 @@ pub async fn shared_build(
             @if let Some(error) = &build.error { p.error role="alert" { (error) } }
             p.muted { "A read-only page shared by this build's project." }
         }
-        section.card {
-            h2 { "Steps" }
-            @if details.steps.is_empty() { p.muted { "No steps reported." } } @else {
-                (waterfall(build, &steps))
-                table {
-                    thead { tr { th { "Step" } th { "Cache" } th { "Time" } th { "Error" } } }
-                    tbody {
-                        @for step in &details.steps {
-                            tr {
-                                td { (step.name) }
-                                td { @if step.cached { "cached" } }
-                                td {
-                                    @if let (Some(s), Some(c)) = (step.started_at, step.completed_at) {
-                                        (format!("{:.1}s", (c - s).num_milliseconds() as f64 / 1000.0))
-                                    }
-                                }
-                                td.error { (step.error.as_deref().unwrap_or_default()) }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        (steps_section(build, &steps))
     };
     let mut response = page(
         StatusCode::OK,
