@@ -37,6 +37,8 @@ pub struct App {
     pub usage: crate::usage::Usage,
     pub scheduler: Arc<Scheduler>,
     pub cache: Arc<crate::cache::Cache>,
+    /// The model registry (`/v2/`, `kiln models`).
+    pub models: Arc<crate::registry::Models>,
     pub connect: ConnectRouter,
     /// Kiln's OpenID Connect issuer.
     pub oidc: Arc<crate::oidc::Issuer>,
@@ -113,6 +115,7 @@ impl App {
                 Duration::from_secs(config.registry.pull_token_ttl_seconds),
             ),
             usage: crate::usage::Usage::new(db.clone()),
+            models: Arc::new(crate::registry::Models::new(db.clone(), &config)),
             limiter: ClientLimiter::new(&config.limits),
             config,
             db,
@@ -242,6 +245,7 @@ pub async fn serve(
         ));
     }
     background.spawn(app.auth.clone().run_flusher(cancel.clone()));
+    background.spawn(app.models.clone().run_pull_counter(cancel.clone()));
     {
         let app = app.clone();
         let cancel = cancel.clone();

@@ -39,6 +39,8 @@ pub enum Command {
     Agent(crate::agent::AgentArgs),
     /// Create and list organizations, users, memberships, projects and tokens.
     Admin(crate::admin::AdminArgs),
+    /// The model registry: import models (served as OCI images at /v2/) and list them.
+    Models(crate::admin::models::ModelsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -67,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dev(args) => crate::dev::run(config, args).await,
         Command::Admin(args) => crate::admin::run(config, args).await,
+        Command::Models(args) => crate::admin::models::run(config, args).await,
         Command::Agent(_) => unreachable!("handled above"),
     }
 }

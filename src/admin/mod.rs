@@ -7,6 +7,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
+pub mod models;
+
 use crate::app::App;
 use crate::auth::{Principal, Role, Scope, Scopes, TokenKind};
 use crate::config::Config;

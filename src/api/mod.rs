@@ -7,6 +7,7 @@ pub mod extract;
 pub mod health;
 pub mod oidc;
 pub mod ratelimit;
+pub mod registry;
 pub mod rest;
 pub mod server;
 
@@ -44,6 +45,8 @@ pub fn router(state: AppState) -> Router {
         }));
     Router::new()
         .merge(health::routes())
+        // Blob downloads take as long as they take: outside the request deadline.
+        .merge(registry::routes())
         .merge(bounded)
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(

@@ -36,6 +36,8 @@ pub enum Action {
     /// See the builder machines serving an organization's projects, and drain them.
     ManageMachines,
     ActAsMachine,
+    /// Import models into the model registry (they are public to every puller).
+    ManageModels,
     /// Manage the installation: organizations, users, memberships, any token, builder
     /// machines and jobs. Operators only.
     Operate,
@@ -48,6 +50,7 @@ impl Action {
             Action::ManageOrganization
             | Action::ViewAuditLog
             | Action::ManageMachines
+            | Action::ManageModels
             | Action::Operate => Scope::OrgAdmin,
             Action::ViewProject => Scope::ProjectsRead,
             Action::CreateProject
@@ -98,6 +101,7 @@ impl Action {
             Action::ViewAuditLog => "read the audit log",
             Action::ManageMachines => "see and drain this organization's builder machines",
             Action::ActAsMachine => "act as a builder machine",
+            Action::ManageModels => "import models",
             Action::Operate => "manage this installation",
         }
     }
@@ -311,6 +315,23 @@ fn require_minting_kind(principal: &Principal, action: Action) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Whether a caller may pull from the model registry: anyone when pulls are anonymous,
+/// else any valid token with the `registry:read` scope (models are not tenant data).
+pub fn authorize_model_pull(principal: Option<&Principal>, anonymous: bool) -> Result<()> {
+    if anonymous {
+        return Ok(());
+    }
+    let Some(principal) = principal else {
+        return Err(Error::Unauthenticated(
+            "this model registry needs a token: log in with any user name and a Kiln token as the password".into(),
+        ));
+    };
+    if principal.kind == PrincipalKind::Operator {
+        return Ok(());
+    }
+    require_scope(principal, Action::PullImages)
 }
 
 /// Decides whether `principal` may perform `action` on `target`.

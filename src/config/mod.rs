@@ -27,6 +27,7 @@ pub struct Config {
     pub builders: BuildersConfig,
     pub cache: CacheConfig,
     pub registry: RegistryConfig,
+    pub models: ModelsConfig,
     pub oidc: OidcConfig,
     pub login: LoginConfig,
     pub limits: LimitsConfig,
@@ -329,6 +330,93 @@ pub struct RegistryConfig {
     pub pull_token_ttl_seconds: u64,
 }
 
+/// The model registry: AI models as OCI images, served read-only at `/v2/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Serve `/v2/` on kiln's port.
+    pub enabled: bool,
+    /// Where blobs, manifests and tag pointers live.
+    pub store: ModelStoreKind,
+    /// Who may pull.
+    pub auth: ModelPullAuth,
+    /// How new images' layers are stored: "tar" or "gzip".
+    pub layer_format: String,
+    /// Files at least this large (MiB) get a layer of their own.
+    pub large_file_mb: u64,
+    /// At most this many layers per image.
+    pub max_layers: usize,
+    /// Blob GETs answer 307 to a presigned URL of the store (S3 only).
+    pub redirect_blobs: bool,
+    pub presigned_url_seconds: u64,
+    /// How often each replica adds its pull counts to the database.
+    pub pull_count_flush_seconds: u64,
+    /// Longest one import may take (hub downloads included).
+    pub import_timeout_seconds: u64,
+    pub local: LocalModelStoreConfig,
+    pub s3: S3ModelStoreConfig,
+    pub hub: HubConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStoreKind {
+    /// A directory (`kiln dev`, single-machine installations).
+    Local,
+    /// Any S3-compatible store: S3, R2, MinIO, Ceph RGW.
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelPullAuth {
+    /// Anyone who reaches the port may pull, as from depot.ai.
+    Anonymous,
+    /// Pulls need a Kiln token, through the registry token flow (`/v2/token`).
+    Token,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModelStoreConfig {
+    /// Empty: `<dev.data_dir>/models` under `kiln dev`, else a directory under /tmp.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3ModelStoreConfig {
+    /// Empty: AWS S3 in `region`; else the store's URL (e.g. http://127.0.0.1:7480).
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    /// Empty: the AWS environment (AWS_ACCESS_KEY_ID, instance profile, ...).
+    pub access_key_id: String,
+    pub secret_access_key: SecretString,
+    /// Objects go under this prefix inside the bucket.
+    pub prefix: String,
+    /// Needed for an `http://` endpoint.
+    pub allow_http: bool,
+    /// bucket.host/key instead of host/bucket/key.
+    pub virtual_hosted_style: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// A Hugging Face-compatible hub (the HF_ENDPOINT convention).
+    pub endpoint: url::Url,
+    /// Sent as a bearer token; empty: anonymous.
+    pub token: SecretString,
+    /// Where partial downloads are kept so an interrupted import resumes. Empty: a
+    /// directory under /tmp.
+    pub download_dir: PathBuf,
+    /// Largest model accepted, GiB.
+    pub max_model_gb: u64,
+    /// Most files accepted in one repository.
+    pub max_files: usize,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
@@ -520,6 +608,28 @@ impl Config {
             std::env::temp_dir().join(format!("kiln-cache-{}", hex::encode(&digest[..6])))
         } else {
             self.cache.local.dir.clone()
+        }
+    }
+
+    /// Where the local model store keeps blobs.
+    pub fn local_models_dir(&self) -> PathBuf {
+        if self.models.local.dir.as_os_str().is_empty() {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
+            std::env::temp_dir().join(format!("kiln-models-{}", hex::encode(&digest[..6])))
+        } else {
+            self.models.local.dir.clone()
+        }
+    }
+
+    /// Where hub downloads are kept between attempts.
+    pub fn hub_download_dir(&self) -> PathBuf {
+        if self.models.hub.download_dir.as_os_str().is_empty() {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
+            std::env::temp_dir().join(format!("kiln-hub-{}", hex::encode(&digest[..6])))
+        } else {
+            self.models.hub.download_dir.clone()
         }
     }
 
@@ -1151,6 +1261,61 @@ impl Config {
             "registry.pull_token_ttl_seconds",
             self.registry.pull_token_ttl_seconds.to_string(),
             "must be between 60 and 86400",
+        );
+        let m = &self.models;
+        check(
+            matches!(m.layer_format.as_str(), "tar" | "gzip"),
+            "models.layer_format",
+            m.layer_format.clone(),
+            "must be \"tar\" or \"gzip\"",
+        );
+        check(
+            (1..=16_384).contains(&m.large_file_mb),
+            "models.large_file_mb",
+            m.large_file_mb.to_string(),
+            "must be between 1 and 16384",
+        );
+        check(
+            (1..=100).contains(&m.max_layers),
+            "models.max_layers",
+            m.max_layers.to_string(),
+            "must be between 1 and 100 (runtimes fail past about 125 layers)",
+        );
+        check(
+            (60..=604_800).contains(&m.presigned_url_seconds),
+            "models.presigned_url_seconds",
+            m.presigned_url_seconds.to_string(),
+            "must be between 60 and 604800",
+        );
+        check(
+            (1..=3600).contains(&m.pull_count_flush_seconds),
+            "models.pull_count_flush_seconds",
+            m.pull_count_flush_seconds.to_string(),
+            "must be between 1 and 3600",
+        );
+        check(
+            (10..=86_400).contains(&m.import_timeout_seconds),
+            "models.import_timeout_seconds",
+            m.import_timeout_seconds.to_string(),
+            "must be between 10 and 86400",
+        );
+        check(
+            m.store != ModelStoreKind::S3 || !m.s3.bucket.is_empty(),
+            "models.s3.bucket",
+            "\"\"".into(),
+            "must be set when models.store = \"s3\"",
+        );
+        check(
+            !m.redirect_blobs || m.store == ModelStoreKind::S3,
+            "models.redirect_blobs",
+            "true".into(),
+            "needs models.store = \"s3\" (a local directory has no URLs to redirect to)",
+        );
+        check(
+            (1..=100_000).contains(&m.hub.max_files),
+            "models.hub.max_files",
+            m.hub.max_files.to_string(),
+            "must be between 1 and 100000",
         );
         check(
             (30..=3600).contains(&self.login.request_ttl_seconds),

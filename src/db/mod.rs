@@ -5,6 +5,7 @@ pub mod builds;
 pub mod ids;
 pub mod jobs;
 pub mod machines;
+pub mod models;
 pub mod notify;
 pub mod oidc_claims;
 pub mod oidc_keys;

@@ -130,6 +130,9 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
         // Caches outlive `kiln dev` restarts, like its database.
         config.cache.local.dir = data_dir.join("cache");
     }
+    if config.models.local.dir.as_os_str().is_empty() {
+        config.models.local.dir = data_dir.join("models");
+    }
     if let Some(listen) = args.listen {
         config.server.listen = listen;
         config.server.public_url = format!("http://{listen}").parse()?;

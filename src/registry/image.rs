@@ -167,6 +167,8 @@ pub struct BuiltImage {
     pub index: Descriptor,
     /// One manifest per architecture, in [`ARCHITECTURES`] order.
     pub manifests: Vec<Descriptor>,
+    /// Their configs, in the same order.
+    pub configs: Vec<Descriptor>,
     pub layers: Vec<Layer>,
     pub entries: Vec<Entry>,
     /// Bytes of all the files.
@@ -650,6 +652,7 @@ pub fn build(
         ));
     }
     let mut manifests = Vec::new();
+    let mut configs = Vec::new();
     for architecture in ARCHITECTURES {
         let config = layout.put_json(
             CONFIG_MEDIA_TYPE,
@@ -680,6 +683,7 @@ pub fn build(
         });
         manifest.annotations = labels.clone();
         manifests.push(manifest);
+        configs.push(config);
     }
     let index = layout.put_json(
         INDEX_MEDIA_TYPE,
@@ -701,6 +705,7 @@ pub fn build(
     Ok(BuiltImage {
         index,
         manifests,
+        configs,
         layers,
         entries,
         file_bytes,

@@ -11,5 +11,9 @@
 
 pub mod errors;
 pub mod image;
+pub mod models;
 pub mod range;
 pub mod reference;
+pub mod store;
+
+pub use models::Models;

@@ -1,0 +1,229 @@
+//! Where model images' bytes live, through the `object_store` crate: a local directory
+//! (`kiln dev`) or any S3-compatible store (S3, R2, MinIO, Ceph RGW).
+//!
+//! Layout, under the configured prefix:
+//! - `blobs/sha256/<hex>`: every blob (layers, configs, manifests, indexes) once, shared
+//!   by every model and revision that holds it;
+//! - `models/<name>/tags/<tag>`: the digest a tag points at, so the store alone says
+//!   what each model's tags were (PostgreSQL is what the registry serves from).
+
+use std::ops::Range;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
+use secrecy::ExposeSecret;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::reference::Digest;
+use crate::config::{Config, ModelStoreKind};
+
+/// Bytes of a blob, as they are read from the store.
+pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// Reads of local blobs go this many bytes at a time.
+const LOCAL_READ_CHUNK: usize = 512 * 1024;
+/// Uploads are sent in parts of this size (S3 multipart), several at once.
+const UPLOAD_PART_BYTES: usize = 16 * 1024 * 1024;
+const UPLOAD_CONCURRENCY: usize = 4;
+
+pub struct ModelStore {
+    objects: Arc<dyn ObjectStore>,
+    /// The directory of a local store: blobs are read straight from their files, since
+    /// `object_store` reads local files 8 KiB at a time.
+    local_root: Option<PathBuf>,
+    /// Presigns blob URLs (S3).
+    signer: Option<Arc<dyn Signer>>,
+    prefix: String,
+    description: String,
+}
+
+impl ModelStore {
+    pub fn from_config(config: &Config) -> anyhow::Result<ModelStore> {
+        match config.models.store {
+            ModelStoreKind::Local => ModelStore::local(&config.local_models_dir()),
+            ModelStoreKind::S3 => {
+                let s3 = &config.models.s3;
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(&s3.region)
+                    .with_allow_http(s3.allow_http)
+                    .with_virtual_hosted_style_request(s3.virtual_hosted_style);
+                if !s3.endpoint.is_empty() {
+                    builder = builder.with_endpoint(&s3.endpoint);
+                }
+                if !s3.access_key_id.is_empty() {
+                    builder = builder
+                        .with_access_key_id(&s3.access_key_id)
+                        .with_secret_access_key(s3.secret_access_key.expose_secret());
+                }
+                let store = Arc::new(builder.build()?);
+                let prefix = s3.prefix.trim_matches('/').to_string();
+                let endpoint = if s3.endpoint.is_empty() {
+                    format!("s3 in {}", s3.region)
+                } else {
+                    s3.endpoint.clone()
+                };
+                Ok(ModelStore {
+                    objects: store.clone(),
+                    local_root: None,
+                    signer: Some(store),
+                    description: format!("s3://{}/{} ({endpoint})", s3.bucket, prefix),
+                    prefix,
+                })
+            }
+        }
+    }
+
+    /// A store in `dir` (created if needed).
+    pub fn local(dir: &FsPath) -> anyhow::Result<ModelStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("creating the model store {}: {e}", dir.display()))?;
+        let root = dir.canonicalize()?;
+        Ok(ModelStore {
+            objects: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
+            description: root.display().to_string(),
+            local_root: Some(root),
+            signer: None,
+            prefix: String::new(),
+        })
+    }
+
+    /// Where the store is, for logs and `kiln models` output.
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    fn key(&self, relative: &str) -> String {
+        if self.prefix.is_empty() {
+            relative.to_string()
+        } else {
+            format!("{}/{relative}", self.prefix)
+        }
+    }
+
+    fn blob_key(&self, digest: &Digest) -> Path {
+        Path::from(self.key(&format!("blobs/sha256/{}", digest.hex())))
+    }
+
+    /// The size of a stored blob, or `None` when the store lacks it.
+    pub async fn blob_size(&self, digest: &Digest) -> object_store::Result<Option<u64>> {
+        match self.objects.head(&self.blob_key(digest)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Uploads the file at `path` as the blob `digest` (multipart for large files). The
+    /// object appears whole or not at all.
+    pub async fn put_blob_file(&self, digest: &Digest, path: &FsPath) -> anyhow::Result<()> {
+        let mut file = tokio::fs::File::open(path).await?;
+        let mut writer = object_store::buffered::BufWriter::with_capacity(
+            self.objects.clone(),
+            self.blob_key(digest),
+            UPLOAD_PART_BYTES,
+        )
+        .with_max_concurrency(UPLOAD_CONCURRENCY);
+        let mut buffer = vec![0u8; 1024 * 1024];
+        loop {
+            let read = file.read(&mut buffer).await?;
+            if read == 0 {
+                break;
+            }
+            if let Err(err) = writer.write_all(&buffer[..read]).await {
+                let _ = writer.abort().await;
+                return Err(err.into());
+            }
+        }
+        writer.shutdown().await?;
+        Ok(())
+    }
+
+    pub async fn put_blob_bytes(&self, digest: &Digest, bytes: Bytes) -> anyhow::Result<()> {
+        self.objects
+            .put(&self.blob_key(digest), PutPayload::from_bytes(bytes))
+            .await?;
+        Ok(())
+    }
+
+    /// Records what `tag` of `name` points at, beside the blobs.
+    pub async fn put_tag(&self, name: &str, tag: &str, digest: &Digest) -> anyhow::Result<()> {
+        let key = Path::from(self.key(&format!("models/{name}/tags/{tag}")));
+        self.objects
+            .put(&key, PutPayload::from(digest.as_str().to_string()))
+            .await?;
+        Ok(())
+    }
+
+    /// A whole small blob (a manifest or a config).
+    pub async fn blob_bytes(&self, digest: &Digest) -> anyhow::Result<Bytes> {
+        if let Some(root) = &self.local_root {
+            let path = root.join("blobs/sha256").join(digest.hex());
+            return Ok(Bytes::from(tokio::fs::read(path).await?));
+        }
+        Ok(self
+            .objects
+            .get(&self.blob_key(digest))
+            .await?
+            .bytes()
+            .await?)
+    }
+
+    /// Streams `range` of a blob (the whole of it if `None`).
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> anyhow::Result<BlobStream> {
+        if let Some(root) = &self.local_root {
+            let path = root.join("blobs/sha256").join(digest.hex());
+            let mut file = tokio::fs::File::open(path).await?;
+            let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match range {
+                Some(range) => {
+                    file.seek(std::io::SeekFrom::Start(range.start)).await?;
+                    Box::new(file.take(range.end - range.start))
+                }
+                None => Box::new(file),
+            };
+            return Ok(
+                tokio_util::io::ReaderStream::with_capacity(reader, LOCAL_READ_CHUNK).boxed(),
+            );
+        }
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        let result = self
+            .objects
+            .get_opts(&self.blob_key(digest), options)
+            .await?;
+        Ok(result
+            .into_stream()
+            .map(|chunk| chunk.map_err(std::io::Error::other))
+            .boxed())
+    }
+
+    /// A URL the client can fetch the blob from directly, when the store can presign.
+    pub async fn presigned_blob_url(
+        &self,
+        digest: &Digest,
+        valid_for: Duration,
+    ) -> anyhow::Result<Option<url::Url>> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let url = signer
+            .signed_url(http::Method::GET, &self.blob_key(digest), valid_for)
+            .await?;
+        Ok(Some(url))
+    }
+}

@@ -1,0 +1,861 @@
+//! The model registry end to end: `kiln models import` semantics through the domain, the
+//! read-only `/v2/` API over a real socket (headers, HEAD, Range, conditional GET,
+//! listings, errors), storage in a local directory, and real OCI clients (skopeo).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::{Server, TestDb, app_with, operator};
+use kiln::registry::models::DirectoryImport;
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// What skopeo and buildah send: six Accept lines.
+const SKOPEO_ACCEPT: [&str; 6] = [
+    MANIFEST,
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    INDEX,
+];
+
+fn write(root: &Path, path: &str, bytes: &[u8]) {
+    let path = root.join(path);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u64::from(seed) + 7;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        })
+        .collect()
+}
+
+/// A model with a model card, small files, a nested directory and a 5 MiB weight file
+/// (a layer of its own at the default 4 MiB threshold).
+fn model(root: &Path) {
+    write(
+        root,
+        "README.md",
+        b"---\nlicense: apache-2.0\n---\n# tiny model\n",
+    );
+    write(root, "config.json", br#"{"hidden_size": 384}"#);
+    write(root, "1_Pooling/config.json", br#"{"mean": true}"#);
+    write(root, "tokenizer.json", &pseudo_random(20_000, 1));
+    write(
+        root,
+        "model.safetensors",
+        &pseudo_random(5 * 1024 * 1024, 2),
+    );
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// sha256 of every regular file under `root`, by relative path.
+fn file_hashes(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, sha256_hex(&std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+struct Registry {
+    _db: TestDb,
+    _store: tempfile::TempDir,
+    app: kiln::app::AppState,
+    server: Server,
+    http: reqwest::Client,
+}
+
+impl Registry {
+    async fn start(extra: &[(&str, &str)]) -> Registry {
+        let db = TestDb::new().await;
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().display().to_string();
+        let mut overrides = vec![("KILN_MODELS__LOCAL__DIR", dir.as_str())];
+        overrides.extend_from_slice(extra);
+        let app = app_with(&db, &overrides);
+        let server = Server::start(&db, &overrides).await;
+        Registry {
+            _db: db,
+            _store: store,
+            app,
+            server,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn import(
+        &self,
+        name: &str,
+        dir: &Path,
+        revision: Option<&str>,
+    ) -> kiln::registry::models::Imported {
+        self.app
+            .models
+            .import_directory(
+                &operator(),
+                DirectoryImport {
+                    name: name.into(),
+                    dir: dir.to_path_buf(),
+                    revision: revision.map(str::to_string),
+                    tags: vec![],
+                    source: Some("https://huggingface.co/acme/tiny".into()),
+                    license: None,
+                    hub_repository: None,
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url)
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.http.get(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn head(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.http.head(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+fn header<'a>(res: &'a reqwest::Response, name: &str) -> &'a str {
+    res.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header in {res:?}"))
+        .to_str()
+        .unwrap()
+}
+
+async fn error_code(res: reqwest::Response) -> String {
+    assert_eq!(header(&res, "content-type"), "application/json");
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    body["errors"][0]["code"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn manifests_answer_get_and_head_with_the_same_headers() {
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let imported = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    assert_eq!(imported.tags, ["latest", "rev1"]);
+    assert_eq!(
+        imported.layers, 2,
+        "small files together, the weights alone"
+    );
+
+    let base = registry.get("/v2/", &[]).await;
+    assert_eq!(base.status(), StatusCode::OK);
+    assert_eq!(
+        header(&base, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
+    assert_eq!(base.text().await.unwrap(), "{}");
+
+    let accept: Vec<(&str, &str)> = SKOPEO_ACCEPT.iter().map(|t| ("accept", *t)).collect();
+    for reference in ["latest", "rev1", imported.digest.as_str()] {
+        let path = format!("/v2/acme/tiny/manifests/{reference}");
+        let get = registry.get(&path, &accept).await;
+        assert_eq!(get.status(), StatusCode::OK, "{reference}");
+        let head = registry.head(&path, &accept).await;
+        assert_eq!(head.status(), StatusCode::OK);
+        for name in [
+            "content-type",
+            "docker-content-digest",
+            "content-length",
+            "etag",
+        ] {
+            assert_eq!(
+                header(&get, name),
+                header(&head, name),
+                "{name} of {reference}"
+            );
+        }
+        assert_eq!(header(&get, "content-type"), INDEX);
+        assert_eq!(header(&get, "docker-content-digest"), imported.digest);
+        assert_eq!(header(&get, "etag"), format!("\"{}\"", imported.digest));
+        assert!(get.headers().get("content-encoding").is_none());
+        let length: usize = header(&head, "content-length").parse().unwrap();
+        let body = get.bytes().await.unwrap();
+        assert_eq!(body.len(), length, "HEAD's Content-Length is the body's");
+        assert_eq!(format!("sha256:{}", sha256_hex(&body)), imported.digest);
+        assert!(head.bytes().await.unwrap().is_empty());
+    }
+
+    // Conditional GET.
+    let etag = format!("\"{}\"", imported.digest);
+    let cached = registry
+        .get(
+            "/v2/acme/tiny/manifests/latest",
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+
+    // A client that reads image manifests only gets the linux/amd64 one by tag; by
+    // digest the index is refused rather than changed.
+    let only_manifests = [("accept", MANIFEST)];
+    let fallback = registry
+        .get("/v2/acme/tiny/manifests/latest", &only_manifests)
+        .await;
+    assert_eq!(fallback.status(), StatusCode::OK);
+    assert_eq!(header(&fallback, "content-type"), MANIFEST);
+    let manifest: serde_json::Value = fallback.json().await.unwrap();
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
+    let refused = registry
+        .get(
+            &format!("/v2/acme/tiny/manifests/{}", imported.digest),
+            &only_manifests,
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(refused).await, "MANIFEST_UNKNOWN");
+
+    // The index names both platforms; each manifest and config is there by digest.
+    let index: serde_json::Value = registry
+        .get("/v2/acme/tiny/manifests/latest", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let platforms: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(platforms, ["amd64", "arm64"]);
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.licenses"], "apache-2.0",
+        "the license comes from the model card"
+    );
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn blobs_stream_with_ranges_and_never_416_a_valid_multi_range() {
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let imported = registry.import("acme/tiny", dir.path(), None).await;
+    let index: serde_json::Value = registry
+        .get(&format!("/v2/acme/tiny/manifests/{}", imported.digest), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let amd64 = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = registry
+        .get(&format!("/v2/acme/tiny/manifests/{amd64}"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let weights = &manifest["layers"][1];
+    assert_eq!(
+        weights["annotations"]["org.opencontainers.image.title"],
+        "model.safetensors"
+    );
+    let digest = weights["digest"].as_str().unwrap();
+    let size = weights["size"].as_u64().unwrap();
+    let path = format!("/v2/acme/tiny/blobs/{digest}");
+
+    let whole = registry.get(&path, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert_eq!(header(&whole, "docker-content-digest"), digest);
+    assert_eq!(header(&whole, "accept-ranges"), "bytes");
+    assert!(
+        whole.headers().get("content-encoding").is_none(),
+        "never compressed"
+    );
+    let body = whole.bytes().await.unwrap();
+    assert_eq!(body.len() as u64, size);
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest);
+
+    let head = registry.head(&path, &[]).await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(header(&head, "content-length"), size.to_string());
+    assert_eq!(header(&head, "docker-content-digest"), digest);
+
+    let one = registry.get(&path, &[("range", "bytes=0-9")]).await;
+    assert_eq!(one.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(header(&one, "content-range"), format!("bytes 0-9/{size}"));
+    assert_eq!(one.bytes().await.unwrap(), body.slice(0..10));
+    let suffix = registry.get(&path, &[("range", "bytes=-100")]).await;
+    assert_eq!(suffix.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        suffix.bytes().await.unwrap(),
+        body.slice(body.len() - 100..)
+    );
+
+    // Several ranges: 206 multipart/byteranges, one part per range.
+    let many = registry
+        .get(&path, &[("range", "bytes=0-1,1000-1009,5000000-")])
+        .await;
+    assert_eq!(many.status(), StatusCode::PARTIAL_CONTENT);
+    let content_type = header(&many, "content-type").to_string();
+    let boundary = content_type
+        .strip_prefix("multipart/byteranges; boundary=")
+        .expect("multipart answer")
+        .to_string();
+    let declared: usize = header(&many, "content-length").parse().unwrap();
+    let multipart = many.bytes().await.unwrap();
+    assert_eq!(multipart.len(), declared);
+    let text = multipart.to_vec();
+    let mut parts = Vec::new();
+    let delimiter = format!("--{boundary}");
+    let mut rest = &text[..];
+    while let Some(at) = find(rest, delimiter.as_bytes()) {
+        rest = &rest[at + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let head_end = find(rest, b"\r\n\r\n").unwrap();
+        let head = String::from_utf8(rest[..head_end].to_vec()).unwrap();
+        let range = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Range: bytes "))
+            .unwrap()
+            .to_string();
+        let (span, _) = range.split_once('/').unwrap();
+        let (start, end) = span.split_once('-').unwrap();
+        let (start, end): (usize, usize) = (start.parse().unwrap(), end.parse().unwrap());
+        let data = &rest[head_end + 4..head_end + 4 + (end - start + 1)];
+        assert_eq!(data, &body[start..=end], "part {range}");
+        parts.push(range);
+    }
+    assert_eq!(
+        parts,
+        [
+            format!("0-1/{size}"),
+            format!("1000-1009/{size}"),
+            format!("5000000-{}/{size}", size - 1)
+        ]
+    );
+
+    // One range past the end: 416 with the size.
+    let beyond = registry
+        .get(&path, &[("range", &format!("bytes={size}-{}", size + 10))])
+        .await;
+    assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&beyond, "content-range"), format!("bytes */{size}"));
+
+    let etag = format!("\"{digest}\"");
+    let cached = registry.get(&path, &[("if-none-match", &etag)]).await;
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    registry.server.stop().await;
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test]
+async fn listings_paginate_and_bad_requests_get_the_specs_errors() {
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    registry
+        .import("acme/other", dir.path(), Some("rev1"))
+        .await;
+
+    let tags: serde_json::Value = registry
+        .get("/v2/acme/tiny/tags/list", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tags,
+        serde_json::json!({"name": "acme/tiny", "tags": ["latest", "rev1"]})
+    );
+    let first = registry.get("/v2/acme/tiny/tags/list?n=1", &[]).await;
+    assert_eq!(
+        header(&first, "link"),
+        "</v2/acme/tiny/tags/list?n=1&last=latest>; rel=\"next\""
+    );
+    assert_eq!(
+        first.json::<serde_json::Value>().await.unwrap()["tags"],
+        serde_json::json!(["latest"])
+    );
+    let second: serde_json::Value = registry
+        .get("/v2/acme/tiny/tags/list?n=1&last=latest", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["tags"], serde_json::json!(["rev1"]));
+    let none: serde_json::Value = registry
+        .get("/v2/acme/tiny/tags/list?n=0", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(none["tags"], serde_json::json!([]));
+    let catalog: serde_json::Value = registry
+        .get("/v2/_catalog", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog["repositories"],
+        serde_json::json!(["acme/other", "acme/tiny"])
+    );
+
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        (
+            "/v2/acme/nope/manifests/latest".into(),
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+        ),
+        (
+            "/v2/acme/tiny/manifests/nope".into(),
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            format!("/v2/acme/tiny/manifests/{zeros}"),
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            format!("/v2/acme/tiny/blobs/{zeros}"),
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+        ),
+        (
+            "/v2/acme/tiny/blobs/sha256:abc".into(),
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/acme/tiny/manifests/-bad".into(),
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+        ),
+        (
+            "/v2/Acme/tiny/manifests/latest".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/acme/../etc/manifests/latest".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/acme/%2e%2e/blobs/sha256:abc".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/acme/tiny/tags/list?n=x".into(),
+            StatusCode::BAD_REQUEST,
+            "PAGINATION_NUMBER_INVALID",
+        ),
+        (
+            "/v2/acme/tiny/referrers".into(),
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+        ),
+    ];
+    for (path, status, code) in cases {
+        // reqwest would normalise `..` away: send the path as it is.
+        let res = raw_get(&registry.server.url, &path).await;
+        assert_eq!(res.0, status, "{path}");
+        let body: serde_json::Value = serde_json::from_str(&res.1).unwrap();
+        assert_eq!(body["errors"][0]["code"], code, "{path}");
+    }
+    let head = registry.head("/v2/acme/nope/manifests/latest", &[]).await;
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    assert!(head.bytes().await.unwrap().is_empty());
+
+    let put = registry
+        .http
+        .put(registry.url("/v2/acme/tiny/manifests/latest"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(header(&put, "allow"), "GET, HEAD");
+    assert_eq!(error_code(put).await, "UNSUPPORTED");
+    registry.server.stop().await;
+}
+
+/// A GET with the path exactly as given (no client-side normalisation).
+async fn raw_get(base: &str, path: &str) -> (StatusCode, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status: u16 = text[9..12].parse().unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    (StatusCode::from_u16(status).unwrap(), body.to_string())
+}
+
+#[tokio::test]
+async fn reimports_are_identical_and_a_changed_file_uploads_one_layer() {
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let first = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    assert_eq!(
+        first.uploaded_blobs,
+        2 + 2 + 2 + 1,
+        "layers, configs, manifests, index"
+    );
+    let again = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    assert_eq!(again.digest, first.digest);
+    assert_eq!(again.uploaded_blobs, 0);
+    // The same files under another name share every blob.
+    let other = registry.import("acme/copy", dir.path(), Some("rev1")).await;
+    assert_eq!(other.digest, first.digest);
+    assert_eq!(other.uploaded_blobs, 0);
+
+    write(
+        dir.path(),
+        "README.md",
+        b"---\nlicense: apache-2.0\n---\n# tiny model, v2\n",
+    );
+    let second = registry.import("acme/tiny", dir.path(), Some("rev2")).await;
+    assert_ne!(second.digest, first.digest);
+    assert_eq!(
+        second.uploaded_blobs,
+        1 + 2 + 2 + 1,
+        "only the small-files layer is new (plus configs, manifests and the index)"
+    );
+    assert!(
+        second.uploaded_bytes < 1024 * 1024,
+        "the weights were not uploaded again"
+    );
+
+    // latest moved; rev1 still names the first image.
+    let latest = registry.head("/v2/acme/tiny/manifests/latest", &[]).await;
+    assert_eq!(header(&latest, "docker-content-digest"), second.digest);
+    let rev1 = registry.head("/v2/acme/tiny/manifests/rev1", &[]).await;
+    assert_eq!(header(&rev1, "docker-content-digest"), first.digest);
+
+    // The store holds each blob once.
+    let store = registry._store.path().join("blobs/sha256");
+    assert_eq!(std::fs::read_dir(store).unwrap().count(), 7 + 6);
+
+    // The listing shows the latest revision with its files and the COPY line.
+    let list = registry.app.models.list(None).await.unwrap();
+    let tiny = list.iter().find(|m| m.name == "acme/tiny").unwrap();
+    assert_eq!(tiny.revision, "rev2");
+    assert_eq!(tiny.file_count, 5);
+    assert_eq!(tiny.license.as_deref(), Some("apache-2.0"));
+    let audit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE action = 'model.import'")
+            .fetch_one(&registry._db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audit, 4);
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_imports_change_nothing() {
+    let registry = Registry::start(&[]).await;
+    let outside = tempfile::tempdir().unwrap();
+    write(outside.path(), "secret", b"do not ship");
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("leak")).unwrap();
+    let bad = |name: &str, dir: &Path, revision: Option<&str>| DirectoryImport {
+        name: name.into(),
+        dir: dir.to_path_buf(),
+        revision: revision.map(str::to_string),
+        tags: vec![],
+        source: None,
+        license: None,
+        hub_repository: None,
+    };
+    let models = &registry.app.models;
+    let err = models
+        .import_directory(&operator(), bad("acme/tiny", dir.path(), None))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("outside the model directory"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("leak")).unwrap();
+    for (name, revision, field) in [
+        ("../etc", None, "name"),
+        ("Acme/Tiny", None, "name"),
+        ("acme/tiny", Some("a/b"), "revision"),
+    ] {
+        let err = models
+            .import_directory(&operator(), bad(name, dir.path(), revision))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(field), "{name}: {err}");
+    }
+    let missing = models
+        .import_directory(
+            &operator(),
+            bad("acme/tiny", &dir.path().join("nope"), None),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, kiln::error::Error::InvalidArgument { .. }),
+        "{missing}"
+    );
+    // A user who is not a server admin may not import.
+    let tenant = common::tenant(&registry._db.pool, "models").await;
+    let user = registry.app.auth.verify(&tenant.user_token).await.unwrap();
+    let denied = models
+        .import_directory(&user, bad("acme/tiny", dir.path(), None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(denied, kiln::error::Error::PermissionDenied(_)),
+        "{denied}"
+    );
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM models")
+        .fetch_one(&registry._db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    let blobs = registry._store.path().join("blobs");
+    assert!(!blobs.exists() || std::fs::read_dir(blobs.join("sha256")).unwrap().count() == 0);
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn token_mode_challenges_and_accepts_kiln_tokens() {
+    let registry = Registry::start(&[("KILN_MODELS__AUTH", "token")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    registry.import("acme/tiny", dir.path(), None).await;
+    let anonymous = registry.get("/v2/", &[]).await;
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let challenge = header(&anonymous, "www-authenticate").to_string();
+    assert_eq!(
+        challenge,
+        format!(
+            "Bearer realm=\"{}/v2/_token\",service=\"kiln\"",
+            registry.server.url
+        )
+    );
+    assert_eq!(error_code(anonymous).await, "UNAUTHORIZED");
+
+    let tenant = common::tenant(&registry._db.pool, "pullers").await;
+    let token = registry
+        .http
+        .get(registry.url("/v2/_token?service=kiln&scope=repository:acme/tiny:pull"))
+        .basic_auth("anyone", Some(&tenant.user_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token.status(), StatusCode::OK);
+    let token: serde_json::Value = token.json().await.unwrap();
+    let bearer = token["token"].as_str().unwrap();
+    assert!(token["expires_in"].as_u64().unwrap() >= 60);
+    let issued =
+        chrono::DateTime::parse_from_rfc3339(token["issued_at"].as_str().unwrap()).unwrap();
+    assert!((chrono::Utc::now() - issued.to_utc()).num_seconds().abs() < 60);
+    let auth = format!("Bearer {bearer}");
+    let pulled = registry
+        .get(
+            "/v2/acme/tiny/manifests/latest",
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(pulled.status(), StatusCode::OK);
+    let wrong = registry
+        .get(
+            "/v2/acme/tiny/manifests/latest",
+            &[("authorization", "Bearer kiln_nope")],
+        )
+        .await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let bad_login = registry
+        .http
+        .get(registry.url("/v2/_token"))
+        .basic_auth("anyone", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_login.status(), StatusCode::UNAUTHORIZED);
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn pulls_are_counted() {
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    registry.import("acme/tiny", dir.path(), None).await;
+    for _ in 0..3 {
+        let res = registry.get("/v2/acme/tiny/manifests/latest", &[]).await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    // HEADs and platform manifests are not pulls.
+    registry.head("/v2/acme/tiny/manifests/latest", &[]).await;
+    registry.server.stop().await;
+    let pulls: i64 = sqlx::query_scalar("SELECT pull_count FROM models WHERE name = 'acme/tiny'")
+        .fetch_one(&registry._db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pulls, 3, "flushed at shutdown");
+}
+
+#[tokio::test]
+async fn skopeo_copies_and_inspects_by_tag_and_by_digest() {
+    let skopeo = std::env::var("TEST_SKOPEO").expect(
+        "TEST_SKOPEO is not set: run the tests through `bash scripts/test.sh`, which installs skopeo",
+    );
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let imported = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    let host = format!("127.0.0.1:{}", registry.server.port);
+    let by_tag = format!("docker://{host}/acme/tiny:latest");
+    let by_digest = format!("docker://{host}/acme/tiny@{}", imported.digest);
+    let skopeo = |args: Vec<String>| {
+        let skopeo = skopeo.clone();
+        async move {
+            let out = tokio::process::Command::new(&skopeo)
+                .args(&args)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "skopeo {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        }
+    };
+    for reference in [&by_tag, &by_digest] {
+        let raw = skopeo(vec![
+            "inspect".into(),
+            "--tls-verify=false".into(),
+            "--raw".into(),
+            reference.clone(),
+        ])
+        .await;
+        assert_eq!(format!("sha256:{}", sha256_hex(&raw)), imported.digest);
+        for arch in ["amd64", "arm64"] {
+            let info = skopeo(vec![
+                "--override-arch".into(),
+                arch.into(),
+                "inspect".into(),
+                "--tls-verify=false".into(),
+                reference.clone(),
+            ])
+            .await;
+            let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+            assert_eq!(info["Architecture"], arch);
+            assert_eq!(info["Layers"].as_array().unwrap().len(), 2);
+            assert_eq!(info["RepoTags"], serde_json::json!(["latest", "rev1"]));
+        }
+        // A copy of every platform checks every digest and size on the way; unpacking it
+        // gives the model's files, byte for byte.
+        let out = tempfile::tempdir().unwrap();
+        let target = format!("oci:{}:copy", out.path().display());
+        skopeo(vec![
+            "copy".into(),
+            "--all".into(),
+            "--quiet".into(),
+            "--preserve-digests".into(),
+            "--src-tls-verify=false".into(),
+            reference.clone(),
+            target,
+        ])
+        .await;
+        let copied: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("index.json")).unwrap()).unwrap();
+        assert_eq!(copied["manifests"][0]["digest"], imported.digest.as_str());
+        let unpacked = tempfile::tempdir().unwrap();
+        unpack_amd64(out.path(), unpacked.path());
+        assert_eq!(file_hashes(unpacked.path()), file_hashes(dir.path()));
+    }
+    registry.server.stop().await;
+}
+
+/// Extracts the linux/amd64 image of an OCI layout's only index into `into`.
+fn unpack_amd64(layout: &Path, into: &Path) {
+    let blob = |digest: &str| {
+        std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&blob(top["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let amd64 = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["architecture"] == "amd64")
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(amd64["digest"].as_str().unwrap())).unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let bytes = blob(layer["digest"].as_str().unwrap());
+        tar::Archive::new(&bytes[..]).unpack(into).unwrap();
+    }
+}
