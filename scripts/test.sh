@@ -43,6 +43,11 @@ echo "==> PostgreSQL for tests at 127.0.0.1:$PG_PORT"
 start_throwaway_ceph
 export TEST_CEPH_CONF="$CEPH_CONF" TEST_CEPH_POOL="$CEPH_POOL" TEST_CEPH_DIR="$CEPH_DIR"
 echo "==> Ceph for tests: $TEST_CEPH_CONF (pool $TEST_CEPH_POOL)"
+# The model registry's S3 store tests use its RADOS Gateway.
+start_rgw
+export TEST_S3_ENDPOINT="$RGW_ENDPOINT" TEST_S3_ACCESS_KEY="$RGW_ACCESS_KEY" \
+  TEST_S3_SECRET_KEY="$RGW_SECRET_KEY" TEST_S3_BUCKET="$RGW_BUCKET"
+echo "==> S3 (radosgw) for tests at $TEST_S3_ENDPOINT, bucket $TEST_S3_BUCKET"
 # kiln-ec2's tests (crates/kiln-ec2/tests/moto.rs) find it through TEST_MOTO_URL.
 start_moto
 echo "==> moto_server for tests at $TEST_MOTO_URL"

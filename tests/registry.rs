@@ -91,6 +91,31 @@ struct Registry {
     http: reqwest::Client,
 }
 
+/// The S3 store of the test run (Ceph's radosgw, started by scripts/test.sh), under a
+/// prefix of its own.
+fn s3_overrides(prefix: &str) -> Vec<(String, String)> {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run the tests through `bash scripts/test.sh`, which starts radosgw")
+        })
+    };
+    vec![
+        ("KILN_MODELS__STORE".into(), "s3".into()),
+        ("KILN_MODELS__S3__ENDPOINT".into(), var("TEST_S3_ENDPOINT")),
+        ("KILN_MODELS__S3__BUCKET".into(), var("TEST_S3_BUCKET")),
+        (
+            "KILN_MODELS__S3__ACCESS_KEY_ID".into(),
+            var("TEST_S3_ACCESS_KEY"),
+        ),
+        (
+            "KILN_MODELS__S3__SECRET_ACCESS_KEY".into(),
+            var("TEST_S3_SECRET_KEY"),
+        ),
+        ("KILN_MODELS__S3__ALLOW_HTTP".into(), "true".into()),
+        ("KILN_MODELS__S3__PREFIX".into(), prefix.into()),
+    ]
+}
+
 impl Registry {
     async fn start(extra: &[(&str, &str)]) -> Registry {
         let db = TestDb::new().await;
@@ -858,4 +883,311 @@ fn unpack_amd64(layout: &Path, into: &Path) {
         let bytes = blob(layer["digest"].as_str().unwrap());
         tar::Archive::new(&bytes[..]).unpack(into).unwrap();
     }
+}
+
+/// sha256 of every file of a model image pulled through `/v2/` by hand: index, amd64
+/// manifest, every layer unpacked.
+async fn pull_files(registry: &Registry, name: &str, tag: &str) -> BTreeMap<String, String> {
+    let index: serde_json::Value = registry
+        .get(&format!("/v2/{name}/manifests/{tag}"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let amd64 = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = registry
+        .get(&format!("/v2/{name}/manifests/{amd64}"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let into = tempfile::tempdir().unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let res = registry
+            .get(&format!("/v2/{name}/blobs/{digest}"), &[])
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let bytes = res.bytes().await.unwrap();
+        assert_eq!(format!("sha256:{}", sha256_hex(&bytes)), digest);
+        tar::Archive::new(&bytes[..]).unpack(into.path()).unwrap();
+    }
+    file_hashes(into.path())
+}
+
+#[tokio::test]
+async fn an_s3_store_serves_the_same_images_with_ranges() {
+    let prefix = format!("t-{}", kiln::db::ids::new_id());
+    let s3 = s3_overrides(&prefix);
+    let s3: Vec<(&str, &str)> = s3.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let registry = Registry::start(&s3).await;
+    let local = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let imported = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    assert_eq!(imported.uploaded_blobs, 7);
+    let same = local.import("acme/tiny", dir.path(), Some("rev1")).await;
+    assert_eq!(
+        imported.digest, same.digest,
+        "the store does not change the image"
+    );
+    assert_eq!(
+        pull_files(&registry, "acme/tiny", "latest").await,
+        file_hashes(dir.path())
+    );
+
+    // Ranges are read from the store as ranges.
+    let manifest: serde_json::Value = registry
+        .get("/v2/acme/tiny/manifests/latest", &[("accept", MANIFEST)])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let weights = manifest["layers"][1]["digest"].as_str().unwrap();
+    let path = format!("/v2/acme/tiny/blobs/{weights}");
+    let whole = registry.get(&path, &[]).await.bytes().await.unwrap();
+    let part = registry.get(&path, &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.bytes().await.unwrap(), whole.slice(1000..2000));
+    let many = registry.get(&path, &[("range", "bytes=0-0,-1")]).await;
+    assert_eq!(many.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(header(&many, "content-type").starts_with("multipart/byteranges"));
+
+    // The blobs are in the bucket, under the prefix.
+    let store =
+        kiln::registry::store::ModelStore::from_config(&common::config(&registry._db.url, &s3))
+            .unwrap();
+    let index = kiln::registry::reference::Digest::parse(&imported.digest).unwrap();
+    assert!(store.blob_size(&index).await.unwrap().is_some());
+
+    // A re-import finds every blob in the bucket already.
+    let again = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    assert_eq!(again.uploaded_blobs, 0);
+    registry.server.stop().await;
+    local.server.stop().await;
+}
+
+#[tokio::test]
+async fn blobs_can_redirect_to_presigned_store_urls() {
+    let prefix = format!("t-{}", kiln::db::ids::new_id());
+    let mut s3 = s3_overrides(&prefix);
+    s3.push(("KILN_MODELS__REDIRECT_BLOBS".into(), "true".into()));
+    let s3: Vec<(&str, &str)> = s3.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let registry = Registry::start(&s3).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let imported = registry.import("acme/tiny", dir.path(), None).await;
+    let index: serde_json::Value = registry
+        .get(&format!("/v2/acme/tiny/manifests/{}", imported.digest), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let weights_digest = {
+        let amd64 = index["manifests"][0]["digest"].as_str().unwrap();
+        let manifest: serde_json::Value = registry
+            .get(&format!("/v2/acme/tiny/manifests/{amd64}"), &[])
+            .await
+            .json()
+            .await
+            .unwrap();
+        manifest["layers"][1]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let path = format!("/v2/acme/tiny/blobs/{weights_digest}");
+    let redirect = no_follow.get(registry.url(&path)).send().await.unwrap();
+    assert_eq!(redirect.status(), StatusCode::TEMPORARY_REDIRECT);
+    let location = header(&redirect, "location").to_string();
+    assert!(
+        location.starts_with(&std::env::var("TEST_S3_ENDPOINT").unwrap()),
+        "{location}"
+    );
+    assert!(location.contains("X-Amz-Signature="), "{location}");
+    // The presigned URL serves the bytes, and ranges of them.
+    let bytes = no_follow
+        .get(&location)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(format!("sha256:{}", sha256_hex(&bytes)), weights_digest);
+    let part = no_follow
+        .get(&location)
+        .header("range", "bytes=0-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    // HEAD still answers from the registry itself, with the size.
+    let head = registry.head(&path, &[]).await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(header(&head, "content-length"), bytes.len().to_string());
+    // skopeo follows the redirects.
+    if let Ok(skopeo) = std::env::var("TEST_SKOPEO") {
+        let out = tempfile::tempdir().unwrap();
+        let status = tokio::process::Command::new(skopeo)
+            .args([
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                &format!(
+                    "docker://127.0.0.1:{}/acme/tiny:latest",
+                    registry.server.port
+                ),
+                &format!("oci:{}:x", out.path().display()),
+            ])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+    registry.server.stop().await;
+}
+
+/// The real model (PyPI's copy of all-MiniLM-L6-v2, 13 files, one of 90.9 MB).
+fn test_model_dir() -> std::path::PathBuf {
+    std::env::var("TEST_MODEL_DIR")
+        .expect("TEST_MODEL_DIR is not set: run the tests through `bash scripts/test.sh`, which downloads the model")
+        .into()
+}
+
+#[tokio::test]
+async fn buildah_embeds_the_real_model_with_copy_from_offline() {
+    let buildah = std::env::var("TEST_BUILDAH").expect(
+        "TEST_BUILDAH is not set: run the tests through `bash scripts/test.sh`, which installs buildah",
+    );
+    let registry = Registry::start(&[]).await;
+    let model_dir = test_model_dir();
+    let imported = registry
+        .import("sentence-transformers/all-minilm-l6-v2", &model_dir, None)
+        .await;
+    assert_eq!(imported.files, 13);
+    assert_eq!(
+        imported.layers, 2,
+        "the weights alone, everything else together"
+    );
+    assert_eq!(
+        pull_files(
+            &registry,
+            "sentence-transformers/all-minilm-l6-v2",
+            "latest"
+        )
+        .await,
+        file_hashes(&model_dir),
+        "the model round-trips byte for byte"
+    );
+
+    // `COPY --from=<registry>/<model>:latest / /model`, built offline: FROM scratch, vfs
+    // storage and chroot isolation (no daemon, no network but the registry).
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    let from = format!(
+        "127.0.0.1:{}/sentence-transformers/all-minilm-l6-v2:latest",
+        registry.server.port
+    );
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM scratch\nCOPY --from={from} / /model\n"),
+    )
+    .unwrap();
+    let storage = [
+        "--storage-driver".to_string(),
+        "vfs".to_string(),
+        "--root".to_string(),
+        work.path().join("root").display().to_string(),
+        "--runroot".to_string(),
+        work.path().join("runroot").display().to_string(),
+    ];
+    let run = |args: Vec<String>| {
+        let buildah = buildah.clone();
+        let storage = storage.clone();
+        async move {
+            let out = tokio::process::Command::new(&buildah)
+                .args(&storage)
+                .args(&args)
+                .env("BUILDAH_ISOLATION", "chroot")
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "buildah {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        }
+    };
+    run(vec![
+        "bud".into(),
+        "--isolation".into(),
+        "chroot".into(),
+        "--tls-verify=false".into(),
+        "--layers=false".into(),
+        "-t".into(),
+        "localhost/embedded".into(),
+        context.display().to_string(),
+    ])
+    .await;
+    let container = run(vec!["from".into(), "localhost/embedded".into()]).await;
+    let mount = run(vec!["mount".into(), container.clone()]).await;
+    let copied = file_hashes(&std::path::Path::new(&mount).join("model"));
+    run(vec!["umount".into(), container.clone()]).await;
+    run(vec!["rm".into(), container]).await;
+    assert_eq!(copied, file_hashes(&model_dir));
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn the_oci_client_crate_pulls_an_image() {
+    use oci_client::client::{ClientConfig, ClientProtocol};
+    use oci_client::secrets::RegistryAuth;
+    let registry = Registry::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let imported = registry.import("acme/tiny", dir.path(), Some("rev1")).await;
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference: oci_client::Reference =
+        format!("127.0.0.1:{}/acme/tiny:latest", registry.server.port)
+            .parse()
+            .unwrap();
+    let image = client
+        .pull(
+            &reference,
+            &RegistryAuth::Anonymous,
+            vec!["application/vnd.oci.image.layer.v1.tar"],
+        )
+        .await
+        .unwrap();
+    // The client picks the linux/amd64 manifest out of the index.
+    let manifest = image.manifest.unwrap();
+    assert_eq!(manifest.layers.len(), 2);
+    let config: serde_json::Value = serde_json::from_slice(&image.config.data).unwrap();
+    assert_eq!(config["architecture"], "amd64");
+    let into = tempfile::tempdir().unwrap();
+    for layer in &image.layers {
+        tar::Archive::new(&layer.data[..])
+            .unpack(into.path())
+            .unwrap();
+    }
+    assert_eq!(file_hashes(into.path()), file_hashes(dir.path()));
+    let tags = client
+        .list_tags(&reference, &RegistryAuth::Anonymous, None, None)
+        .await
+        .unwrap();
+    assert_eq!(tags.tags, ["latest", "rev1"]);
+    assert!(!imported.digest.is_empty());
+    registry.server.stop().await;
 }

@@ -6,15 +6,17 @@
 #   ensure_ceph_client_libs     only what building kiln needs (librados-dev, librbd-dev)
 #   start_throwaway_ceph        new cluster under $CEPH_DIR; sets CEPH_CONF, CEPH_POOL
 #   restart_ceph                starts the daemons of an existing cluster again
+#   start_rgw                   adds a RADOS Gateway (S3) with a user and a bucket; sets
+#                               RGW_ENDPOINT, RGW_ACCESS_KEY, RGW_SECRET_KEY, RGW_BUCKET
 #   stop_throwaway_ceph [--purge]
 #
 # Adapted from ../shared/ceph-lab/ceph-up.sh and ceph-down.sh.
 
-CEPH_PACKAGES="ceph-mon ceph-osd ceph-mgr ceph-common librados-dev librbd-dev rbd-fuse"
+CEPH_PACKAGES="ceph-mon ceph-osd ceph-mgr ceph-common librados-dev librbd-dev rbd-fuse radosgw"
 
 ensure_ceph() {
   local missing=""
-  for bin in ceph-mon ceph-osd ceph-mgr ceph rbd rbd-fuse; do
+  for bin in ceph-mon ceph-osd ceph-mgr ceph rbd rbd-fuse radosgw; do
     command -v "$bin" >/dev/null 2>&1 || missing="$missing $bin"
   done
   for lib in librados.so librbd.so; do
@@ -185,10 +187,52 @@ restart_ceph() {
   _ceph_wait 120 "pool $CEPH_POOL" timeout 10 rbd ls "$CEPH_POOL"
 }
 
+# A RADOS Gateway on the cluster: the S3 store of the model registry's tests. Answers
+# after about 10 s (it creates its pools first).
+start_rgw() {
+  local port="" p
+  for _ in $(seq 1 200); do
+    p=$(( 40000 + RANDOM % 20000 ))
+    if _ceph_port_free "$p"; then port=$p; break; fi
+  done
+  [ -n "$port" ] || { echo "no free port for radosgw" >&2; return 1; }
+  mkdir -p "$CEPH_DIR/radosgw.gw"
+  cat >> "$CEPH_CONF" <<EOF
+
+[client.rgw.gw]
+rgw data = $CEPH_DIR/radosgw.gw
+keyring = $CEPH_DIR/radosgw.gw/keyring
+rgw frontends = beast endpoint=127.0.0.1:$port
+pid file = $CEPH_DIR/run/rgw.gw.pid
+admin socket = $CEPH_DIR/run/ceph-client.rgw.gw.asok
+log file = $CEPH_DIR/log/rgw.gw.log
+rgw thread pool size = 32
+rgw dns name = localhost
+EOF
+  ceph auth get-or-create client.rgw.gw mon 'allow rw' osd 'allow rwx' mgr 'allow rw' \
+    > "$CEPH_DIR/radosgw.gw/keyring"
+  radosgw -n client.rgw.gw
+  RGW_ENDPOINT="http://127.0.0.1:$port"
+  _ceph_wait 180 "radosgw" curl -fsS "$RGW_ENDPOINT/" || return 1
+  # od reads a fixed count: no SIGPIPE for pipefail to trip on.
+  RGW_ACCESS_KEY="KILN$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n' | tr 'a-f' 'A-F')"
+  RGW_SECRET_KEY="$(od -An -N20 -tx1 /dev/urandom | tr -d ' \n')"
+  RGW_BUCKET=kiln-models
+  radosgw-admin user create --uid=kiln --display-name=kiln \
+    --access-key="$RGW_ACCESS_KEY" --secret-key="$RGW_SECRET_KEY" >/dev/null
+  # A signed PUT of the bucket (curl signs SigV4 itself; no S3 client to install). S3
+  # wants the payload's hash in a header, which curl 7.88 does not add by itself.
+  _ceph_wait 60 "bucket $RGW_BUCKET" curl -fsS -X PUT \
+    -H "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855" \
+    --aws-sigv4 "aws:amz:us-east-1:s3" --user "$RGW_ACCESS_KEY:$RGW_SECRET_KEY" \
+    "$RGW_ENDPOINT/$RGW_BUCKET" || return 1
+  export RGW_ENDPOINT RGW_ACCESS_KEY RGW_SECRET_KEY RGW_BUCKET
+}
+
 stop_throwaway_ceph() {
   [ -n "${CEPH_DIR:-}" ] || return 0
   local name f pid
-  for name in mgr.x osd.0 mon.a; do
+  for name in rgw.gw mgr.x osd.0 mon.a; do
     f="$CEPH_DIR/run/$name.pid"
     [ -f "$f" ] || continue
     pid=$(cat "$f")
