@@ -221,6 +221,7 @@ pub async fn serve(
     crate::jobs::register_foundation_jobs(&mut runner, pool.clone(), app.config.retention.clone());
     crate::cache::register_jobs(&mut runner, app.cache.clone(), app.scheduler.clone());
     register_build_jobs(&mut runner, &app);
+    crate::registry::models::register_jobs(&mut runner, app.models.clone());
     let wake_jobs = runner.waker();
     {
         let app = app.clone();

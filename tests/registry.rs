@@ -1191,3 +1191,436 @@ async fn the_oci_client_crate_pulls_an_image() {
     assert!(!imported.digest.is_empty());
     registry.server.stop().await;
 }
+
+/// A stand-in for a Hugging Face-compatible hub serving one repository from a directory:
+/// the model info API (`?blobs=true`: sizes, LFS sha256s, the card's license) and
+/// `resolve` downloads with Range. It can cut the first download of a file short,
+/// corrupt a file, or name a path outside the model.
+#[derive(Clone, Default)]
+struct HubBehaviour {
+    /// The first download of this file stops after this many bytes.
+    cut_short: Option<(String, usize)>,
+    /// This file's bytes are served with one byte changed.
+    corrupt: Option<String>,
+    /// An extra file list entry with this path.
+    extra_path: Option<String>,
+}
+
+struct StandInHub {
+    url: String,
+    commit: String,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StandInHub {
+    async fn start(repository: &str, dir: &Path, behaviour: HubBehaviour) -> StandInHub {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::response::IntoResponse;
+        type Shared = std::sync::Arc<(
+            String,
+            std::path::PathBuf,
+            std::sync::Mutex<HubBehaviour>,
+            std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+            String,
+        )>;
+        let commit = "4f5c2b1a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b".to_string();
+        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared: Shared = std::sync::Arc::new((
+            repository.to_string(),
+            dir.to_path_buf(),
+            std::sync::Mutex::new(behaviour),
+            ranges.clone(),
+            commit.clone(),
+        ));
+        async fn info(
+            State(s): State<Shared>,
+            UrlPath(rest): UrlPath<String>,
+        ) -> axum::response::Response {
+            let (repository, dir, behaviour, _, commit) = &*s;
+            if !rest.starts_with(&format!("{repository}/revision/")) {
+                return (axum::http::StatusCode::NOT_FOUND, "no such repository").into_response();
+            }
+            let mut siblings = Vec::new();
+            for (path, _) in file_hashes(dir) {
+                let bytes = std::fs::read(dir.join(&path)).unwrap();
+                let mut entry = serde_json::json!({"rfilename": path, "size": bytes.len()});
+                if bytes.len() > 100_000 {
+                    entry["lfs"] = serde_json::json!({
+                        "sha256": sha256_hex(&bytes), "size": bytes.len(), "pointerSize": 134
+                    });
+                }
+                siblings.push(entry);
+            }
+            if let Some(extra) = &behaviour.lock().unwrap().extra_path {
+                siblings.push(serde_json::json!({"rfilename": extra, "size": 1}));
+            }
+            axum::Json(serde_json::json!({
+                "id": repository, "sha": commit, "siblings": siblings,
+                "cardData": {"license": "apache-2.0"}
+            }))
+            .into_response()
+        }
+        async fn resolve(
+            State(s): State<Shared>,
+            UrlPath(rest): UrlPath<String>,
+            headers: axum::http::HeaderMap,
+        ) -> axum::response::Response {
+            let (repository, dir, behaviour, ranges, commit) = &*s;
+            let Some(path) = rest.strip_prefix(&format!("{repository}/resolve/{commit}/")) else {
+                return (axum::http::StatusCode::NOT_FOUND, "no such file").into_response();
+            };
+            let Ok(mut bytes) = std::fs::read(dir.join(path)) else {
+                return (axum::http::StatusCode::NOT_FOUND, "no such file").into_response();
+            };
+            let mut behaviour = behaviour.lock().unwrap();
+            if behaviour.corrupt.as_deref() == Some(path) {
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0xff;
+            }
+            let mut start = 0;
+            if let Some(range) = headers.get("range").and_then(|v| v.to_str().ok()) {
+                ranges.lock().unwrap().push(format!("{path} {range}"));
+                start = range
+                    .trim_start_matches("bytes=")
+                    .trim_end_matches('-')
+                    .parse()
+                    .unwrap();
+            }
+            let total = bytes.len();
+            let body = bytes.split_off(start);
+            let status = if start > 0 {
+                axum::http::StatusCode::PARTIAL_CONTENT
+            } else {
+                axum::http::StatusCode::OK
+            };
+            let cut = match &behaviour.cut_short {
+                Some((file, at)) if file == path => {
+                    let at = *at;
+                    behaviour.cut_short = None;
+                    Some(at)
+                }
+                _ => None,
+            };
+            let length = body.len();
+            let stream: futures_util::stream::BoxStream<
+                'static,
+                Result<bytes::Bytes, std::io::Error>,
+            > = match cut {
+                // Declares the whole length, sends part of it, then fails mid-body.
+                Some(at) => futures_util::StreamExt::boxed(futures_util::stream::iter(vec![
+                    Ok(bytes::Bytes::from(body[..at].to_vec())),
+                    Err(std::io::Error::other("connection lost")),
+                ])),
+                None => futures_util::StreamExt::boxed(futures_util::stream::once(async move {
+                    Ok(bytes::Bytes::from(body))
+                })),
+            };
+            let mut response = axum::response::Response::new(axum::body::Body::from_stream(stream));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert("content-length", length.into());
+            if start > 0 {
+                response.headers_mut().insert(
+                    "content-range",
+                    format!("bytes {start}-{}/{total}", total - 1)
+                        .parse()
+                        .unwrap(),
+                );
+            }
+            response
+        }
+        let app = axum::Router::new()
+            .route("/api/models/{*rest}", axum::routing::get(info))
+            .route("/{*rest}", axum::routing::get(resolve))
+            .with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        StandInHub {
+            url,
+            commit,
+            ranges,
+            task,
+        }
+    }
+}
+
+impl Drop for StandInHub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn hub_registry(hub: &StandInHub, downloads: &Path) -> Registry {
+    let downloads = downloads.display().to_string();
+    Registry::start(&[
+        ("KILN_MODELS__HUB__ENDPOINT", hub.url.as_str()),
+        ("KILN_MODELS__HUB__DOWNLOAD_DIR", downloads.as_str()),
+    ])
+    .await
+}
+
+fn hub_import(repository: &str) -> kiln::registry::models::HubImport {
+    kiln::registry::models::HubImport {
+        repository: repository.into(),
+        revision: None,
+        name: None,
+    }
+}
+
+#[tokio::test]
+async fn the_real_model_imports_from_a_hub_and_resumes_an_interrupted_download() {
+    let model_dir = test_model_dir();
+    let hub = StandInHub::start(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        &model_dir,
+        HubBehaviour {
+            cut_short: Some(("model.safetensors".into(), 30_000_000)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let downloads = tempfile::tempdir().unwrap();
+    let registry = hub_registry(&hub, downloads.path()).await;
+    let models = &registry.app.models;
+    let interrupted = models
+        .import_from_hub(
+            &operator(),
+            hub_import("sentence-transformers/all-MiniLM-L6-v2"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(interrupted, kiln::error::Error::Unavailable(_)),
+        "{interrupted}"
+    );
+    assert!(
+        models.list(None).await.unwrap().is_empty(),
+        "nothing was imported"
+    );
+
+    let imported = models
+        .import_from_hub(
+            &operator(),
+            hub_import("sentence-transformers/all-MiniLM-L6-v2"),
+        )
+        .await
+        .unwrap();
+    let resumed = hub.ranges.lock().unwrap().clone();
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    let (file, range) = resumed[0].split_once(' ').unwrap();
+    assert_eq!(file, "model.safetensors");
+    let from: u64 = range
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(from > 0 && from <= 30_000_000, "resumed at {from}");
+
+    // Named and tagged as depot.ai names them.
+    assert_eq!(imported.name, "sentence-transformers/all-minilm-l6-v2");
+    assert_eq!(imported.revision, hub.commit);
+    assert_eq!(imported.tags, ["latest", hub.commit.as_str()]);
+    assert_eq!(
+        pull_files(
+            &registry,
+            "sentence-transformers/all-minilm-l6-v2",
+            &hub.commit
+        )
+        .await,
+        file_hashes(&model_dir),
+        "every file round-trips byte for byte"
+    );
+    let index: serde_json::Value = registry
+        .get(
+            "/v2/sentence-transformers/all-minilm-l6-v2/manifests/latest",
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let annotations = &index["annotations"];
+    assert_eq!(
+        annotations["org.opencontainers.image.source"],
+        format!("{}/sentence-transformers/all-MiniLM-L6-v2", hub.url)
+    );
+    assert_eq!(
+        annotations["org.opencontainers.image.revision"],
+        hub.commit.as_str()
+    );
+    assert_eq!(
+        annotations["org.opencontainers.image.licenses"],
+        "apache-2.0"
+    );
+    // Finished downloads are gone once imported.
+    let left: usize = std::fs::read_dir(downloads.path())
+        .unwrap()
+        .map(|e| std::fs::read_dir(e.unwrap().path()).unwrap().count())
+        .sum();
+    assert_eq!(left, 0);
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_hub_answer_that_does_not_match_its_hashes_or_escapes_imports_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    for (behaviour, expected) in [
+        (
+            HubBehaviour {
+                corrupt: Some("model.safetensors".into()),
+                ..Default::default()
+            },
+            "does not match its LFS sha256",
+        ),
+        (
+            HubBehaviour {
+                extra_path: Some("../outside".into()),
+                ..Default::default()
+            },
+            "outside the model directory",
+        ),
+        (
+            HubBehaviour {
+                extra_path: Some("/etc/passwd".into()),
+                ..Default::default()
+            },
+            "outside the model directory",
+        ),
+    ] {
+        let hub = StandInHub::start("acme/tiny", dir.path(), behaviour).await;
+        let downloads = tempfile::tempdir().unwrap();
+        let registry = hub_registry(&hub, downloads.path()).await;
+        let err = registry
+            .app
+            .models
+            .import_from_hub(&operator(), hub_import("acme/tiny"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kiln::error::Error::FailedPrecondition(_)),
+            "{err}"
+        );
+        assert!(err.to_string().contains(expected), "{err}");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM models")
+            .fetch_one(&registry._db.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0);
+        registry.server.stop().await;
+    }
+    // Unknown repositories and malformed ids are clear errors too.
+    let hub = StandInHub::start("acme/tiny", dir.path(), HubBehaviour::default()).await;
+    let downloads = tempfile::tempdir().unwrap();
+    let registry = hub_registry(&hub, downloads.path()).await;
+    let models = &registry.app.models;
+    let missing = models
+        .import_from_hub(&operator(), hub_import("acme/nope"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, kiln::error::Error::NotFound(_)),
+        "{missing}"
+    );
+    let malformed = models
+        .import_from_hub(&operator(), hub_import("../acme"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(malformed, kiln::error::Error::InvalidArgument { .. }),
+        "{malformed}"
+    );
+    registry.server.stop().await;
+}
+
+#[tokio::test]
+async fn server_admins_start_hub_imports_through_the_api_and_everyone_lists_models() {
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let hub = StandInHub::start("Acme/Tiny", dir.path(), HubBehaviour::default()).await;
+    let downloads = tempfile::tempdir().unwrap();
+    let registry = hub_registry(&hub, downloads.path()).await;
+    let pool = &registry._db.pool;
+    let member = common::tenant(pool, "members").await;
+    let admin = common::tenant(pool, "admins").await;
+    registry
+        .app
+        .orgs
+        .set_server_admin(&operator(), &admin.user_id, true)
+        .await
+        .unwrap();
+    let start = |token: &str| {
+        registry
+            .http
+            .post(registry.url("/api/v1/models/imports"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"repository": "Acme/Tiny"}))
+            .send()
+    };
+    let refused = start(&member.user_token).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let started = start(&admin.user_token).await.unwrap();
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let job: serde_json::Value = started.json().await.unwrap();
+    assert!(job["job_id"].as_i64().is_some());
+    let bad = registry
+        .http
+        .post(registry.url("/api/v1/models/imports"))
+        .bearer_auth(&admin.user_token)
+        .json(&serde_json::json!({"repository": "../etc"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    common::wait_for(
+        "the import job",
+        std::time::Duration::from_secs(60),
+        || async {
+            registry
+                .get("/v2/acme/tiny/manifests/latest", &[])
+                .await
+                .status()
+                == StatusCode::OK
+        },
+    )
+    .await;
+    let list: serde_json::Value = registry
+        .http
+        .get(registry.url("/api/v1/models"))
+        .bearer_auth(&member.user_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = &list["models"][0];
+    assert_eq!(model["name"], "acme/tiny");
+    assert_eq!(model["revision"], hub.commit.as_str());
+    assert_eq!(model["file_count"], 5);
+    assert_eq!(
+        model["copy_from"],
+        format!(
+            "COPY --from=127.0.0.1:{}/acme/tiny:latest / /model",
+            registry.server.port
+        )
+    );
+    let detail: serde_json::Value = registry
+        .http
+        .get(registry.url("/api/v1/models/acme%2Ftiny"))
+        .bearer_auth(&member.user_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(detail["revisions"][0]["files"].as_array().unwrap().len(), 5);
+    registry.server.stop().await;
+}

@@ -42,6 +42,20 @@ pub enum ModelsCommand {
         #[arg(long)]
         license: Option<String>,
     },
+    /// Import a revision of a Hugging Face-compatible hub repository (models.hub.endpoint),
+    /// named and tagged as depot.ai does: the lower-cased id, `latest` and the commit.
+    /// Interrupted downloads resume on the next run; every file is checked against the
+    /// hub's hashes.
+    ImportHub {
+        /// The hub's repository id, e.g. sentence-transformers/all-MiniLM-L6-v2
+        repository: String,
+        /// A branch, tag or commit; default main
+        #[arg(long)]
+        revision: Option<String>,
+        /// Serve it under this name instead of the lower-cased repository id
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List models with their current revision and the line that embeds each one
     List,
 }
@@ -81,6 +95,32 @@ pub async fn run(config: Config, args: ModelsArgs) -> anyhow::Result<()> {
                         tags,
                         license,
                         hub_repository: None,
+                    },
+                )
+                .await?;
+            out.rows(std::slice::from_ref(&imported));
+            if !out.json {
+                eprintln!(
+                    "imported in {:.2} s; embed it with:\n    {}",
+                    started.elapsed().as_secs_f64(),
+                    imported.copy_from
+                );
+            }
+        }
+        ModelsCommand::ImportHub {
+            repository,
+            revision,
+            name,
+        } => {
+            let started = std::time::Instant::now();
+            let imported = app
+                .models
+                .import_from_hub(
+                    &me,
+                    crate::registry::models::HubImport {
+                        repository,
+                        revision,
+                        name,
                     },
                 )
                 .await?;

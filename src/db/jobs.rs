@@ -80,6 +80,20 @@ pub struct ClaimedJob {
     pub max_attempts: i32,
 }
 
+/// Extends the lease of a job `worker` still holds; false when it no longer does.
+pub async fn renew_lease(pool: &PgPool, id: i64, worker: &str, lease: Duration) -> Result<bool> {
+    let renewed = sqlx::query(
+        "UPDATE jobs SET locked_until = now() + make_interval(secs => $3), updated_at = now()
+         WHERE id = $1 AND locked_by = $2 AND state = 'running'",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected() == 1)
+}
+
 /// Claims up to `limit` due jobs for `worker`. Jobs whose lease lapsed (their worker
 /// died) are due again. Concurrent claimers never get the same job.
 pub async fn claim(

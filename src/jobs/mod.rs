@@ -34,6 +34,9 @@ pub struct JobRunner {
     config: JobsConfig,
     handlers: HashMap<&'static str, Handler>,
     give_up: HashMap<&'static str, GiveUpHandler>,
+    /// Kinds that may run longer than the lease, up to this long: their worker renews
+    /// the lease while they run, so a dead worker's job is still retried within a lease.
+    long_running: HashMap<&'static str, Duration>,
     periodic: Vec<Periodic>,
     wake: Arc<Notify>,
     /// Workers waiting for work (on NOTIFY or the poll).
@@ -48,6 +51,7 @@ impl JobRunner {
             config,
             handlers: HashMap::new(),
             give_up: HashMap::new(),
+            long_running: HashMap::new(),
             periodic: Vec::new(),
             wake: Arc::new(Notify::new()),
             idle: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -62,6 +66,13 @@ impl JobRunner {
     {
         self.handlers
             .insert(kind, Arc::new(move |job| Box::pin(handler(job))));
+        self
+    }
+
+    /// Lets jobs of `kind` run for up to `limit` (longer than the lease), renewing
+    /// their lease while they run.
+    pub fn long_running(&mut self, kind: &'static str, limit: Duration) -> &mut Self {
+        self.long_running.insert(kind, limit);
         self
     }
 
@@ -196,16 +207,36 @@ impl JobRunner {
         let last_attempt = job.attempts >= job.max_attempts;
         let subject = last_attempt.then(|| job.clone());
         let started = std::time::Instant::now();
+        // Finish well inside the lease so no other worker picks the job up meanwhile,
+        // unless the kind renews its lease while it runs.
+        let long = self.long_running.get(kind.as_str()).copied();
+        let limit = long.unwrap_or(lease.mul_f64(0.9));
+        let renewing = long.map(|_| {
+            let pool = self.pool.clone();
+            let worker = worker.to_string();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match jobs::renew_lease(&pool, id, &worker, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(err) => tracing::warn!(error = %err, "could not renew a job's lease"),
+                    }
+                }
+            })
+        });
         let result = match self.handlers.get(kind.as_str()) {
-            // Finish well inside the lease so no other worker picks the job up meanwhile.
-            Some(handler) => match tokio::time::timeout(lease.mul_f64(0.9), handler(job)).await {
+            Some(handler) => match tokio::time::timeout(limit, handler(job)).await {
                 Ok(result) => result,
-                Err(_) => Err(anyhow::anyhow!("timed out after {:?}", lease.mul_f64(0.9))),
+                Err(_) => Err(anyhow::anyhow!("timed out after {limit:?}")),
             },
             None => Err(anyhow::anyhow!(
                 "no handler is registered for job kind {kind:?}"
             )),
         };
+        if let Some(renewing) = renewing {
+            renewing.abort();
+        }
         let elapsed = started.elapsed();
         metrics::histogram!("kiln_job_duration_seconds", "kind" => kind.clone())
             .record(elapsed.as_secs_f64());

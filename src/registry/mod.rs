@@ -10,6 +10,7 @@
 //! metadata in Postgres come next (issue 13).
 
 pub mod errors;
+pub mod hub;
 pub mod image;
 pub mod models;
 pub mod range;

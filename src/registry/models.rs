@@ -40,6 +40,23 @@ pub struct DirectoryImport {
     pub hub_repository: Option<String>,
 }
 
+/// What to import from the hub.
+#[derive(Debug, Clone, serde::Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HubImport {
+    /// The hub's repository id, e.g. `sentence-transformers/all-MiniLM-L6-v2`.
+    pub repository: String,
+    /// A branch, tag or commit; default `main`.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// The name to serve it under; default: the lower-cased repository id (as depot.ai).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The job kind of hub imports started through the API.
+pub const HUB_IMPORT_JOB: &str = "models.import_hub";
+
 /// What an import did.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Imported {
@@ -76,6 +93,7 @@ pub struct Models {
     host: String,
     /// Pulls counted since the last flush, by model name (only names that exist).
     pulls: Mutex<HashMap<String, i64>>,
+    hub: super::hub::Hub,
 }
 
 impl Models {
@@ -92,6 +110,7 @@ impl Models {
             config: config.models.clone(),
             host: config.registry_host(),
             pulls: Mutex::new(HashMap::new()),
+            hub: super::hub::Hub::new(config),
         }
     }
 
@@ -300,6 +319,88 @@ impl Models {
         })
     }
 
+    /// Downloads a revision from the hub (resuming an earlier attempt's downloads, every
+    /// file checked against the hub's hashes) and imports it, named and tagged as
+    /// depot.ai does: the lower-cased repository id, `latest` and the commit.
+    pub async fn import_from_hub(
+        &self,
+        principal: &Principal,
+        import: HubImport,
+    ) -> Result<Imported> {
+        authz::authorize(principal, Action::ManageModels, Target::Instance)?;
+        super::hub::validate_repository(&import.repository)?;
+        let name = match &import.name {
+            Some(name) => Name::parse(name),
+            None => Name::from_hub_id(&import.repository),
+        }
+        .map_err(|e| Error::invalid("name", e.to_string()))?;
+        let requested = import
+            .revision
+            .clone()
+            .unwrap_or_else(|| "main".to_string());
+        let revision = self.hub.revision(&import.repository, &requested).await?;
+        let dir = self.hub.download(&revision).await?;
+        let imported = self
+            .import_directory(
+                principal,
+                DirectoryImport {
+                    name: name.as_str().to_string(),
+                    dir,
+                    revision: Some(revision.commit.clone()),
+                    tags: vec!["latest".to_string()],
+                    source: Some(self.hub.repository_url(&import.repository)),
+                    license: revision.license.clone(),
+                    hub_repository: Some(import.repository.clone()),
+                },
+            )
+            .await?;
+        self.hub.discard(&revision).await;
+        Ok(imported)
+    }
+
+    /// Queues a hub import to run in the background (a job, retried and resumed on
+    /// failure); the caller is checked now, the import runs as the job.
+    pub async fn start_hub_import(&self, principal: &Principal, import: HubImport) -> Result<i64> {
+        authz::authorize(principal, Action::ManageModels, Target::Instance)?;
+        super::hub::validate_repository(&import.repository)?;
+        if let Some(name) = &import.name {
+            Name::parse(name).map_err(|e| Error::invalid("name", e.to_string()))?;
+        }
+        let mut tx = self.db.begin().await?;
+        let job = db::jobs::enqueue(
+            &mut *tx,
+            db::jobs::NewJob {
+                queue: db::jobs::DEFAULT_QUEUE.to_string(),
+                kind: HUB_IMPORT_JOB.to_string(),
+                payload: serde_json::to_value(&import).map_err(Error::internal)?,
+                dedupe_key: Some(format!(
+                    "{}@{}",
+                    import.repository,
+                    import.revision.as_deref().unwrap_or("main")
+                )),
+                run_at: None,
+                max_attempts: Some(5),
+            },
+        )
+        .await?;
+        let Some(job) = job else {
+            return Err(Error::AlreadyExists(format!(
+                "an import of {} is already queued or running",
+                import.repository
+            )));
+        };
+        audit::record(
+            &mut *tx,
+            principal
+                .audit("model.import_requested")
+                .target("job", job.to_string())
+                .details(json!({ "repository": import.repository, "revision": import.revision, "name": import.name })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
     /// Whether `principal` (none for an anonymous request) may pull.
     pub fn authorize_pull(&self, principal: Option<&Principal>) -> Result<()> {
         authz::authorize_model_pull(principal, self.config.auth == ModelPullAuth::Anonymous)
@@ -454,6 +555,22 @@ pub fn license_from_model_card(dir: &Path) -> Option<String> {
         }
     }
     None
+}
+
+/// Registers the hub import job: it runs as the installation (the request was
+/// authorized and audited when it was queued) and may run up to the import timeout.
+pub fn register_jobs(runner: &mut crate::jobs::JobRunner, models: Arc<Models>) {
+    let limit = Duration::from_secs(models.config.import_timeout_seconds);
+    runner.long_running(HUB_IMPORT_JOB, limit).register_with(
+        HUB_IMPORT_JOB,
+        models,
+        |models, job| async move {
+            let import: HubImport = serde_json::from_value(job.payload)?;
+            let principal = Principal::operator("models.import_hub job");
+            models.import_from_hub(&principal, import).await?;
+            Ok(())
+        },
+    );
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! page) and every error is an [`ErrorBody`].
 
 mod builds;
+mod models;
 mod orgs;
 mod projects;
 mod usage;
@@ -46,6 +47,7 @@ use crate::error::ErrorBody;
         (name = "builds", description = "Builds, their steps, logs and share links"),
         (name = "usage", description = "Builds, build time, time saved and cache storage"),
         (name = "operators", description = "Builder machines (operators only)"),
+        (name = "models", description = "The model registry: models served as OCI images at /v2/"),
     )
 )]
 struct ApiDoc;
@@ -76,6 +78,7 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(projects::routes())
         .merge(builds::routes())
         .merge(usage::routes())
+        .merge(models::routes())
         .split_for_parts()
 }
 
