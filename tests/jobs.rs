@@ -462,3 +462,49 @@ fn random_code() -> String {
         .map(|b| ALPHABET[b as usize % ALPHABET.len()] as char)
         .collect()
 }
+
+#[tokio::test]
+async fn a_long_running_job_keeps_its_lease_and_runs_once_across_replicas() {
+    let db = TestDb::new().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let cancel = CancellationToken::new();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut config = jobs_config(1);
+        config.lease_seconds = 3;
+        let mut runner = JobRunner::new(db.pool.clone(), config);
+        // Twice the lease: without renewal another replica would claim it meanwhile.
+        runner
+            .long_running("slow", Duration::from_secs(30))
+            .register_with("slow", runs.clone(), |runs, _job| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                Ok(())
+            });
+        replicas.push(tokio::spawn(runner.run(cancel.clone())));
+    }
+    jobs::enqueue(&db.pool, NewJob::new("slow", json!({})))
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    // A finished job is deleted.
+    wait_for("the job to finish", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+                .fetch_one(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "claimed by one replica only"
+    );
+    cancel.cancel();
+    for replica in replicas {
+        let _ = tokio::time::timeout(Duration::from_secs(10), replica).await;
+    }
+}
