@@ -1362,3 +1362,72 @@ async fn another_organizations_user_reaches_nothing_on_any_page_or_action() {
             .unwrap();
     assert_eq!(machine, "ready");
 }
+
+#[tokio::test]
+async fn the_model_list_shows_each_model_with_its_copy_from_line() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "models").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let store = tempfile::tempdir().unwrap();
+    let store_dir = store.path().display().to_string();
+    let app = common::app_with(
+        &db,
+        &[
+            ("KILN_MODELS__LOCAL__DIR", store_dir.as_str()),
+            ("KILN_SERVER__PUBLIC_URL", "https://kiln.example.com"),
+        ],
+    );
+    let model = tempfile::tempdir().unwrap();
+    std::fs::write(model.path().join("README.md"), "---\nlicense: mit\n---\n").unwrap();
+    std::fs::create_dir(model.path().join("1_Pooling")).unwrap();
+    std::fs::write(model.path().join("1_Pooling/<b>.json"), "{}").unwrap();
+    app.models
+        .import_directory(
+            &common::operator(),
+            kiln::registry::models::DirectoryImport {
+                name: "acme/tiny".into(),
+                dir: model.path().to_path_buf(),
+                revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                tags: vec![],
+                source: None,
+                license: None,
+                hub_repository: None,
+            },
+        )
+        .await
+        .unwrap();
+    let router = kiln::api::router(app);
+    let cookie = sign_in(&router, &email, "a long password").await;
+
+    let index = get(&router, "/dashboard", Some(&cookie)).await;
+    assert!(html(&index).contains("href=\"/dashboard/models\""));
+    let list = get(&router, "/dashboard/models", Some(&cookie)).await;
+    assert_eq!(list.status, StatusCode::OK);
+    let page = html(&list);
+    assert!(
+        page.contains("href=\"/dashboard/models/acme/tiny\""),
+        "{page}"
+    );
+    assert!(page.contains("COPY --from=kiln.example.com/acme/tiny:latest / /model"));
+    assert!(
+        page.contains("<code>0123456789ab</code>"),
+        "the revision, short"
+    );
+
+    let detail = get(&router, "/dashboard/models/acme/tiny", Some(&cookie)).await;
+    assert_eq!(detail.status, StatusCode::OK);
+    let page = html(&detail);
+    assert!(page.contains("mit"), "the license");
+    assert!(
+        page.contains("1_Pooling/&lt;b&gt;.json"),
+        "file names are escaped"
+    );
+    assert!(page.contains(
+        "COPY --from=kiln.example.com/acme/tiny:0123456789abcdef0123456789abcdef01234567 / /model"
+    ));
+    let missing = get(&router, "/dashboard/models/acme/nope", Some(&cookie)).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let anonymous = get(&router, "/dashboard/models", None).await;
+    assert_eq!(anonymous.status, StatusCode::SEE_OTHER);
+}

@@ -2,6 +2,7 @@
 //! `pages.rs`, `web.rs`), the approval page of `depot login` (`/login/<user code>`) and
 //! shared builds (`/shared/builds/<build>/<token>`).
 
+mod models;
 mod operations;
 mod pages;
 mod shared;
@@ -74,6 +75,8 @@ pub fn routes() -> Router<AppState> {
             "/dashboard/projects/{project}/builds/{build}",
             get(pages::build),
         )
+        .route("/dashboard/models", get(models::models))
+        .route("/dashboard/models/{*name}", get(models::model))
         .route("/dashboard/operations", get(operations::installation))
         .route(
             "/dashboard/operations/machines/{machine}/drain",

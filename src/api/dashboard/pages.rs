@@ -284,6 +284,7 @@ async fn render_index(
             }
         }
         @if orgs.is_empty() { p { "You belong to no organization yet." } }
+        p { a href="/dashboard/models" { "Models" } ": AI models to embed with one " code { "COPY --from" } " line" }
         @if may_operate_installation(session) {
             p { a href="/dashboard/operations" { "This installation: every machine and the audit log" } }
         }
