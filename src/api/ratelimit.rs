@@ -38,6 +38,10 @@ pub fn limited_endpoint(path: &str) -> Option<&'static str> {
     if path.ends_with("/depot.cli.v1beta1.LoginService/FinishLogin") {
         return Some("finish_login");
     }
+    // Checks a token sent by anyone (clients ask once per pull and reuse the answer).
+    if path == "/v2/_token" {
+        return Some("registry_token");
+    }
     None
 }
 
@@ -205,5 +209,8 @@ mod tests {
             Some("start_login")
         );
         assert_eq!(limited_endpoint("/api/v1/projects"), None);
+        assert_eq!(limited_endpoint("/v2/_token"), Some("registry_token"));
+        // Pulls themselves are never throttled by address.
+        assert_eq!(limited_endpoint("/v2/acme/tiny/blobs/sha256:0"), None);
     }
 }
