@@ -24,23 +24,7 @@ const SKOPEO_ACCEPT: [&str; 6] = [
     INDEX,
 ];
 
-fn write(root: &Path, path: &str, bytes: &[u8]) {
-    let path = root.join(path);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
-    let mut state = u64::from(seed) + 7;
-    (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u8
-        })
-        .collect()
-}
+use common::files::{pseudo_random, write};
 
 /// A model with a model card, small files, a nested directory and a 5 MiB weight file
 /// (a layer of its own at the default 4 MiB threshold).
@@ -170,6 +154,23 @@ impl Registry {
         req.send().await.unwrap()
     }
 
+    /// A GET answered with JSON.
+    async fn json(&self, path: &str) -> serde_json::Value {
+        self.get(path, &[]).await.json().await.unwrap()
+    }
+
+    /// The linux/amd64 manifest of an image, through its index.
+    async fn amd64_manifest(&self, name: &str, reference: &str) -> serde_json::Value {
+        let index = self
+            .json(&format!("/v2/{name}/manifests/{reference}"))
+            .await;
+        let amd64 = index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.json(&format!("/v2/{name}/manifests/{amd64}")).await
+    }
+
     async fn head(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
         let mut req = self.http.head(self.url(path));
         for (k, v) in headers {
@@ -278,12 +279,7 @@ async fn manifests_answer_get_and_head_with_the_same_headers() {
     assert_eq!(error_code(refused).await, "MANIFEST_UNKNOWN");
 
     // The index names both platforms; each manifest and config is there by digest.
-    let index: serde_json::Value = registry
-        .get("/v2/acme/tiny/manifests/latest", &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+    let index: serde_json::Value = registry.json("/v2/acme/tiny/manifests/latest").await;
     let platforms: Vec<&str> = index["manifests"]
         .as_array()
         .unwrap()
@@ -304,19 +300,7 @@ async fn blobs_stream_with_ranges_and_never_416_a_valid_multi_range() {
     let dir = tempfile::tempdir().unwrap();
     model(dir.path());
     let imported = registry.import("acme/tiny", dir.path(), None).await;
-    let index: serde_json::Value = registry
-        .get(&format!("/v2/acme/tiny/manifests/{}", imported.digest), &[])
-        .await
-        .json()
-        .await
-        .unwrap();
-    let amd64 = index["manifests"][0]["digest"].as_str().unwrap();
-    let manifest: serde_json::Value = registry
-        .get(&format!("/v2/acme/tiny/manifests/{amd64}"), &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+    let manifest = registry.amd64_manifest("acme/tiny", &imported.digest).await;
     let weights = &manifest["layers"][1];
     assert_eq!(
         weights["annotations"]["org.opencontainers.image.title"],
@@ -426,12 +410,7 @@ async fn listings_paginate_and_bad_requests_get_the_specs_errors() {
         .import("acme/other", dir.path(), Some("rev1"))
         .await;
 
-    let tags: serde_json::Value = registry
-        .get("/v2/acme/tiny/tags/list", &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+    let tags: serde_json::Value = registry.json("/v2/acme/tiny/tags/list").await;
     assert_eq!(
         tags,
         serde_json::json!({"name": "acme/tiny", "tags": ["latest", "rev1"]})
@@ -446,25 +425,12 @@ async fn listings_paginate_and_bad_requests_get_the_specs_errors() {
         serde_json::json!(["latest"])
     );
     let second: serde_json::Value = registry
-        .get("/v2/acme/tiny/tags/list?n=1&last=latest", &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+        .json("/v2/acme/tiny/tags/list?n=1&last=latest")
+        .await;
     assert_eq!(second["tags"], serde_json::json!(["rev1"]));
-    let none: serde_json::Value = registry
-        .get("/v2/acme/tiny/tags/list?n=0", &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+    let none: serde_json::Value = registry.json("/v2/acme/tiny/tags/list?n=0").await;
     assert_eq!(none["tags"], serde_json::json!([]));
-    let catalog: serde_json::Value = registry
-        .get("/v2/_catalog", &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+    let catalog: serde_json::Value = registry.json("/v2/_catalog").await;
     assert_eq!(
         catalog["repositories"],
         serde_json::json!(["acme/other", "acme/tiny"])
@@ -888,19 +854,7 @@ fn unpack_amd64(layout: &Path, into: &Path) {
 /// sha256 of every file of a model image pulled through `/v2/` by hand: index, amd64
 /// manifest, every layer unpacked.
 async fn pull_files(registry: &Registry, name: &str, tag: &str) -> BTreeMap<String, String> {
-    let index: serde_json::Value = registry
-        .get(&format!("/v2/{name}/manifests/{tag}"), &[])
-        .await
-        .json()
-        .await
-        .unwrap();
-    let amd64 = index["manifests"][0]["digest"].as_str().unwrap();
-    let manifest: serde_json::Value = registry
-        .get(&format!("/v2/{name}/manifests/{amd64}"), &[])
-        .await
-        .json()
-        .await
-        .unwrap();
+    let manifest = registry.amd64_manifest(name, tag).await;
     let into = tempfile::tempdir().unwrap();
     for layer in manifest["layers"].as_array().unwrap() {
         let digest = layer["digest"].as_str().unwrap();
@@ -977,25 +931,11 @@ async fn blobs_can_redirect_to_presigned_store_urls() {
     let dir = tempfile::tempdir().unwrap();
     model(dir.path());
     let imported = registry.import("acme/tiny", dir.path(), None).await;
-    let index: serde_json::Value = registry
-        .get(&format!("/v2/acme/tiny/manifests/{}", imported.digest), &[])
-        .await
-        .json()
-        .await
-        .unwrap();
-    let weights_digest = {
-        let amd64 = index["manifests"][0]["digest"].as_str().unwrap();
-        let manifest: serde_json::Value = registry
-            .get(&format!("/v2/acme/tiny/manifests/{amd64}"), &[])
-            .await
-            .json()
-            .await
-            .unwrap();
-        manifest["layers"][1]["digest"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let manifest = registry.amd64_manifest("acme/tiny", &imported.digest).await;
+    let weights_digest = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let no_follow = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -1590,16 +1530,14 @@ async fn server_admins_start_hub_imports_through_the_api_and_everyone_lists_mode
         },
     )
     .await;
-    let list: serde_json::Value = registry
-        .http
-        .get(registry.url("/api/v1/models"))
-        .bearer_auth(&member.user_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let api = |path: &'static str| {
+        registry
+            .http
+            .get(registry.url(path))
+            .bearer_auth(&member.user_token)
+            .send()
+    };
+    let list: serde_json::Value = api("/api/v1/models").await.unwrap().json().await.unwrap();
     let model = &list["models"][0];
     assert_eq!(model["name"], "acme/tiny");
     assert_eq!(model["revision"], hub.commit.as_str());
@@ -1611,11 +1549,7 @@ async fn server_admins_start_hub_imports_through_the_api_and_everyone_lists_mode
             registry.server.port
         )
     );
-    let detail: serde_json::Value = registry
-        .http
-        .get(registry.url("/api/v1/models/acme%2Ftiny"))
-        .bearer_auth(&member.user_token)
-        .send()
+    let detail: serde_json::Value = api("/api/v1/models/acme%2Ftiny")
         .await
         .unwrap()
         .json()

@@ -1,6 +1,8 @@
 //! Model images (`kiln::registry::image`): a directory becomes a reproducible OCI image
 //! layout, one layer per large file, that unpacks to the very same bytes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -16,23 +18,7 @@ fn options() -> BuildOptions {
     }
 }
 
-fn write(root: &Path, path: &str, bytes: &[u8]) {
-    let path = root.join(path);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
-    let mut state = u64::from(seed) + 1;
-    (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u8
-        })
-        .collect()
-}
+use common::files::{pseudo_random, write};
 
 /// A small model: config files, a tokenizer, two weight files, a subdirectory, an
 /// executable script and a link inside the directory.

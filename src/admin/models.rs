@@ -9,7 +9,7 @@ use super::{Output, operator};
 use crate::app::App;
 use crate::config::Config;
 use crate::db;
-use crate::registry::models::DirectoryImport;
+use crate::registry::models::{DirectoryImport, Imported};
 
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
@@ -60,6 +60,17 @@ pub enum ModelsCommand {
     List,
 }
 
+fn report(out: &Output, imported: &Imported, started: std::time::Instant) {
+    out.rows(std::slice::from_ref(imported));
+    if !out.json {
+        eprintln!(
+            "imported in {:.2} s; embed it with:\n    {}",
+            started.elapsed().as_secs_f64(),
+            imported.copy_from
+        );
+    }
+}
+
 pub async fn run(config: Config, args: ModelsArgs) -> anyhow::Result<()> {
     let pool = db::lazy_pool(&config.database)?;
     anyhow::ensure!(
@@ -98,14 +109,7 @@ pub async fn run(config: Config, args: ModelsArgs) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out.rows(std::slice::from_ref(&imported));
-            if !out.json {
-                eprintln!(
-                    "imported in {:.2} s; embed it with:\n    {}",
-                    started.elapsed().as_secs_f64(),
-                    imported.copy_from
-                );
-            }
+            report(&out, &imported, started);
         }
         ModelsCommand::ImportHub {
             repository,
@@ -124,14 +128,7 @@ pub async fn run(config: Config, args: ModelsArgs) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out.rows(std::slice::from_ref(&imported));
-            if !out.json {
-                eprintln!(
-                    "imported in {:.2} s; embed it with:\n    {}",
-                    started.elapsed().as_secs_f64(),
-                    imported.copy_from
-                );
-            }
+            report(&out, &imported, started);
         }
         ModelsCommand::List => {
             let models = app.models.list(Some(&me)).await?;

@@ -359,13 +359,7 @@ async fn manifest(
             (StatusCode::OK, headers, Body::empty()).into_response(),
         ));
     }
-    let digest = Digest::parse(&found.digest).map_err(Error::internal)?;
-    let bytes = app
-        .models
-        .store()?
-        .blob_bytes(&digest)
-        .await
-        .map_err(Error::internal)?;
+    let bytes = app.models.stored_bytes(&found.digest).await?;
     if found.media_type == INDEX_MEDIA_TYPE {
         app.models.count_pull(name.as_str());
     }
@@ -380,13 +374,7 @@ async fn first_platform_manifest(
     name: &Name,
     index_digest: &str,
 ) -> Result<Option<crate::db::models::StoredBlob>, Error> {
-    let digest = Digest::parse(index_digest).map_err(Error::internal)?;
-    let bytes = app
-        .models
-        .store()?
-        .blob_bytes(&digest)
-        .await
-        .map_err(Error::internal)?;
+    let bytes = app.models.stored_bytes(index_digest).await?;
     let index: serde_json::Value = serde_json::from_slice(&bytes).map_err(Error::internal)?;
     let Some(first) = index["manifests"]
         .as_array()

@@ -419,6 +419,15 @@ impl Models {
         Ok(found.filter(|blob| is_manifest(&blob.media_type)))
     }
 
+    /// The bytes of a small stored blob (a manifest or an index) the rows name.
+    pub async fn stored_bytes(&self, digest: &str) -> Result<bytes::Bytes> {
+        let digest = Digest::parse(digest).map_err(Error::internal)?;
+        self.store()?
+            .blob_bytes(&digest)
+            .await
+            .map_err(Error::internal)
+    }
+
     /// A blob of `name`; `None` unless that model holds it.
     pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Option<StoredBlob>> {
         db::models::content(&self.db, name.as_str(), digest.as_str()).await

@@ -5,6 +5,7 @@
 pub mod ci_issuer;
 pub mod ec2;
 pub mod fault_proxy;
+pub mod files;
 pub mod github;
 pub mod http;
 
