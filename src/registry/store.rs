@@ -21,7 +21,7 @@ use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use secrecy::ExposeSecret;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::reference::Digest;
 use crate::config::{Config, ModelStoreKind};
@@ -29,8 +29,10 @@ use crate::config::{Config, ModelStoreKind};
 /// Bytes of a blob, as they are read from the store.
 pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
 
-/// Reads of local blobs go this many bytes at a time.
-const LOCAL_READ_CHUNK: usize = 512 * 1024;
+/// Reads of local blobs go this many bytes at a time, this many chunks ahead of the
+/// socket.
+const LOCAL_READ_CHUNK: usize = 2 * 1024 * 1024;
+const LOCAL_READ_AHEAD: usize = 2;
 /// Uploads are sent in parts of this size (S3 multipart), several at once.
 const UPLOAD_PART_BYTES: usize = 16 * 1024 * 1024;
 const UPLOAD_CONCURRENCY: usize = 4;
@@ -186,17 +188,10 @@ impl ModelStore {
     ) -> anyhow::Result<BlobStream> {
         if let Some(root) = &self.local_root {
             let path = root.join("blobs/sha256").join(digest.hex());
-            let mut file = tokio::fs::File::open(path).await?;
-            let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match range {
-                Some(range) => {
-                    file.seek(std::io::SeekFrom::Start(range.start)).await?;
-                    Box::new(file.take(range.end - range.start))
-                }
-                None => Box::new(file),
-            };
-            return Ok(
-                tokio_util::io::ReaderStream::with_capacity(reader, LOCAL_READ_CHUNK).boxed(),
-            );
+            let file = tokio::fs::File::open(path).await?.into_std().await;
+            let size = file.metadata()?.len();
+            let range = range.unwrap_or(0..size);
+            return Ok(read_ahead(file, range));
         }
         let options = GetOptions {
             range: range.map(GetRange::Bounded),
@@ -226,4 +221,40 @@ impl ModelStore {
             .await?;
         Ok(Some(url))
     }
+}
+
+/// Streams `range` of a local file: one blocking task reads it in large chunks straight
+/// into the buffers that are sent, a few chunks ahead, so reading overlaps sending and
+/// the runtime is woken once per chunk. The task ends when the response is dropped.
+fn read_ahead(file: std::fs::File, range: Range<u64>) -> BlobStream {
+    use std::os::unix::fs::FileExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(LOCAL_READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        let mut offset = range.start;
+        while offset < range.end {
+            let want = (range.end - offset).min(LOCAL_READ_CHUNK as u64) as usize;
+            let mut chunk = bytes::BytesMut::zeroed(want);
+            let result = match file.read_at(&mut chunk, offset) {
+                Ok(0) => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the blob is shorter than its recorded size",
+                )),
+                Ok(read) => {
+                    chunk.truncate(read);
+                    offset += read as u64;
+                    Ok(chunk.freeze())
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => Err(err),
+            };
+            let failed = result.is_err();
+            if tx.blocking_send(result).is_err() || failed {
+                return;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    })
+    .boxed()
 }
