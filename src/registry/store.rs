@@ -226,25 +226,28 @@ impl ModelStore {
 /// Streams `range` of a local file: one blocking task reads it in large chunks straight
 /// into the buffers that are sent, a few chunks ahead, so reading overlaps sending and
 /// the runtime is woken once per chunk. The task ends when the response is dropped.
-fn read_ahead(file: std::fs::File, range: Range<u64>) -> BlobStream {
-    use std::os::unix::fs::FileExt;
+fn read_ahead(mut file: std::fs::File, range: Range<u64>) -> BlobStream {
+    use std::io::{Read, Seek};
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(LOCAL_READ_AHEAD);
     tokio::task::spawn_blocking(move || {
-        let mut offset = range.start;
-        while offset < range.end {
-            let want = (range.end - offset).min(LOCAL_READ_CHUNK as u64) as usize;
-            let mut chunk = bytes::BytesMut::zeroed(want);
-            let result = match file.read_at(&mut chunk, offset) {
+        if let Err(err) = file.seek(std::io::SeekFrom::Start(range.start)) {
+            let _ = tx.blocking_send(Err(err));
+            return;
+        }
+        let mut left = range.end - range.start;
+        while left > 0 {
+            let want = left.min(LOCAL_READ_CHUNK as u64);
+            // read_to_end fills spare capacity without zeroing it first.
+            let mut chunk = Vec::with_capacity(want as usize);
+            let result = match (&mut file).take(want).read_to_end(&mut chunk) {
                 Ok(0) => Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "the blob is shorter than its recorded size",
                 )),
                 Ok(read) => {
-                    chunk.truncate(read);
-                    offset += read as u64;
-                    Ok(chunk.freeze())
+                    left -= read as u64;
+                    Ok(Bytes::from(chunk))
                 }
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(err) => Err(err),
             };
             let failed = result.is_err();
