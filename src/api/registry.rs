@@ -574,7 +574,7 @@ async fn blob(app: &AppState, req: &Parts, name: &Name, digest: &Digest) -> Resu
 }
 
 /// `n` and `last` of a listing.
-fn page(req: &Parts) -> Result<(i64, Option<String>, bool), RegistryError> {
+fn page(req: &Parts) -> Result<(i64, Option<String>), RegistryError> {
     let mut n = None;
     let mut last = None;
     for (key, value) in url::form_urlencoded::parse(req.uri.query().unwrap_or("").as_bytes()) {
@@ -596,8 +596,7 @@ fn page(req: &Parts) -> Result<(i64, Option<String>, bool), RegistryError> {
             _ => {}
         }
     }
-    let asked = n.is_some();
-    Ok((n.unwrap_or(MAX_PAGE).min(MAX_PAGE), last, asked))
+    Ok((n.unwrap_or(MAX_PAGE).min(MAX_PAGE), last))
 }
 
 fn listing(
@@ -633,7 +632,7 @@ fn listing(
 }
 
 async fn tags(app: &AppState, req: &Parts, name: &Name) -> Result<Answer, Error> {
-    let (limit, last, _) = match page(req) {
+    let (limit, last) = match page(req) {
         Ok(page) => page,
         Err(err) => return Ok(err.into()),
     };
@@ -657,7 +656,7 @@ async fn tags(app: &AppState, req: &Parts, name: &Name) -> Result<Answer, Error>
 }
 
 async fn catalog(app: &AppState, req: &Parts) -> Result<Answer, Error> {
-    let (limit, last, _) = match page(req) {
+    let (limit, last) = match page(req) {
         Ok(page) => page,
         Err(err) => return Ok(err.into()),
     };

@@ -603,20 +603,23 @@ impl Config {
         if self.cache.local.dir.as_os_str().is_empty() {
             // One directory per database: the reconciler deletes images its database does
             // not know, so two installations on one machine must not share a directory.
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
-            std::env::temp_dir().join(format!("kiln-cache-{}", hex::encode(&digest[..6])))
+            self.per_database_temp_dir("kiln-cache")
         } else {
             self.cache.local.dir.clone()
         }
     }
 
+    /// `<temp dir>/<prefix>-<hash of the database URL>`: one directory per installation.
+    fn per_database_temp_dir(&self, prefix: &str) -> PathBuf {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
+        std::env::temp_dir().join(format!("{prefix}-{}", hex::encode(&digest[..6])))
+    }
+
     /// Where the local model store keeps blobs.
     pub fn local_models_dir(&self) -> PathBuf {
         if self.models.local.dir.as_os_str().is_empty() {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
-            std::env::temp_dir().join(format!("kiln-models-{}", hex::encode(&digest[..6])))
+            self.per_database_temp_dir("kiln-models")
         } else {
             self.models.local.dir.clone()
         }
@@ -625,9 +628,7 @@ impl Config {
     /// Where hub downloads are kept between attempts.
     pub fn hub_download_dir(&self) -> PathBuf {
         if self.models.hub.download_dir.as_os_str().is_empty() {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(self.database.url.expose_secret().as_bytes());
-            std::env::temp_dir().join(format!("kiln-hub-{}", hex::encode(&digest[..6])))
+            self.per_database_temp_dir("kiln-hub")
         } else {
             self.models.hub.download_dir.clone()
         }

@@ -7,21 +7,11 @@ use sqlx::{PgExecutor, PgPool};
 
 use crate::error::Result;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct ModelRow {
-    pub id: String,
-    pub name: String,
-    pub source: Option<String>,
-    pub hub_repository: Option<String>,
-    pub license: Option<String>,
-    pub pull_count: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
 /// A model with its `latest` revision (or its newest, when nothing is tagged `latest`).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ModelListing {
+    #[serde(skip)]
+    pub id: String,
     pub name: String,
     pub source: Option<String>,
     pub license: Option<String>,
@@ -261,10 +251,10 @@ pub async fn names(db: &PgPool, last: Option<&str>, limit: i64) -> Result<Vec<St
     .await?)
 }
 
-/// Every model with its `latest` (else newest) revision, by name.
-pub async fn list(db: &PgPool) -> Result<Vec<ModelListing>> {
+/// Every model (or only `name`) with its `latest` (else newest) revision, by name.
+pub async fn list(db: &PgPool, name: Option<&str>) -> Result<Vec<ModelListing>> {
     Ok(sqlx::query_as(
-        "SELECT m.name, m.source, m.license, m.pull_count, r.revision, r.index_digest,
+        "SELECT m.id, m.name, m.source, m.license, m.pull_count, r.revision, r.index_digest,
                 r.file_count, r.file_bytes, r.image_bytes, r.layer_format, r.imported_at,
                 m.updated_at,
                 ARRAY(SELECT tag FROM model_tags t WHERE t.model_id = m.id
@@ -278,19 +268,11 @@ pub async fn list(db: &PgPool) -> Result<Vec<ModelListing>> {
              ORDER BY (lt.tag IS NOT NULL) DESC, r.imported_at DESC
              LIMIT 1
          ) r ON true
+         WHERE $1::text IS NULL OR m.name = $1
          ORDER BY m.name COLLATE \"C\"",
     )
-    .fetch_all(db)
-    .await?)
-}
-
-pub async fn model(db: &PgPool, name: &str) -> Result<Option<ModelRow>> {
-    Ok(sqlx::query_as(
-        "SELECT id, name, source, hub_repository, license, pull_count, created_at, updated_at
-         FROM models WHERE name = $1",
-    )
     .bind(name)
-    .fetch_optional(db)
+    .fetch_all(db)
     .await?)
 }
 

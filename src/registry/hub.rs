@@ -87,10 +87,6 @@ impl Hub {
         }
     }
 
-    pub fn endpoint(&self) -> &url::Url {
-        &self.endpoint
-    }
-
     /// The web page of a repository, recorded as the image's source.
     pub fn repository_url(&self, repository: &str) -> String {
         format!(

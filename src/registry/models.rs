@@ -122,10 +122,6 @@ impl Models {
         })
     }
 
-    pub fn config(&self) -> &ModelsConfig {
-        &self.config
-    }
-
     /// The Dockerfile line that embeds `name`.
     pub fn copy_from_line(&self, name: &str, tag: &str) -> String {
         format!("COPY --from={}/{name}:{tag} / /model", self.host)
@@ -453,23 +449,20 @@ impl Models {
     /// Every model with its current revision.
     pub async fn list(&self, principal: Option<&Principal>) -> Result<Vec<ModelListing>> {
         self.authorize_pull(principal)?;
-        db::models::list(&self.db).await
+        db::models::list(&self.db, None).await
     }
 
     /// One model with all its revisions.
     pub async fn get(&self, principal: Option<&Principal>, name: &str) -> Result<ModelDetail> {
         self.authorize_pull(principal)?;
-        let listing = db::models::list(&self.db)
+        let listing = db::models::list(&self.db, Some(name))
             .await?
             .into_iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| Error::not_found("model", name))?;
-        let row = db::models::model(&self.db, name)
-            .await?
+            .next()
             .ok_or_else(|| Error::not_found("model", name))?;
         Ok(ModelDetail {
             copy_from: self.copy_from_line(name, "latest"),
-            revisions: db::models::revisions(&self.db, &row.id).await?,
+            revisions: db::models::revisions(&self.db, &listing.id).await?,
             model: listing,
         })
     }
@@ -489,7 +482,8 @@ impl Models {
         if taken.is_empty() {
             return Ok(());
         }
-        let (names, counts): (Vec<String>, Vec<i64>) = taken.clone().into_iter().unzip();
+        let (names, counts): (Vec<String>, Vec<i64>) =
+            taken.iter().map(|(name, n)| (name.clone(), *n)).unzip();
         if let Err(err) = db::models::add_pulls(&self.db, &names, &counts).await {
             let mut pulls = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
             for (name, n) in taken {

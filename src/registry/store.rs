@@ -49,7 +49,6 @@ pub struct ModelStore {
     /// Presigns blob URLs (S3).
     signer: Option<Arc<dyn Signer>>,
     prefix: String,
-    description: String,
 }
 
 impl ModelStore {
@@ -73,16 +72,10 @@ impl ModelStore {
                 }
                 let store = Arc::new(builder.build()?);
                 let prefix = s3.prefix.trim_matches('/').to_string();
-                let endpoint = if s3.endpoint.is_empty() {
-                    format!("s3 in {}", s3.region)
-                } else {
-                    s3.endpoint.clone()
-                };
                 Ok(ModelStore {
                     objects: store.clone(),
                     local_root: None,
                     signer: Some(store),
-                    description: format!("s3://{}/{} ({endpoint})", s3.bucket, prefix),
                     prefix,
                 })
             }
@@ -96,16 +89,10 @@ impl ModelStore {
         let root = dir.canonicalize()?;
         Ok(ModelStore {
             objects: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
-            description: root.display().to_string(),
             local_root: Some(root),
             signer: None,
             prefix: String::new(),
         })
-    }
-
-    /// Where the store is, for logs and `kiln models` output.
-    pub fn describe(&self) -> &str {
-        &self.description
     }
 
     fn key(&self, relative: &str) -> String {
@@ -151,13 +138,6 @@ impl ModelStore {
             }
         }
         writer.shutdown().await?;
-        Ok(())
-    }
-
-    pub async fn put_blob_bytes(&self, digest: &Digest, bytes: Bytes) -> anyhow::Result<()> {
-        self.objects
-            .put(&self.blob_key(digest), PutPayload::from_bytes(bytes))
-            .await?;
         Ok(())
     }
 
