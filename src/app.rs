@@ -51,7 +51,7 @@ pub struct App {
     pub events: broadcast::Sender<Arc<Notification>>,
     pub metrics: PrometheusHandle,
     /// Failed password sign-ins, for throttling guessing.
-    pub sign_ins: crate::auth::login::SignInThrottle,
+    pub sign_ins: crate::auth::throttle::SignInThrottle,
     /// Per-client rate limits on the endpoints that need no token.
     pub limiter: ClientLimiter,
     /// Cancelled when the server starts shutting down; long-lived streams end on it.

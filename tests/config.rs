@@ -189,6 +189,17 @@ fn builder_durations_are_range_checked_not_cast() {
             "not a header",
             "limits.client_ip_header",
         ),
+        // A proxy header believed from anyone lets every client pick its address.
+        (
+            "KILN_LIMITS__CLIENT_IP_HEADER",
+            "x-forwarded-for",
+            "limits.trusted_proxies",
+        ),
+        (
+            "KILN_LIMITS__TRUSTED_PROXIES",
+            "[\"10.0.0.300/8\"]",
+            "limits.trusted_proxies",
+        ),
     ] {
         let err = Config::load_from(None, env(&[(key, value)]))
             .unwrap_err()

@@ -1199,33 +1199,44 @@ async fn server_admins_see_every_machine_and_the_installations_audit_log() {
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
 }
 
+/// A sign-in form posted from `address` (as the server records a TCP peer).
+async fn sign_in_from(
+    router: &axum::Router,
+    address: [u8; 4],
+    email: &str,
+    password: &str,
+) -> Reply {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([("email", email), ("password", password)])
+        .finish();
+    let mut req = Request::builder()
+        .method("POST")
+        .uri("/dashboard/sign-in")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(body))
+        .unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            address, 40000,
+        ))));
+    send(router, req).await
+}
+
 #[tokio::test]
-async fn sign_in_is_throttled_per_email_like_depot_login() {
+async fn sign_in_is_throttled_per_email_and_address_and_a_stranger_cannot_lock_out_the_owner() {
     let db = TestDb::new().await;
     let t = tenant(&db.pool, "throttle").await;
     common::set_password(&db.pool, &t.user_id, "a long password").await;
     let email = email_of(&db, &t.user_id).await;
     let router = kiln::api::router(app(&db));
-    let attempt = |password: &'static str| {
-        let router = router.clone();
-        let email = email.clone();
-        async move {
-            post_form(
-                &router,
-                "/dashboard/sign-in",
-                None,
-                None,
-                &[("email", &email), ("password", password)],
-            )
-            .await
-        }
-    };
-    for _ in 0..kiln::auth::login::MAX_FAILED_SIGN_INS {
-        assert_eq!(attempt("wrong").await.status, StatusCode::UNAUTHORIZED);
+    let stranger = [203, 0, 113, 66];
+    for _ in 0..kiln::auth::throttle::MAX_FAILED_SIGN_INS {
+        let reply = sign_in_from(&router, stranger, &email, "wrong").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
-    // Locked out: even the right password is refused, with when to try again, and no
-    // session is started.
-    let locked = attempt("a long password").await;
+    // Locked out at the stranger's address: even the right password is refused, with
+    // when to try again, and no session is started.
+    let locked = sign_in_from(&router, stranger, &email, "a long password").await;
     assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(
         html(&locked).contains("try again in 15 minutes"),
@@ -1233,6 +1244,51 @@ async fn sign_in_is_throttled_per_email_like_depot_login() {
         html(&locked)
     );
     assert!(!locked.headers.contains_key(header::SET_COOKIE));
+    // The owner, from their own address, signs in as usual.
+    let owner = sign_in_from(&router, [198, 51, 100, 7], &email, "a long password").await;
+    assert_eq!(owner.status, StatusCode::SEE_OTHER, "{}", html(&owner));
+    assert!(owner.headers.contains_key(header::SET_COOKIE));
+    // The stranger gets no more guesses at other accounts than the address budget.
+    let mut refused_at = None;
+    for n in 0..kiln::auth::throttle::MAX_FAILED_PER_ADDRESS {
+        let reply = sign_in_from(&router, stranger, &format!("u{n}@x.test"), "guess").await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            refused_at = Some(n);
+            break;
+        }
+    }
+    assert_eq!(
+        refused_at,
+        Some(
+            kiln::auth::throttle::MAX_FAILED_PER_ADDRESS
+                - kiln::auth::throttle::MAX_FAILED_SIGN_INS
+        ),
+        "the ten guesses at the owner count against the address too"
+    );
+}
+
+#[tokio::test]
+async fn sign_in_refuses_what_is_not_an_email_before_storing_anything() {
+    let db = TestDb::new().await;
+    let app = app(&db);
+    let router = kiln::api::router(app.clone());
+    for bad in [
+        "",
+        "no-at-sign",
+        "two@@x.test",
+        "a b@x.test",
+        &"x".repeat(400),
+    ] {
+        let reply = sign_in_from(&router, [192, 0, 2, 1], bad, "whatever").await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert!(html(&reply).contains("like name@example.com"), "{bad:?}");
+    }
+    // A form over the limit is refused before it is read whole.
+    let huge = "a".repeat(4_000_000) + "@x.test";
+    let reply = sign_in_from(&router, [192, 0, 2, 1], &huge, "whatever").await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(html(&reply).contains("too large"), "{}", html(&reply));
+    assert_eq!(app.sign_ins.tracked(), 0);
 }
 
 #[tokio::test]

@@ -470,7 +470,7 @@ async fn the_login_page_throttles_password_guessing_even_when_concurrent() {
         .count();
     assert_eq!(
         checked,
-        kiln::auth::login::MAX_FAILED_SIGN_INS as usize,
+        kiln::auth::throttle::MAX_FAILED_SIGN_INS as usize,
         "{statuses:?}"
     );
     assert_eq!(checked + refused, 30, "{statuses:?}");
@@ -515,7 +515,7 @@ async fn the_login_page_checks_the_request_before_any_password() {
     };
     // An unknown or malformed code is answered without a sign-in attempt, so guesses
     // against it cannot lock anyone out or burn argon2 time.
-    for _ in 0..2 * kiln::auth::login::MAX_FAILED_SIGN_INS {
+    for _ in 0..2 * kiln::auth::throttle::MAX_FAILED_SIGN_INS {
         assert_eq!(post("/login/BBBB-BBBB".into()).await, StatusCode::NOT_FOUND);
         assert_eq!(
             post("/login/not-a-code".into()).await,

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::api::ratelimit::ClientLimiter;
+use crate::api::ratelimit::{ClientLimiter, Peer};
 use crate::app::AppState;
 use crate::error::{Error, Result};
 use crate::oidc::claims::{ClaimError, Exchange, MAX_CLAIM_BODY_BYTES};
@@ -78,25 +78,6 @@ pub fn claim_listener_router(state: AppState) -> Router {
             Error::internal(anyhow::anyhow!("request handler panicked")).into_response()
         }))
         .with_state(state)
-}
-
-/// The TCP peer, when the server recorded it (it always does outside unit tests).
-struct Peer(Option<SocketAddr>);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        _state: &S,
-    ) -> std::result::Result<Self, Self::Rejection> {
-        Ok(Peer(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
-    }
 }
 
 fn client_ip(limiter: &ClientLimiter, headers: &HeaderMap, peer: Option<SocketAddr>) -> String {

@@ -35,13 +35,17 @@ pub const LOGIN_CHANNEL: &str = "kiln_login";
 const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
 const USER_CODE_LEN: usize = 8;
 const CLAIM_SECRET_LEN: usize = 43;
+/// The longest email accepted anywhere (RFC 5321: 64 + 1 + 255).
+pub const MAX_EMAIL_BYTES: usize = 320;
+/// The longest password accepted anywhere.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
 
 /// Hashes a password (argon2id, off the async threads).
 pub async fn hash_password(password: &str) -> Result<String> {
     if password.chars().count() < 8 {
         return Err(Error::invalid("password", "must be at least 8 characters"));
     }
-    if password.len() > 1024 {
+    if password.len() > MAX_PASSWORD_BYTES {
         return Err(Error::invalid("password", "must be at most 1024 bytes"));
     }
     let password = password.to_string();
@@ -69,8 +73,25 @@ fn decoy_hash() -> &'static str {
     })
 }
 
+/// An email as users type it: trimmed, at most 320 bytes (RFC 5321's bound), one `@`
+/// with something on each side, no spaces or control characters.
+pub fn validate_email(email: &str) -> Result<String> {
+    let email = email.trim();
+    let valid = email.len() <= MAX_EMAIL_BYTES
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && local.len() <= 64 && !domain.is_empty() && !domain.contains('@')
+        })
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if valid {
+        Ok(email.to_string())
+    } else {
+        Err(Error::invalid("email", "must look like name@example.com"))
+    }
+}
+
 /// Checks an email and password; the same error, after the same work, for an unknown
-/// user and a wrong password. Callers throttle it (`SignInThrottle`) first.
+/// user and a wrong password. Callers validate the email and throttle the attempt
+/// (`throttle::SignInThrottle`) first.
 pub async fn sign_in(pool: &PgPool, email: &str, password: &str) -> Result<User> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -79,7 +100,7 @@ pub async fn sign_in(pool: &PgPool, email: &str, password: &str) -> Result<User>
         password_hash: Option<String>,
     }
     let denied = || Error::Unauthenticated("wrong email or password".into());
-    if email.len() > 320 || password.len() > 1024 {
+    if email.len() > MAX_EMAIL_BYTES || password.len() > MAX_PASSWORD_BYTES {
         return Err(denied());
     }
     let row: Option<Row> = sqlx::query_as(
@@ -363,106 +384,6 @@ pub async fn purge_closed(pool: &PgPool, older_than_hours: i32) -> Result<u64> {
     .rows_affected())
 }
 
-/// Failed sign-ins allowed per email within `THROTTLE_WINDOW`, per replica.
-pub const MAX_FAILED_SIGN_INS: u32 = 10;
-pub const THROTTLE_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Emails tracked at once; beyond it, entries whose window passed are dropped.
-const MAX_TRACKED: usize = 100_000;
-
-#[derive(Debug)]
-struct Attempts {
-    failures: u32,
-    in_flight: u32,
-    since: std::time::Instant,
-}
-
-/// Slows password guessing (and argon2 work) on the sign-in page: at most
-/// `MAX_FAILED_SIGN_INS` failed or pending attempts per email within the window. An
-/// attempt is reserved before the password is checked, in one locked step, so
-/// concurrent guesses cannot all slip past the limit.
-#[derive(Default)]
-pub struct SignInThrottle {
-    attempts: std::sync::Mutex<std::collections::HashMap<String, Attempts>>,
-}
-
-/// One reserved sign-in attempt. Report how it went with `succeeded` or `failed`;
-/// dropping it without either releases the reservation without counting a failure.
-pub struct SignInAttempt<'a> {
-    throttle: &'a SignInThrottle,
-    key: String,
-    settled: bool,
-}
-
-impl SignInThrottle {
-    fn key(email: &str) -> String {
-        email.trim().to_ascii_lowercase()
-    }
-
-    /// Reserves an attempt for `email`, or the wait left when it is locked out.
-    pub fn begin(&self, email: &str) -> std::result::Result<SignInAttempt<'_>, Duration> {
-        let key = Self::key(email);
-        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-        if attempts.len() >= MAX_TRACKED {
-            attempts.retain(|_, a| a.in_flight > 0 || a.since.elapsed() < THROTTLE_WINDOW);
-        }
-        let entry = attempts.entry(key.clone()).or_insert(Attempts {
-            failures: 0,
-            in_flight: 0,
-            since: std::time::Instant::now(),
-        });
-        if entry.since.elapsed() >= THROTTLE_WINDOW && entry.in_flight == 0 {
-            entry.failures = 0;
-            entry.since = std::time::Instant::now();
-        }
-        if entry.failures + entry.in_flight >= MAX_FAILED_SIGN_INS {
-            return Err(THROTTLE_WINDOW.saturating_sub(entry.since.elapsed()));
-        }
-        entry.in_flight += 1;
-        Ok(SignInAttempt {
-            throttle: self,
-            key,
-            settled: false,
-        })
-    }
-
-    fn settle(&self, key: &str, failed: bool) {
-        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = attempts.get_mut(key) {
-            entry.in_flight = entry.in_flight.saturating_sub(1);
-            if failed {
-                entry.failures += 1;
-            } else if entry.failures == 0 && entry.in_flight == 0 {
-                attempts.remove(key);
-            }
-        }
-    }
-}
-
-impl SignInAttempt<'_> {
-    pub fn succeeded(mut self) {
-        self.settled = true;
-        let mut attempts = self
-            .throttle
-            .attempts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        attempts.remove(&self.key);
-    }
-
-    pub fn failed(mut self) {
-        self.settled = true;
-        self.throttle.settle(&self.key, true);
-    }
-}
-
-impl Drop for SignInAttempt<'_> {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.throttle.settle(&self.key, false);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,34 +406,5 @@ mod tests {
         );
         assert_eq!(normalize_user_code("BCDF"), None);
         assert_eq!(normalize_user_code("../../etc"), None);
-    }
-
-    #[test]
-    fn concurrent_attempts_count_against_the_limit() {
-        let throttle = SignInThrottle::default();
-        let held: Vec<_> = (0..MAX_FAILED_SIGN_INS)
-            .map(|_| throttle.begin("a@example.com").expect("within the limit"))
-            .collect();
-        // Every allowed guess is in flight: the next one waits, whatever their outcome.
-        assert!(throttle.begin("A@example.com ").is_err());
-        assert!(throttle.begin("b@example.com").is_ok());
-        for attempt in held {
-            attempt.failed();
-        }
-        assert!(throttle.begin("a@example.com").is_err());
-    }
-
-    #[test]
-    fn success_clears_and_abandoned_attempts_do_not_count() {
-        let throttle = SignInThrottle::default();
-        for _ in 0..MAX_FAILED_SIGN_INS - 1 {
-            throttle.begin("a@example.com").unwrap().failed();
-        }
-        drop(throttle.begin("a@example.com").unwrap());
-        throttle.begin("a@example.com").unwrap().succeeded();
-        for _ in 0..MAX_FAILED_SIGN_INS {
-            throttle.begin("a@example.com").unwrap().failed();
-        }
-        assert!(throttle.begin("a@example.com").is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod authz;
 pub mod ci;
 pub mod login;
 pub mod principal;
+pub mod throttle;
 pub mod token;
 pub mod trust;
 pub mod web;

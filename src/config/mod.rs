@@ -552,12 +552,35 @@ pub struct LimitsConfig {
     pub unauthenticated_per_minute: u32,
     /// Requests a client may make at once before the per-minute rate applies.
     pub unauthenticated_burst: u32,
-    /// A header carrying the client's address when Kiln runs behind a proxy (its first
-    /// address is used, e.g. `x-forwarded-for`). Empty: the TCP peer.
+    /// A header carrying the client's address when Kiln runs behind a proxy, e.g.
+    /// `x-forwarded-for`. Empty: the TCP peer.
     pub client_ip_header: String,
+    /// The proxies (addresses or CIDRs) whose `client_ip_header` is believed; the client
+    /// is the rightmost address in it that is not one of them.
+    pub trusted_proxies: Vec<String>,
     /// Refused agent calls written to the audit log per minute per replica; the rest
     /// are only counted (`kiln_audit_suppressed_total`).
     pub refusal_audits_per_minute: u32,
+}
+
+impl LimitsConfig {
+    /// `trusted_proxies` as networks (entries that do not parse are refused at start).
+    pub fn trusted_proxy_networks(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_network(p))
+            .collect()
+    }
+}
+
+/// A CIDR, or a single address as the network of just it.
+fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
 }
 
 /// How long records are kept.
@@ -1174,6 +1197,21 @@ impl Config {
             format!("{:?}", l.client_ip_header),
             "must be empty or a header name",
         );
+        check(
+            l.client_ip_header.is_empty() || !l.trusted_proxies.is_empty(),
+            "limits.trusted_proxies",
+            "[]".to_string(),
+            "must list the reverse proxies' addresses (CIDRs) when limits.client_ip_header is \
+             set: the header is believed only from them",
+        );
+        for proxy in &l.trusted_proxies {
+            check(
+                parse_network(proxy).is_some(),
+                "limits.trusted_proxies",
+                format!("{proxy:?}"),
+                "each entry must be an address or a CIDR, e.g. \"10.0.0.0/8\" or \"2001:db8::/32\"",
+            );
+        }
         check(
             (1..=1_000_000).contains(&self.login.max_open_requests),
             "login.max_open_requests",

@@ -28,19 +28,7 @@ pub fn validate_name(field: &str, name: &str) -> Result<String> {
     Ok(name.to_string())
 }
 
-pub fn validate_email(email: &str) -> Result<String> {
-    let email = email.trim();
-    let valid = email.len() <= 320
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
-    if valid {
-        Ok(email.to_string())
-    } else {
-        Err(Error::invalid("email", "must look like name@example.com"))
-    }
-}
+pub use crate::auth::login::validate_email;
 
 fn operate(principal: &Principal) -> Result<()> {
     authz::authorize(principal, Action::Operate, Target::Instance)

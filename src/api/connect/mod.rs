@@ -135,6 +135,8 @@ struct Method {
     handler: Handler,
     input: MessageDescriptor,
     output: MessageDescriptor,
+    /// A tighter bound than `server.max_body_bytes`, for methods anyone may call.
+    max_body_bytes: Option<usize>,
 }
 
 /// All registered Connect methods, keyed `package.Service/Method`.
@@ -183,8 +185,20 @@ impl ConnectRouter {
                 handler,
                 input: method_desc.input(),
                 output: method_desc.output(),
+                max_body_bytes: None,
             },
         );
+        self
+    }
+
+    /// Bounds the request bodies of a registered method (below `server.max_body_bytes`):
+    /// methods that need no token read no more than their messages can hold.
+    pub fn limit_body(&mut self, service: &str, method: &str, max_bytes: usize) -> &mut Self {
+        let key = format!("{service}/{method}");
+        self.methods
+            .get_mut(&key)
+            .unwrap_or_else(|| panic!("{key} is not registered"))
+            .max_body_bytes = Some(max_bytes);
         self
     }
 
@@ -255,7 +269,11 @@ impl ConnectRouter {
             Framing::Streaming => client_timeout,
         };
         let idle = Duration::from_secs(app.config.server.stream_idle_timeout_seconds);
-        let limit = app.config.server.max_body_bytes;
+        let limit = method
+            .max_body_bytes
+            .map_or(app.config.server.max_body_bytes, |m| {
+                m.min(app.config.server.max_body_bytes)
+            });
         let (parts, body) = req.into_parts();
         let call = Call {
             app,

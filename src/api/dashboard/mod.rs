@@ -10,15 +10,21 @@ pub mod web;
 
 use axum::Form;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::rejection::FormRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
+use crate::api::ratelimit::ClientAddr;
 use crate::app::AppState;
 use crate::auth::login;
 use crate::error::Error;
+
+/// The sign-in forms (dashboard and `depot login` approval) hold an email, a password and
+/// a few words; anything larger is refused before it is read whole.
+pub const MAX_SIGN_IN_FORM_BYTES: usize = 16 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -26,6 +32,7 @@ pub fn routes() -> Router<AppState> {
             "/login/{code}",
             get(login_page)
                 .post(login_decide)
+                .layer(DefaultBodyLimit::max(MAX_SIGN_IN_FORM_BYTES))
                 // The dashboard's security headers (CSP, no framing, no-store) here too.
                 .layer(axum::middleware::map_response(
                     |response: Response| async move { web::secure(response) },
@@ -41,7 +48,9 @@ pub fn routes() -> Router<AppState> {
         .route("/dashboard", get(pages::index))
         .route(
             "/dashboard/sign-in",
-            get(pages::sign_in_page).post(pages::sign_in),
+            get(pages::sign_in_page)
+                .post(pages::sign_in)
+                .layer(DefaultBodyLimit::max(MAX_SIGN_IN_FORM_BYTES)),
         )
         .route("/dashboard/sign-out", post(pages::sign_out))
         .route("/dashboard/assets/{name}", get(web::asset))
@@ -169,6 +178,14 @@ fn form(user_code: &str, error: Option<&str>) -> String {
     )
 }
 
+/// What a throttled sign-in is told.
+pub fn throttled_message(throttled: crate::auth::throttle::Throttled) -> String {
+    format!(
+        "Too many failed sign-ins for this email from your address; try again in {} minutes.",
+        throttled.wait.as_secs().div_ceil(60).max(1)
+    )
+}
+
 fn closed() -> Response {
     message(
         StatusCode::GONE,
@@ -210,17 +227,50 @@ struct Decision {
     decision: String,
 }
 
+/// A sign-in form that could not be read: too large, or not a form.
+pub fn unreadable_form(rejection: &FormRejection) -> (StatusCode, &'static str) {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "The form is too large: an email is at most 320 characters and a password at most 1024 bytes.",
+        ),
+        status => (
+            status,
+            "The form could not be read; reload the page and try again.",
+        ),
+    }
+}
+
 /// Order matters: the per-client rate limit (middleware), then the request must be open,
-/// then an attempt is reserved for the email (atomically, so concurrent guesses cannot
-/// pass the limit together), and only then is the password checked.
+/// then the email must be one, then an attempt is reserved for the email and the
+/// client's address (atomically, so concurrent guesses cannot pass the limit together),
+/// and only then is the password checked.
 async fn login_decide(
     State(app): State<AppState>,
     Path(code): Path<String>,
-    Form(form_data): Form<Decision>,
+    ClientAddr(address): ClientAddr,
+    form_data: Result<Form<Decision>, FormRejection>,
 ) -> Response {
     let request = match open_request(&app, &code).await {
         Ok(req) => req,
         Err(page) => return page,
+    };
+    let form_data = match form_data {
+        Ok(Form(form_data)) => form_data,
+        Err(rejection) => {
+            let (status, msg) = unreadable_form(&rejection);
+            return (status, Html(form(&request.user_code, Some(msg)))).into_response();
+        }
+    };
+    let Ok(email) = login::validate_email(&form_data.email) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Html(form(
+                &request.user_code,
+                Some("Enter the email of your Kiln account, like name@example.com."),
+            )),
+        )
+            .into_response();
     };
     let approve = match form_data.decision.as_str() {
         "approve" => true,
@@ -233,14 +283,11 @@ async fn login_decide(
                 .into_response();
         }
     };
-    let attempt = match app.sign_ins.begin(&form_data.email) {
+    let attempt = match app.sign_ins.begin(&email, address) {
         Ok(attempt) => attempt,
-        Err(wait) => {
+        Err(throttled) => {
             metrics::counter!("kiln_sign_ins_total", "outcome" => "throttled").increment(1);
-            let msg = format!(
-                "Too many failed sign-ins for this email; try again in {} minutes.",
-                wait.as_secs().div_ceil(60).max(1)
-            );
+            let msg = throttled_message(throttled);
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 Html(form(&request.user_code, Some(&msg))),
@@ -248,7 +295,7 @@ async fn login_decide(
                 .into_response();
         }
     };
-    let user = match login::sign_in(&app.db, &form_data.email, &form_data.password).await {
+    let user = match login::sign_in(&app.db, &email, &form_data.password).await {
         Ok(user) => {
             attempt.succeeded();
             metrics::counter!("kiln_sign_ins_total", "outcome" => "ok").increment(1);

@@ -4,6 +4,7 @@
 //! invalid submission changes nothing and says what is wrong next to the field.
 
 use axum::Form;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -11,6 +12,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::web::{self, Session, error_page, layout, page, problem, same_origin, secure};
+use crate::api::ratelimit::ClientAddr;
 use crate::app::AppState;
 use crate::auth::login;
 use crate::auth::trust::TrustProvider;
@@ -74,13 +76,21 @@ pub struct SignInForm {
     next: Option<String>,
 }
 
-/// Throttled like `depot login`'s approval page: a failed attempt is reserved per email
-/// before any password work.
+/// Throttled like `depot login`'s approval page: the email is checked, then an attempt is
+/// reserved for it and the client's address before any password work.
 pub async fn sign_in(
     State(app): State<AppState>,
+    ClientAddr(address): ClientAddr,
     headers: HeaderMap,
-    Form(form): Form<SignInForm>,
+    form: Result<Form<SignInForm>, FormRejection>,
 ) -> Response {
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(rejection) => {
+            let (status, msg) = super::unreadable_form(&rejection);
+            return page(status, sign_in_form("/dashboard", "", Some(msg)));
+        }
+    };
     let next = safe_next(form.next.as_deref());
     if !same_origin(&app, &headers) {
         return page(
@@ -92,20 +102,27 @@ pub async fn sign_in(
             ),
         );
     }
-    let attempt = match app.sign_ins.begin(&form.email) {
+    let Ok(email) = login::validate_email(&form.email) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            sign_in_form(
+                &next,
+                "",
+                Some("Enter the email of your Kiln account, like name@example.com."),
+            ),
+        );
+    };
+    let attempt = match app.sign_ins.begin(&email, address) {
         Ok(attempt) => attempt,
-        Err(wait) => {
-            let msg = format!(
-                "Too many failed sign-ins for this email; try again in {} minutes.",
-                wait.as_secs().div_ceil(60).max(1)
-            );
+        Err(throttled) => {
+            metrics::counter!("kiln_sign_ins_total", "outcome" => "throttled").increment(1);
             return page(
                 StatusCode::TOO_MANY_REQUESTS,
-                sign_in_form(&next, &form.email, Some(&msg)),
+                sign_in_form(&next, &email, Some(&super::throttled_message(throttled))),
             );
         }
     };
-    let user = match login::sign_in(&app.db, &form.email, &form.password).await {
+    let user = match login::sign_in(&app.db, &email, &form.password).await {
         Ok(user) => {
             attempt.succeeded();
             user
@@ -114,7 +131,7 @@ pub async fn sign_in(
             attempt.failed();
             return page(
                 StatusCode::UNAUTHORIZED,
-                sign_in_form(&next, &form.email, Some(&msg)),
+                sign_in_form(&next, &email, Some(&msg)),
             );
         }
         Err(err) => return error_page(None, err),

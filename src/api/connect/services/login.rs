@@ -7,6 +7,9 @@ use crate::auth::login::{self, Claim};
 use crate::error::Result;
 use crate::proto::depot::cli::v1beta1 as pb;
 
+/// Both calls need no token; their messages are empty or one short id.
+const MAX_LOGIN_BODY_BYTES: usize = 1024;
+
 pub fn register(router: &mut ConnectRouter) {
     router
         .register(
@@ -18,6 +21,16 @@ pub fn register(router: &mut ConnectRouter) {
             "depot.cli.v1beta1.LoginService",
             "FinishLogin",
             server_stream(finish_login),
+        )
+        .limit_body(
+            "depot.cli.v1beta1.LoginService",
+            "StartLogin",
+            MAX_LOGIN_BODY_BYTES,
+        )
+        .limit_body(
+            "depot.cli.v1beta1.LoginService",
+            "FinishLogin",
+            MAX_LOGIN_BODY_BYTES,
         );
 }
 
