@@ -383,6 +383,38 @@ async fn blobs_stream_with_ranges_and_never_416_a_valid_multi_range() {
         ]
     );
 
+    // Overlapping and adjacent ranges are merged, in order.
+    let merged = registry
+        .get(&path, &[("range", "bytes=1000-1009,0-9,5-14,15-19")])
+        .await;
+    assert_eq!(merged.status(), StatusCode::PARTIAL_CONTENT);
+    let merged_type = header(&merged, "content-type").to_string();
+    assert!(
+        merged_type.starts_with("multipart/byteranges"),
+        "{merged_type}"
+    );
+    let merged_body = merged.bytes().await.unwrap();
+    assert!(find(&merged_body, b"Content-Range: bytes 0-19/").is_some());
+    assert!(find(&merged_body, b"Content-Range: bytes 1000-1009/").is_some());
+    assert_eq!(
+        merged_body
+            .windows(15)
+            .filter(|w| *w == b"Content-Range: ")
+            .count(),
+        2
+    );
+    // The amplification an anonymous caller could ask for: the whole blob again and
+    // again. It gets the blob once, with 200.
+    let repeated = format!("bytes={}", vec!["0-"; 64].join(","));
+    let amplified = registry.get(&path, &[("range", &repeated)]).await;
+    assert_eq!(amplified.status(), StatusCode::OK);
+    assert_eq!(header(&amplified, "content-length"), size.to_string());
+    assert_eq!(amplified.bytes().await.unwrap(), body);
+    let covering = format!("bytes=0-{},{}-", size / 2, size / 2 - 10);
+    let covered = registry.get(&path, &[("range", &covering)]).await;
+    assert_eq!(covered.status(), StatusCode::OK);
+    assert_eq!(covered.bytes().await.unwrap().len() as u64, size);
+
     // One range past the end: 416 with the size.
     let beyond = registry
         .get(&path, &[("range", &format!("bytes={size}-{}", size + 10))])

@@ -1,12 +1,19 @@
 //! `Range` requests on blobs (RFC 9110 §14): single, open-ended, suffix and multiple
 //! ranges. Lazy pullers (the stargz snapshotter) send several ranges at once and fall
 //! back to one range only on a 400, so a valid multi-range request must never get a 416.
+//!
+//! Anyone may ask for blobs, so an answer is never larger than the blob: overlapping and
+//! adjacent ranges are merged (as RFC 9110 §14.2 allows), and a set that still adds up
+//! to the blob or more, or has more than `MAX_RANGES` ranges, gets the blob once, whole.
 
 use std::ops::Range;
 
-/// At most this many ranges in one request; more is served whole (it cannot be a
-/// sensible client, and each range costs a part in a multipart answer).
-pub const MAX_RANGES: usize = 64;
+/// At most this many ranges in one request; more is served whole, as nginx's
+/// `max_ranges` does (no sensible client asks for more, and each costs a part).
+pub const MAX_RANGES: usize = 16;
+/// About what each part of a `multipart/byteranges` answer adds to its bytes: the
+/// boundary line and the part's two headers.
+pub const PART_OVERHEAD_BYTES: u64 = 128;
 
 /// How to answer a blob request of `size` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,15 +54,38 @@ pub fn parse(header: Option<&str>, size: u64) -> Ranges {
     if specs.is_empty() {
         return Ranges::Whole;
     }
-    let satisfiable: Vec<Range<u64>> = specs
-        .into_iter()
-        .filter_map(|spec| spec.resolve(size))
-        .collect();
+    let asked = specs.len();
+    let satisfiable = coalesce(
+        specs
+            .into_iter()
+            .filter_map(|spec| spec.resolve(size))
+            .collect(),
+    );
+    let answer_bytes: u64 = satisfiable
+        .iter()
+        .map(|r| r.end - r.start + PART_OVERHEAD_BYTES)
+        .sum();
     match satisfiable.len() {
         0 => Ranges::Unsatisfiable,
+        // Several ranges that merged into the whole blob: the blob, plainly.
+        1 if asked > 1 && satisfiable[0] == (0..size) => Ranges::Whole,
         1 => Ranges::One(satisfiable[0].clone()),
+        _ if answer_bytes >= size => Ranges::Whole,
         _ => Ranges::Many(satisfiable),
     }
+}
+
+/// The ranges sorted, with overlapping and adjacent ones merged.
+fn coalesce(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| (r.start, r.end));
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    merged
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -131,8 +161,8 @@ mod tests {
     #[test]
     fn several_ranges_are_kept_and_never_unsatisfiable_when_one_fits() {
         assert_eq!(
-            parse(Some("bytes=0-9, 20-29,-5"), 100),
-            Ranges::Many(vec![0..10, 20..30, 95..100])
+            parse(Some("bytes=0-9, 20-29,-5"), 10_000),
+            Ranges::Many(vec![0..10, 20..30, 9995..10_000])
         );
         // Only the ranges inside the blob count.
         assert_eq!(parse(Some("bytes=0-9,500-600"), 100), Ranges::One(0..10));
@@ -140,6 +170,29 @@ mod tests {
             parse(Some("bytes=500-600,700-"), 100),
             Ranges::Unsatisfiable
         );
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_ranges_merge_in_order() {
+        assert_eq!(
+            parse(Some("bytes=5000-5009,0-9,5-14,15-19"), 10_000),
+            Ranges::Many(vec![0..20, 5000..5010])
+        );
+        assert_eq!(parse(Some("bytes=0-9,10-19"), 10_000), Ranges::One(0..20));
+        assert_eq!(parse(Some("bytes=0-99,10-19"), 10_000), Ranges::One(0..100));
+    }
+
+    #[test]
+    fn no_answer_is_larger_than_the_blob() {
+        // The amplification a review found: the same range again and again.
+        let repeated = format!("bytes={}", vec!["0-"; MAX_RANGES].join(","));
+        assert_eq!(parse(Some(&repeated), 20 << 20), Ranges::Whole);
+        // Ranges that cover the blob together, with room for nothing else.
+        assert_eq!(parse(Some("bytes=0-49,50-"), 100), Ranges::Whole);
+        // Parts whose headers would outweigh what they leave out.
+        assert_eq!(parse(Some("bytes=0-9,20-29,40-49"), 200), Ranges::Whole);
+        // One range asked for: 206 even when it is all of it.
+        assert_eq!(parse(Some("bytes=0-"), 100), Ranges::One(0..100));
     }
 
     #[test]
