@@ -226,6 +226,32 @@ async fn a_trust_relationship_can_pin_the_repository_id() {
 }
 
 #[tokio::test]
+async fn a_spent_token_stays_spent_after_the_prune_for_as_long_as_it_verifies() {
+    let db = TestDb::new().await;
+    let issuer = CiIssuer::start().await;
+    let trusted = issuer.trusted_as("github", true);
+    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
+    let router = kiln::api::router(app.clone());
+    let t = tenant(&db.pool, "ci").await;
+    trust_github(&router, &t.user_token, &t.project.id, "octo-org", "octo-repo", "").await;
+    // Expired 20 s ago: still inside the 60 s leeway, so it verifies.
+    let mut claims = github_claims("octo-org/octo-repo", "74");
+    claims["exp"] = json!(now() - 20);
+    let token = issuer.token(claims);
+    create_build(&router, &token, &t.project.id).await.unwrap();
+    // The periodic prune forgets ids of tokens that can no longer be used; this one
+    // still can for another 40 s.
+    kiln::db::oidc_keys::forget_expired_jtis(&db.pool)
+        .await
+        .unwrap();
+    let err = create_build(&router, &token, &t.project.id)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "unauthenticated", "{err}");
+    assert!(message(&err).contains("already used"), "{err}");
+}
+
+#[tokio::test]
 async fn bad_ci_tokens_are_refused_with_a_reason() {
     let db = TestDb::new().await;
     let issuer = CiIssuer::start().await;

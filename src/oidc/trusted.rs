@@ -136,11 +136,16 @@ impl TrustedIssuers {
         })
     }
 
-    /// Records the token's `jti` until it expires: false if it was recorded before, on
-    /// any replica.
+    /// Records the token's `jti` for as long as the token verifies (`exp` plus the
+    /// leeway): false if it was recorded before, on any replica.
     async fn spend(&self, issuer: &str, verified: &Verified) -> Result<bool> {
-        crate::db::oidc_keys::remember_jti(&self.pool, issuer, &verified.jti, verified.expires_at)
-            .await
+        crate::db::oidc_keys::remember_jti(
+            &self.pool,
+            issuer,
+            &verified.jti,
+            verified.accepted_until,
+        )
+        .await
     }
 
     /// The remote issuer's keys: cached, reloaded when stale, or on `unknown_kid` when

@@ -37,6 +37,9 @@ pub struct Verified {
     pub kid: String,
     pub jti: String,
     pub expires_at: DateTime<Utc>,
+    /// The last moment this token verifies: `exp` plus the leeway. A spent `jti` must be
+    /// remembered until then, or the token is good again once it is forgotten.
+    pub accepted_until: DateTime<Utc>,
     pub claims: Map<String, Value>,
 }
 
@@ -180,10 +183,13 @@ pub fn verify(token: &str, keys: &[PublicKey], policy: &Policy<'_>) -> Result<Ve
         _ if policy.require_jti => return Err(refuse("the jti claim is missing")),
         _ => String::new(),
     };
+    let expires_at = DateTime::from_timestamp(exp, 0).unwrap_or(policy.now);
     Ok(Verified {
         kid: kid.to_string(),
         jti,
-        expires_at: DateTime::from_timestamp(exp, 0).unwrap_or(policy.now),
+        expires_at,
+        accepted_until: DateTime::from_timestamp(exp.saturating_add(leeway), 0)
+            .unwrap_or(expires_at),
         claims,
     })
 }
