@@ -233,7 +233,15 @@ async fn a_spent_token_stays_spent_after_the_prune_for_as_long_as_it_verifies() 
     let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
     let router = kiln::api::router(app.clone());
     let t = tenant(&db.pool, "ci").await;
-    trust_github(&router, &t.user_token, &t.project.id, "octo-org", "octo-repo", "").await;
+    trust_github(
+        &router,
+        &t.user_token,
+        &t.project.id,
+        "octo-org",
+        "octo-repo",
+        "",
+    )
+    .await;
     // Expired 20 s ago: still inside the 60 s leeway, so it verifies.
     let mut claims = github_claims("octo-org/octo-repo", "74");
     claims["exp"] = json!(now() - 20);
@@ -249,6 +257,76 @@ async fn a_spent_token_stays_spent_after_the_prune_for_as_long_as_it_verifies() 
         .unwrap_err();
     assert_eq!(code(&err), "unauthenticated", "{err}");
     assert!(message(&err).contains("already used"), "{err}");
+}
+
+/// An issuer that is down: every request is counted and answered 503, slowly enough
+/// that a burst of callers overlaps it.
+async fn failing_issuer() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = hits.clone();
+    let router = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn a_burst_of_forged_tokens_naming_an_unreachable_issuer_costs_one_fetch() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::new().await;
+    let (url, hits) = failing_issuer().await;
+    let trusted = format!("[{{provider=\"gitlab\", issuer=\"{url}\", single_use=false}}]");
+    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
+    let router = kiln::api::router(app);
+    let b64 = |v: Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let forged = |n: usize| {
+        format!(
+            "{}.{}.{}",
+            b64(json!({"alg": "RS256", "kid": format!("k{n}")})),
+            b64(json!({"iss": url, "aud": "https://depot.dev", "project_path": "g/p"})),
+            b64(json!("not a signature"))
+        )
+    };
+    let burst = |from: usize| {
+        let router = router.clone();
+        let calls = (from..from + 50).map(move |n| {
+            let router = router.clone();
+            let token = forged(n);
+            async move {
+                unary::<_, core::ListProjectsResponse>(
+                    &router,
+                    "depot.core.v1.ProjectService/ListProjects",
+                    &token,
+                    &core::ListProjectsRequest {},
+                )
+                .await
+                .unwrap_err()
+            }
+        });
+        futures_util::future::join_all(calls)
+    };
+    for err in burst(0).await {
+        assert_eq!(code(&err), "unavailable", "{err}");
+        assert!(message(&err).contains("could not be loaded"), "{err}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "one fetch for fifty tokens");
+    // Right after the failure, more tokens cost no fetch at all.
+    for err in burst(50).await {
+        assert_eq!(code(&err), "unavailable", "{err}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

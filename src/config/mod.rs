@@ -438,6 +438,9 @@ pub struct OidcConfig {
     pub audiences: Vec<String>,
     pub jwks_cache_seconds: u64,
     pub jwks_refresh_min_seconds: u64,
+    /// After a failed load of an issuer's keys, tokens naming it are refused this long
+    /// without another fetch.
+    pub jwks_failure_retry_seconds: u64,
     pub claims: ClaimsConfig,
     pub github: GitHubConfig,
     pub trusted_issuers: Vec<TrustedIssuerConfig>,
@@ -1040,6 +1043,12 @@ impl Config {
             "oidc.jwks_refresh_min_seconds",
             o.jwks_refresh_min_seconds.to_string(),
             "must not exceed oidc.jwks_cache_seconds",
+        );
+        check(
+            (1..=3600).contains(&o.jwks_failure_retry_seconds),
+            "oidc.jwks_failure_retry_seconds",
+            o.jwks_failure_retry_seconds.to_string(),
+            "must be between 1 and 3600",
         );
         let cl = &o.claims;
         check(

@@ -2,16 +2,21 @@
 //! the CI providers configured in `oidc.trusted_issuers`. A remote issuer's keys come from
 //! its discovery document, are cached, and are refetched when a token names an unknown
 //! kid, at most once per `oidc.jwks_refresh_min_seconds`.
+//!
+//! Anyone can send a token naming a trusted issuer, so fetches are bounded per issuer: one
+//! at a time (concurrent callers wait for it, and no lock is held while it runs), and
+//! after a failure none for `oidc.jwks_failure_retry_seconds`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::sync::Mutex;
 
 use super::Issuer;
 use super::http::{self, FetchError};
@@ -37,15 +42,22 @@ pub struct CiToken {
     pub replayed: bool,
 }
 
+type KeyLoad = Shared<BoxFuture<'static, std::result::Result<Arc<Vec<PublicKey>>, String>>>;
+
+#[derive(Default)]
 struct KeyCache {
     keys: Arc<Vec<PublicKey>>,
     loaded_at: Option<Instant>,
+    /// When the last load failed, and why.
+    failed: Option<(Instant, String)>,
+    /// The load in progress, which every caller that needs keys waits for.
+    loading: Option<KeyLoad>,
 }
 
 struct RemoteIssuer {
     config: TrustedIssuerConfig,
     audiences: Vec<String>,
-    cache: Mutex<KeyCache>,
+    cache: Arc<Mutex<KeyCache>>,
 }
 
 pub struct TrustedIssuers {
@@ -56,6 +68,7 @@ pub struct TrustedIssuers {
     pool: PgPool,
     cache_for: Duration,
     refresh_min: Duration,
+    failure_retry: Duration,
 }
 
 fn refuse(reason: impl Into<String>) -> Error {
@@ -74,10 +87,7 @@ impl TrustedIssuers {
                     c.audiences.clone()
                 },
                 config: c.clone(),
-                cache: Mutex::new(KeyCache {
-                    keys: Arc::new(Vec::new()),
-                    loaded_at: None,
-                }),
+                cache: Arc::default(),
             })
             .collect();
         TrustedIssuers {
@@ -88,6 +98,7 @@ impl TrustedIssuers {
             pool,
             cache_for: Duration::from_secs(config.jwks_cache_seconds),
             refresh_min: Duration::from_secs(config.jwks_refresh_min_seconds),
+            failure_retry: Duration::from_secs(config.jwks_failure_retry_seconds),
         }
     }
 
@@ -149,72 +160,135 @@ impl TrustedIssuers {
     }
 
     /// The remote issuer's keys: cached, reloaded when stale, or on `unknown_kid` when
-    /// the last load is older than the refresh minimum.
+    /// the last load is older than the refresh minimum. One load runs at a time per
+    /// issuer and the cache's lock is never held across it; for a while after a failed
+    /// load, the keys held (or the failure) are answered without another.
     async fn keys(&self, remote: &RemoteIssuer, unknown_kid: bool) -> Result<Arc<Vec<PublicKey>>> {
-        let mut cache = remote.cache.lock().await;
-        let fresh_enough = match cache.loaded_at {
-            None => false,
-            Some(at) if unknown_kid => at.elapsed() < self.refresh_min,
-            Some(at) => at.elapsed() < self.cache_for,
-        };
-        if fresh_enough {
-            return Ok(cache.keys.clone());
-        }
-        match self.load_keys(&remote.config).await {
-            Ok(keys) => {
-                cache.keys = Arc::new(keys);
-                cache.loaded_at = Some(Instant::now());
-                metrics::counter!("kiln_oidc_jwks_fetches_total", "result" => "ok").increment(1);
-                Ok(cache.keys.clone())
+        let load = {
+            let mut cache = remote.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh_enough = match cache.loaded_at {
+                None => false,
+                Some(at) if unknown_kid => at.elapsed() < self.refresh_min,
+                Some(at) => at.elapsed() < self.cache_for,
+            };
+            if fresh_enough {
+                return Ok(cache.keys.clone());
             }
-            Err(err) => {
-                metrics::counter!("kiln_oidc_jwks_fetches_total", "result" => "error").increment(1);
-                tracing::warn!(issuer = %remote.config.issuer, error = %err, "could not load an issuer's keys");
-                // Keep serving the keys we had; try again after the refresh minimum.
+            if let Some((at, reason)) = &cache.failed
+                && at.elapsed() < self.failure_retry
+            {
+                metrics::counter!("kiln_oidc_jwks_fetches_total", "result" => "skipped")
+                    .increment(1);
                 if !cache.keys.is_empty() {
-                    cache.loaded_at = Instant::now()
-                        .checked_sub(self.cache_for.saturating_sub(self.refresh_min))
-                        .or(cache.loaded_at);
                     return Ok(cache.keys.clone());
                 }
-                Err(Error::Unavailable(format!(
-                    "the keys of OIDC issuer {} could not be loaded; retry shortly",
-                    remote.config.issuer
-                )))
+                return Err(unavailable(&remote.config.issuer, reason));
+            }
+            let load = match &cache.loading {
+                Some(load) => load.clone(),
+                None => {
+                    let load = self.start_load(remote);
+                    cache.loading = Some(load.clone());
+                    load
+                }
+            };
+            // Merely stale keys still verify while the load runs; a token naming an
+            // unknown key waits for it.
+            if !unknown_kid && !cache.keys.is_empty() {
+                return Ok(cache.keys.clone());
+            }
+            load
+        };
+        match load.await {
+            Ok(keys) => Ok(keys),
+            Err(reason) => {
+                let cache = remote.cache.lock().unwrap_or_else(|e| e.into_inner());
+                // Keep serving the keys we had until the issuer answers again.
+                if !cache.keys.is_empty() {
+                    return Ok(cache.keys.clone());
+                }
+                Err(unavailable(&remote.config.issuer, &reason))
             }
         }
     }
 
-    async fn load_keys(
-        &self,
-        config: &TrustedIssuerConfig,
-    ) -> std::result::Result<Vec<PublicKey>, String> {
-        let jwks_uri = if config.jwks_uri.is_empty() {
-            let url = format!(
-                "{}/.well-known/openid-configuration",
-                config.issuer.trim_end_matches('/')
-            );
-            let doc: Value = http::fetch_json(self.http.get(&url), MAX_DOCUMENT_BYTES)
-                .await
-                .map_err(|e: FetchError| format!("discovery document {url}: {e}"))?;
-            if doc.get("issuer").and_then(Value::as_str) != Some(config.issuer.as_str()) {
-                return Err(format!(
-                    "discovery document {url} names another issuer: {:?}",
-                    doc.get("issuer")
-                ));
+    /// Starts loading `remote`'s keys in a task of its own (a caller that gives up does
+    /// not abandon it), which stores the outcome in the cache when it ends.
+    fn start_load(&self, remote: &RemoteIssuer) -> KeyLoad {
+        let http = self.http.clone();
+        let config = remote.config.clone();
+        let cache = remote.cache.clone();
+        let task = tokio::spawn(async move {
+            let outcome = load_keys(&http, &config).await.map(Arc::new);
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.loading = None;
+            match &outcome {
+                Ok(keys) => {
+                    metrics::counter!("kiln_oidc_jwks_fetches_total", "result" => "ok")
+                        .increment(1);
+                    cache.keys = keys.clone();
+                    cache.loaded_at = Some(Instant::now());
+                    cache.failed = None;
+                }
+                Err(err) => {
+                    metrics::counter!("kiln_oidc_jwks_fetches_total", "result" => "error")
+                        .increment(1);
+                    tracing::warn!(issuer = %config.issuer, error = %err, "could not load an issuer's keys");
+                    cache.failed = Some((Instant::now(), err.clone()));
+                }
             }
-            doc.get("jwks_uri")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("discovery document {url} has no jwks_uri"))?
-                .to_string()
-        } else {
-            config.jwks_uri.clone()
-        };
-        let set: Value = http::fetch_json(self.http.get(&jwks_uri), MAX_DOCUMENT_BYTES)
-            .await
-            .map_err(|e| format!("key set {jwks_uri}: {e}"))?;
-        Ok(parse_key_set(&set, &config.algorithm))
+            outcome
+        });
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the key load stopped: {e}")))
+        }
+        .boxed()
+        .shared()
     }
+}
+
+fn unavailable(issuer: &str, reason: &str) -> Error {
+    tracing::debug!(
+        issuer,
+        reason,
+        "refusing a token: the issuer's keys are unavailable"
+    );
+    Error::Unavailable(format!(
+        "the keys of OIDC issuer {issuer} could not be loaded; retry shortly"
+    ))
+}
+
+/// Fetches an issuer's key set, through its discovery document unless `jwks_uri` is set.
+async fn load_keys(
+    http: &reqwest::Client,
+    config: &TrustedIssuerConfig,
+) -> std::result::Result<Vec<PublicKey>, String> {
+    let jwks_uri = if config.jwks_uri.is_empty() {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            config.issuer.trim_end_matches('/')
+        );
+        let doc: Value = http::fetch_json(http.get(&url), MAX_DOCUMENT_BYTES)
+            .await
+            .map_err(|e: FetchError| format!("discovery document {url}: {e}"))?;
+        if doc.get("issuer").and_then(Value::as_str) != Some(config.issuer.as_str()) {
+            return Err(format!(
+                "discovery document {url} names another issuer: {:?}",
+                doc.get("issuer")
+            ));
+        }
+        doc.get("jwks_uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("discovery document {url} has no jwks_uri"))?
+            .to_string()
+    } else {
+        config.jwks_uri.clone()
+    };
+    let set: Value = http::fetch_json(http.get(&jwks_uri), MAX_DOCUMENT_BYTES)
+        .await
+        .map_err(|e| format!("key set {jwks_uri}: {e}"))?;
+    Ok(parse_key_set(&set, &config.algorithm))
 }
 
 /// The RSA signing keys of a JWK Set usable with `algorithm`; others are skipped.
