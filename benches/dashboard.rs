@@ -121,6 +121,7 @@ async fn main() {
                     repository_owner: "acme".into(),
                     repository: repository.into(),
                     repository_id: String::new(),
+                    issuer: String::new(),
                 },
             )
             .await

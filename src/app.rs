@@ -108,7 +108,8 @@ impl App {
             claims,
             oidc,
             orgs: Orgs::new(db.clone(), auth.clone()),
-            projects: Projects::new(db.clone(), auth.clone(), cache.clone()),
+            projects: Projects::new(db.clone(), auth.clone(), cache.clone())
+                .with_policy_issuers(crate::auth::trust::PolicyIssuers::from_config(&config.oidc)),
             tokens: Tokens::new(
                 db.clone(),
                 auth.clone(),

@@ -1068,6 +1068,7 @@ async fn new_build(db: &TestDb, project: &kiln::projects::Project, ephemeral: bo
             command: "build",
             options: json!([]),
             created_by: None,
+            ci_identity: None,
             timeout_minutes: 60,
             ephemeral_cache: ephemeral,
         },

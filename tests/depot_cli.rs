@@ -950,6 +950,7 @@ async fn add_github_trust(s: &Setup, owner: &str, repository: &str) {
                         repository_owner: owner.into(),
                         repository: repository.into(),
                         repository_id: String::new(),
+                        ..Default::default()
                     },
                 )),
             },

@@ -336,6 +336,7 @@ async fn a_failed_audit_insert_rolls_the_write_back() {
                             repository_owner: "acme".into(),
                             repository: "api".into(),
                             repository_id: String::new(),
+                            ..Default::default()
                         },
                     )),
                 },

@@ -39,6 +39,7 @@ async fn trust_github(
                     repository_owner: owner.into(),
                     repository: repo.into(),
                     repository_id: id.into(),
+                    ..Default::default()
                 },
             )),
         },
@@ -223,6 +224,266 @@ async fn a_trust_relationship_can_pin_the_repository_id() {
     let token = issuer.token(github_claims("octo-org/octo-repo", "74"));
     create_build(&router, &token, &t.project.id).await.unwrap();
     create_build(&router, &token, &t.project.id).await.unwrap();
+}
+
+async fn add_gitlab_policy(
+    router: &axum::Router,
+    token: &str,
+    project: &str,
+    issuer: &str,
+) -> Result<core::AddTrustPolicyResponse, Value> {
+    unary(
+        router,
+        "depot.core.v1.ProjectService/AddTrustPolicy",
+        token,
+        &core::AddTrustPolicyRequest {
+            project_id: project.into(),
+            provider: Some(core::add_trust_policy_request::Provider::Gitlab(
+                core::trust_policy::GitLab {
+                    project_path: "group/app".into(),
+                    r#ref: String::new(),
+                    issuer: issuer.into(),
+                },
+            )),
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_trust_relationship_trusts_one_issuer_and_a_same_named_project_elsewhere_is_refused() {
+    let db = TestDb::new().await;
+    let ours = CiIssuer::start().await;
+    let theirs = CiIssuer::start().await;
+    let trusted = format!(
+        "[{{provider=\"gitlab\", issuer=\"{}\", single_use=false}}, {{provider=\"gitlab\", issuer=\"{}\", single_use=false}}]",
+        ours.url, theirs.url
+    );
+    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
+    let router = kiln::api::router(app);
+    let t = tenant(&db.pool, "gitlab").await;
+    // With two GitLabs trusted, a policy must say which one it means.
+    let err = add_gitlab_policy(&router, &t.user_token, &t.project.id, "")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "invalid_argument", "{err}");
+    assert!(message(&err).contains("several gitlab issuers"), "{err}");
+    let err = add_gitlab_policy(&router, &t.user_token, &t.project.id, "https://gitlab.evil")
+        .await
+        .unwrap_err();
+    assert!(
+        message(&err).contains("not a gitlab issuer this server trusts"),
+        "{err}"
+    );
+    let added = add_gitlab_policy(&router, &t.user_token, &t.project.id, &ours.url)
+        .await
+        .unwrap();
+    match added.trust_policy.unwrap().provider {
+        Some(core::trust_policy::Provider::Gitlab(g)) => assert_eq!(g.issuer, ours.url),
+        other => panic!("{other:?}"),
+    }
+    // The same project path on our GitLab builds; on the other GitLab it is refused.
+    let claims = json!({"project_path": "group/app", "ref": "main"});
+    create_build(&router, &ours.token(claims.clone()), &t.project.id)
+        .await
+        .unwrap();
+    let err = create_build(&router, &theirs.token(claims), &t.project.id)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "not_found", "{err}");
+    assert!(message(&err).contains("no trust relationship"), "{err}");
+}
+
+#[tokio::test]
+async fn a_thousand_foreign_policies_naming_the_victims_repository_change_nothing_for_it() {
+    let db = TestDb::new().await;
+    let issuer = CiIssuer::start().await;
+    let trusted = issuer.trusted_as("github", false);
+    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
+    let router = kiln::api::router(app.clone());
+    let victim = tenant(&db.pool, "victim").await;
+    let intruder = tenant(&db.pool, "intruder").await;
+    trust_github(
+        &router,
+        &victim.user_token,
+        &victim.project.id,
+        "octo-org",
+        "octo-repo",
+        "",
+    )
+    .await;
+    // Ten projects of another organization, each sorting before the victim's, with 100
+    // policies naming the victim's repository: 1,000 rows.
+    let mut foreign = Vec::new();
+    for n in 0.. {
+        if foreign.len() == 10 {
+            break;
+        }
+        let p = common::project(&db.pool, &intruder.org_id, &format!("squat-{n}")).await;
+        if p.id < victim.project.id {
+            foreign.push(p);
+        } else {
+            app.projects
+                .delete(&common::operator(), Some(&p.id))
+                .await
+                .unwrap();
+        }
+    }
+    for project in &foreign {
+        for n in 0..100 {
+            let id = if n == 0 { String::new() } else { n.to_string() };
+            trust_github(
+                &router,
+                &intruder.user_token,
+                &project.id,
+                "octo-org",
+                "octo-repo",
+                &id,
+            )
+            .await;
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM trust_policies")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1001);
+    // A project trusts an identity once: the same policy again is refused.
+    let err = unary::<_, core::AddTrustPolicyResponse>(
+        &router,
+        "depot.core.v1.ProjectService/AddTrustPolicy",
+        &intruder.user_token,
+        &core::AddTrustPolicyRequest {
+            project_id: foreign[0].id.clone(),
+            provider: Some(core::add_trust_policy_request::Provider::Github(
+                core::trust_policy::GitHub {
+                    repository_owner: "Octo-Org".into(),
+                    repository: "octo-repo".into(),
+                    repository_id: "7".into(),
+                    ..Default::default()
+                },
+            )),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code(&err), "already_exists", "{err}");
+
+    // The victim's CI still builds in the project it names.
+    let token = || issuer.token(github_claims("octo-org/octo-repo", "74"));
+    let build = create_build(&router, &token(), &victim.project.id)
+        .await
+        .unwrap();
+    assert!(!build.build_id.is_empty());
+    // And when it names none, it builds where it last built, however many other
+    // projects name its repository.
+    let own: cli::CreateBuildResponse = unary(
+        &router,
+        "depot.cli.v1.BuildService/CreateBuild",
+        &token(),
+        &cli::CreateBuildRequest::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(own.project_id, victim.project.id);
+    // The intruder's projects trust the repository too, so the job may build there if it
+    // names one; that never changes where the victim's job goes by default.
+    create_build(&router, &token(), &foreign[3].id)
+        .await
+        .unwrap();
+    let again: cli::CreateBuildResponse = unary(
+        &router,
+        "depot.cli.v1.BuildService/CreateBuild",
+        &token(),
+        &cli::CreateBuildRequest::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        again.project_id, foreign[3].id,
+        "the job's own last build decides"
+    );
+}
+
+#[tokio::test]
+async fn a_ci_job_that_never_built_here_names_its_project_once() {
+    let db = TestDb::new().await;
+    let issuer = CiIssuer::start().await;
+    let trusted = issuer.trusted_as("github", false);
+    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
+    let router = kiln::api::router(app);
+    let t = tenant(&db.pool, "first").await;
+    let squatter = tenant(&db.pool, "squatter").await;
+    // Another organization trusted the repository before its owner did.
+    trust_github(
+        &router,
+        &squatter.user_token,
+        &squatter.project.id,
+        "octo-org",
+        "octo-repo",
+        "",
+    )
+    .await;
+    trust_github(
+        &router,
+        &t.user_token,
+        &t.project.id,
+        "octo-org",
+        "octo-repo",
+        "",
+    )
+    .await;
+    let token = || issuer.token(github_claims("octo-org/octo-repo", "74"));
+    let unnamed = || {
+        let router = router.clone();
+        let token = token();
+        async move {
+            unary::<_, cli::CreateBuildResponse>(
+                &router,
+                "depot.cli.v1.BuildService/CreateBuild",
+                &token,
+                &cli::CreateBuildRequest::default(),
+            )
+            .await
+        }
+    };
+    // Its first build without a project is not sent to whoever trusted it first.
+    let err = unnamed().await.unwrap_err();
+    assert_eq!(code(&err), "invalid_argument", "{err}");
+    assert!(message(&err).contains("pass --project"), "{err}");
+    let builds: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(builds, 0);
+    create_build(&router, &token(), &t.project.id)
+        .await
+        .unwrap();
+    assert_eq!(unnamed().await.unwrap().project_id, t.project.id);
+    // Once the owner removes the trust, the remembered project is no default any more.
+    let policies: core::ListTrustPoliciesResponse = unary(
+        &router,
+        "depot.core.v1.ProjectService/ListTrustPolicies",
+        &t.user_token,
+        &core::ListTrustPoliciesRequest {
+            project_id: t.project.id.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    unary::<_, core::RemoveTrustPolicyResponse>(
+        &router,
+        "depot.core.v1.ProjectService/RemoveTrustPolicy",
+        &t.user_token,
+        &core::RemoveTrustPolicyRequest {
+            project_id: t.project.id.clone(),
+            trust_policy_id: policies.trust_policies[0].trust_policy_id.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let err = unnamed().await.unwrap_err();
+    assert_eq!(code(&err), "invalid_argument", "{err}");
 }
 
 #[tokio::test]
@@ -526,16 +787,18 @@ async fn a_fork_pull_request_token_only_starts_isolated_builds_in_the_trusting_p
         "a fork's build gets an ephemeral builder and cache volume"
     );
     assert!(created_by.unwrap().starts_with("oidc:"));
-    // With an empty project id: the one trusting project.
-    let own: cli::CreateBuildResponse = unary(
+    // A fork pull request names its project: anyone can open one, so nothing it did
+    // before decides where it builds.
+    let err = unary::<_, cli::CreateBuildResponse>(
         &router,
         "depot.cli.v1.BuildService/CreateBuild",
         &fork_token().await,
         &cli::CreateBuildRequest::default(),
     )
     .await
-    .unwrap();
-    assert_eq!(own.project_id, t.project.id);
+    .unwrap_err();
+    assert_eq!(code(&err), "invalid_argument", "{err}");
+    assert!(message(&err).contains("must name its project"), "{err}");
 
     // Nothing else: no cache reset, no settings, no tokens, no reading builds or projects.
     let denied: Vec<(&str, Result<(), Value>)> = vec![
@@ -635,7 +898,7 @@ async fn a_fork_pull_request_token_only_starts_isolated_builds_in_the_trusting_p
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(builds, 2);
+    assert_eq!(builds, 1);
     // A fork token is single use, like every token of Kiln's issuer.
     let token = fork_token().await;
     create_build(&router, &token, &t.project.id).await.unwrap();
@@ -662,14 +925,17 @@ async fn gitlab_circleci_and_buildkite_identities_match_their_policies() {
         core::add_trust_policy_request::Provider::Gitlab(core::trust_policy::GitLab {
             project_path: "group/app".into(),
             r#ref: "main".into(),
+            ..Default::default()
         }),
         core::add_trust_policy_request::Provider::Circleci(core::trust_policy::CircleCi {
             organization_uuid: "0e1f-org".into(),
             project_uuid: "77aa-project".into(),
+            ..Default::default()
         }),
         core::add_trust_policy_request::Provider::Buildkite(core::trust_policy::Buildkite {
             organization_slug: "acme".into(),
             pipeline_slug: "web".into(),
+            ..Default::default()
         }),
     ] {
         unary::<_, core::AddTrustPolicyResponse>(

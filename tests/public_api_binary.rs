@@ -164,6 +164,7 @@ async fn every_public_rpc_in_the_binary_encoding() {
                 provider: Some(Provider::Gitlab(core::trust_policy::GitLab {
                     project_path: "acme/api".into(),
                     r#ref: String::new(),
+                    ..Default::default()
                 })),
             },
         )

@@ -262,26 +262,40 @@ pub fn isolated_builds(principal: &Principal) -> bool {
     principal.kind == PrincipalKind::Ci(CiTrust::ForkPullRequest)
 }
 
-/// The project a CI job means when it names none: the one project that trusts it.
+/// The project a CI job means when it names none: the one its identity last built in,
+/// while that project still trusts it. Any tenant can add a policy naming any
+/// repository, so which projects trust an identity never decides this; only the
+/// identity's own builds do. A fork pull request always names its project.
 pub fn ci_default_project(principal: &Principal) -> Result<Option<String>> {
     let Some(grant) = principal.ci.as_deref() else {
         return Ok(None);
     };
-    match grant.projects.as_slice() {
-        [only] => Ok(Some(only.project_id.clone())),
-        [] => Err(Error::PermissionDenied(format!(
+    if principal.kind == PrincipalKind::Ci(CiTrust::ForkPullRequest) {
+        return Err(Error::InvalidArgument {
+            field: "project_id".into(),
+            reason: "a fork pull request must name its project: pass --project <id> (or set \
+                     DEPOT_PROJECT_ID)"
+                .into(),
+        });
+    }
+    if let Some(project) = &grant.default_project {
+        return Ok(Some(project.project_id.clone()));
+    }
+    if grant.listed.is_empty() {
+        return Err(Error::PermissionDenied(format!(
             "no project trusts {} yet; add a trust relationship to the project's settings",
             grant.identity.describe()
-        ))),
-        many => Err(Error::InvalidArgument {
-            field: "project_id".into(),
-            reason: format!(
-                "{} projects trust {}; pass --project <id> (or set DEPOT_PROJECT_ID) to pick one",
-                many.len(),
-                grant.identity.describe()
-            ),
-        }),
+        )));
     }
+    Err(Error::InvalidArgument {
+        field: "project_id".into(),
+        reason: format!(
+            "{} has not built in a project of this Kiln yet; pass --project <id> (or set \
+             DEPOT_PROJECT_ID) to say which, and later builds that name none go to the project \
+             it last built in",
+            grant.identity.describe()
+        ),
+    })
 }
 
 fn lacks_scope(principal: &Principal, action: Action) -> Error {
@@ -412,7 +426,7 @@ pub fn visible_projects(principal: &Principal, action: Action) -> Result<Visible
             principal
                 .ci
                 .iter()
-                .flat_map(|g| g.projects.iter().map(|p| p.project_id.clone()))
+                .flat_map(|g| g.projects().into_iter().map(|p| p.project_id))
                 .collect(),
         ),
         PrincipalKind::Token(TokenKind::Machine) => Visible::Organizations(Vec::new()),

@@ -1,15 +1,18 @@
-//! CI jobs as principals: a verified OIDC token's claims become a [`CiIdentity`], matched
-//! against every project's trust relationships. What the job may then do is `authz`'s.
+//! CI jobs as principals: a verified OIDC token's claims become a [`CiIdentity`], which a
+//! project trusts when one of its trust relationships names that identity and issuer
+//! (looked up project by project, in SQL). What the job may then do is `authz`'s.
 
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::authz;
 use super::principal::{CiGrant, CiTrust, Principal, PrincipalKind, TrustedProject};
-use super::trust::{CiIdentity, TrustProvider};
+use super::trust::CiIdentity;
 use crate::config::TrustedProvider;
+use crate::db::builds;
+use crate::db::trust_policies::{self, IdentityLookup};
 use crate::error::{Error, Result};
 use crate::oidc::trusted::CiToken;
 
@@ -65,8 +68,13 @@ pub fn identity(provider: TrustedProvider, claims: &Map<String, Value>) -> Resul
     })
 }
 
-/// The principal a verified CI token stands for: the projects whose trust relationships
-/// name its identity, with the rights `authz` gives its kind of issuer.
+/// Trusting projects kept for listings; which projects a token may act on is looked up
+/// project by project ([`confirm`]), never from this list alone.
+pub const MAX_LISTED: i64 = 100;
+
+/// The principal a verified CI token stands for: its identity, how its policies are
+/// found, the projects that trust it (for listings), and its default project (the one it
+/// last built in), with the rights `authz` gives its kind of issuer.
 pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
     let claims = &token.verified.claims;
     let identity = identity(token.provider, claims)?;
@@ -74,28 +82,19 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
         TrustedProvider::GithubFork => CiTrust::ForkPullRequest,
         _ => CiTrust::Trusted,
     };
-    let projects =
-        crate::db::trust_policies::candidates(pool, identity.provider(), &identity.match_key())
-            .await?
-            .into_iter()
-            .filter(|row| {
-                TrustProvider::from_stored(&row.provider, &row.claims)
-                    .is_some_and(|policy| policy.matches(&identity))
-            })
-            .map(|row| TrustedProject {
-                project_id: row.project_id,
-                organization_id: row.organization_id,
-            })
-            .fold(Vec::<TrustedProject>::new(), |mut all, p| {
-                if !all.contains(&p) {
-                    all.push(p);
-                }
-                all
-            });
+    let lookup = identity.lookup(&token.policy_issuer);
+    let listed: Vec<TrustedProject> = trust_policies::trusting_projects(pool, &lookup, MAX_LISTED)
+        .await?
+        .into_iter()
+        .map(|(project_id, organization_id)| TrustedProject {
+            project_id,
+            organization_id,
+        })
+        .collect();
     if token.replayed {
         // The depot CLI sends a refused build's token again to list projects: say why the
         // first use was refused rather than only that this is the second.
-        return Err(Error::Unauthenticated(if projects.is_empty() {
+        return Err(Error::Unauthenticated(if listed.is_empty() {
             format!(
                 "no project has a trust relationship for {}; add one to the project's settings \
                  (and this OIDC token was already used once: request a new one)",
@@ -105,6 +104,11 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
             "invalid OIDC token: it was already used; request a new one".into()
         }));
     }
+    let history_key = identity.history_key(&token.issuer);
+    let default_project = match trust {
+        CiTrust::Trusted => default_project(pool, &lookup, &history_key).await?,
+        CiTrust::ForkPullRequest => None,
+    };
     let subject = claim(claims, "sub").unwrap_or_else(|| identity.describe());
     let jti = &token.verified.jti;
     Ok(Principal {
@@ -127,9 +131,54 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
             issuer: token.issuer,
             subject,
             identity,
-            projects,
+            lookup,
+            history_key,
+            default_project,
+            listed,
+            confirmed: Default::default(),
         })),
     })
+}
+
+/// The project this identity last built in, if it still trusts the identity.
+async fn default_project(
+    pool: &PgPool,
+    lookup: &IdentityLookup,
+    history_key: &str,
+) -> Result<Option<TrustedProject>> {
+    let Some(project_id) = builds::last_project_of_ci_identity(pool, history_key).await? else {
+        return Ok(None);
+    };
+    Ok(trust_policies::trusting_project(pool, lookup, &project_id)
+        .await?
+        .map(|organization_id| TrustedProject {
+            project_id,
+            organization_id,
+        }))
+}
+
+/// Looks up whether `project_id` trusts a CI principal, with a query of that project's
+/// policies alone, and records the answer for `authz`. Other principals pass through.
+pub async fn confirm(
+    conn: &mut PgConnection,
+    principal: &Principal,
+    project_id: &str,
+) -> Result<()> {
+    let Some(grant) = principal.ci.as_deref() else {
+        return Ok(());
+    };
+    if grant.trusts(project_id) || !crate::db::ids::is_well_formed(project_id) {
+        return Ok(());
+    }
+    if let Some(organization_id) =
+        trust_policies::trusting_project(&mut *conn, &grant.lookup, project_id).await?
+    {
+        grant.confirmed.add(TrustedProject {
+            project_id: project_id.to_string(),
+            organization_id,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

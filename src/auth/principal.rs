@@ -56,13 +56,31 @@ pub enum CiTrust {
     ForkPullRequest,
 }
 
-/// What a CI token was verified to be, and which projects trust it.
+/// What a CI token was verified to be, and which projects trust it. Whether a project
+/// trusts the token is looked up for that project alone (`auth::ci::confirm`), so other
+/// projects' policies, however many, never decide it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CiGrant {
     pub issuer: String,
     pub subject: String,
     pub identity: crate::auth::trust::CiIdentity,
-    pub projects: Vec<TrustedProject>,
+    /// How the policies that trust it are found.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub lookup: crate::db::trust_policies::IdentityLookup,
+    /// Where its builds are remembered (`builds.ci_identity`).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub history_key: String,
+    /// The project it builds in when it names none: the one it last built in, while
+    /// that project still trusts it. Only its own builds decide this.
+    pub default_project: Option<TrustedProject>,
+    /// Projects that trust it, for listings (at most `auth::ci::MAX_LISTED`).
+    pub listed: Vec<TrustedProject>,
+    /// Projects confirmed to trust it while serving this request.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub confirmed: Confirmed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -71,9 +89,44 @@ pub struct TrustedProject {
     pub organization_id: String,
 }
 
+/// Projects looked up one at a time during a request (a principal lives for one).
+#[derive(Debug, Default)]
+pub struct Confirmed(std::sync::Mutex<Vec<TrustedProject>>);
+
+impl Clone for Confirmed {
+    fn clone(&self) -> Self {
+        Confirmed(std::sync::Mutex::new(self.all()))
+    }
+}
+
+impl Confirmed {
+    pub fn all(&self) -> Vec<TrustedProject> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn add(&self, project: TrustedProject) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !all.contains(&project) {
+            all.push(project);
+        }
+    }
+}
+
 impl CiGrant {
     pub fn trusts(&self, project_id: &str) -> bool {
-        self.projects.iter().any(|p| p.project_id == project_id)
+        self.projects().iter().any(|p| p.project_id == project_id)
+    }
+
+    /// Every project known to trust it: its default, the listed ones and those
+    /// confirmed one by one.
+    pub fn projects(&self) -> Vec<TrustedProject> {
+        let mut all: Vec<TrustedProject> = self.default_project.iter().cloned().collect();
+        for p in self.listed.iter().cloned().chain(self.confirmed.all()) {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+        }
+        all
     }
 }
 
@@ -187,7 +240,7 @@ impl Principal {
                 let mut orgs: Vec<String> = self
                     .ci
                     .iter()
-                    .flat_map(|g| g.projects.iter().map(|p| p.organization_id.clone()))
+                    .flat_map(|g| g.projects().into_iter().map(|p| p.organization_id))
                     .collect();
                 orgs.sort();
                 orgs.dedup();

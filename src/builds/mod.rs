@@ -102,8 +102,13 @@ impl Builds {
         spec: BuildSpec,
     ) -> Result<(Build, String, Project)> {
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project =
-            crate::projects::load(&self.pool, principal, &id, Action::CreateBuild).await?;
+        let project = crate::projects::load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            &id,
+            Action::CreateBuild,
+        )
+        .await?;
         spec.validate()?;
         let id = new_id();
         let mut tx = self.pool.begin().await?;
@@ -116,6 +121,7 @@ impl Builds {
                 command: &spec.command,
                 options: spec.options,
                 created_by: Some(&principal.token_id),
+                ci_identity: principal.ci.as_deref().map(|g| g.history_key.as_str()),
                 timeout_minutes: project.build_timeout_minutes,
                 ephemeral_cache: spec.ephemeral_cache || authz::isolated_builds(principal),
             },
@@ -197,6 +203,14 @@ impl Builds {
             .lookup(build_id)
             .await?
             .ok_or_else(|| Error::not_found("build", build_id))?;
+        if principal.ci.is_some() {
+            crate::auth::ci::confirm(
+                &mut *self.pool.acquire().await?,
+                principal,
+                &build.project_id,
+            )
+            .await?;
+        }
         authz::authorize(
             principal,
             action,
@@ -241,7 +255,13 @@ impl Builds {
         let page_size = pages::page_size(page_size, 100)?;
         let after = pages::decode_time_id(BUILDS_LISTING, page_token)?;
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project = crate::projects::load(&self.pool, principal, &id, Action::ViewBuild).await?;
+        let project = crate::projects::load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            &id,
+            Action::ViewBuild,
+        )
+        .await?;
         let mut list = builds::list(&self.pool, &project.id, after, page_size + 1).await?;
         let next_page_token = if list.len() as i64 > page_size {
             list.truncate(page_size as usize);

@@ -533,7 +533,7 @@ impl Cache {
         let id = crate::projects::resolve_id(principal, project_id)?;
         let mut tx = self.pool.begin().await?;
         let project =
-            crate::projects::load_for_update(&mut *tx, principal, &id, Action::ResetCache).await?;
+            crate::projects::load_for_update(&mut tx, principal, &id, Action::ResetCache).await?;
         let (used, generation, organization_name): (bool, i32, String) = sqlx::query_as(
             "SELECT p.cache_used, p.cache_generation, o.name FROM projects p
              JOIN organizations o ON o.id = p.organization_id WHERE p.id = $1",
@@ -645,8 +645,13 @@ impl Cache {
         project_id: Option<&str>,
     ) -> Result<Vec<VolumeView>> {
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project =
-            crate::projects::load(&self.pool, principal, &id, Action::ViewProject).await?;
+        let project = crate::projects::load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            &id,
+            Action::ViewProject,
+        )
+        .await?;
         Ok(rows::of_project(&self.pool, &project.id)
             .await?
             .into_iter()
@@ -664,6 +669,7 @@ impl Cache {
         let Some(project_id) = volume.project_id.as_deref() else {
             return Err(Error::not_found("volume", volume_id));
         };
+        crate::auth::ci::confirm(&mut *self.pool.acquire().await?, principal, project_id).await?;
         let target = Target::Project {
             id: project_id,
             organization_id: &volume.organization_id,

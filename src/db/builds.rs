@@ -72,6 +72,8 @@ pub struct NewBuild<'a> {
     pub command: &'a str,
     pub options: serde_json::Value,
     pub created_by: Option<&'a str>,
+    /// The CI identity that started it (`CiGrant::history_key`), if a CI job did.
+    pub ci_identity: Option<&'a str>,
     pub timeout_minutes: i32,
     /// Build on an ephemeral builder with a cache volume of its own, never the
     /// project's (untrusted builds such as fork pull requests).
@@ -81,8 +83,8 @@ pub struct NewBuild<'a> {
 pub async fn insert<'e>(db: impl PgExecutor<'e>, new: NewBuild<'_>) -> Result<Build> {
     Ok(sqlx::query_as(&format!(
         "INSERT INTO builds (id, project_id, organization_id, command, options, created_by, cancels_at,
-                             ephemeral_cache)
-         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(mins => $7), $8)
+                             ephemeral_cache, ci_identity)
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(mins => $7), $8, $9)
          RETURNING {COLUMNS}"
     ))
     .bind(new.id)
@@ -93,7 +95,21 @@ pub async fn insert<'e>(db: impl PgExecutor<'e>, new: NewBuild<'_>) -> Result<Bu
     .bind(new.created_by)
     .bind(new.timeout_minutes)
     .bind(new.ephemeral_cache)
+    .bind(new.ci_identity)
     .fetch_one(db)
+    .await?)
+}
+
+/// The project a CI identity (`builds.ci_identity`) last started a build in, if any.
+pub async fn last_project_of_ci_identity<'e>(
+    db: impl PgExecutor<'e>,
+    ci_identity: &str,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT project_id FROM builds WHERE ci_identity = $1 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(ci_identity)
+    .fetch_optional(db)
     .await?)
 }
 

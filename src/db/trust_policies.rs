@@ -1,5 +1,7 @@
-//! Trust-policy rows: which CI identities may act on a project. The provider-specific
-//! match fields are stored as JSON (`claims`).
+//! Trust-policy rows: which CI identities, of which issuer, may act on a project. The
+//! provider-specific match fields are stored as JSON (`claims`); whether a token's
+//! identity matches a policy is decided here, in SQL, always for one named project or
+//! for one identity's own lookups, so rows of other projects never crowd a result.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
@@ -11,11 +13,12 @@ pub struct TrustPolicyRow {
     pub id: String,
     pub project_id: String,
     pub provider: String,
+    pub issuer: String,
     pub claims: serde_json::Value,
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, project_id, provider, claims, created_at";
+const COLUMNS: &str = "id, project_id, provider, issuer, claims, created_at";
 
 pub async fn list(pool: &PgPool, project_id: &str) -> Result<Vec<TrustPolicyRow>> {
     Ok(sqlx::query_as(&format!(
@@ -26,25 +29,33 @@ pub async fn list(pool: &PgPool, project_id: &str) -> Result<Vec<TrustPolicyRow>
     .await?)
 }
 
+pub struct NewTrustPolicy<'a> {
+    pub id: &'a str,
+    pub project_id: &'a str,
+    pub provider: &'a str,
+    pub issuer: &'a str,
+    pub claims: &'a serde_json::Value,
+    pub match_key: &'a str,
+}
+
+/// Inserts a policy; `None` if the project already has one for the same identity.
 pub async fn insert<'e>(
     db: impl PgExecutor<'e>,
-    id: &str,
-    project_id: &str,
-    provider: &str,
-    claims: &serde_json::Value,
-    match_key: &str,
-) -> Result<TrustPolicyRow> {
+    new: &NewTrustPolicy<'_>,
+) -> Result<Option<TrustPolicyRow>> {
     Ok(sqlx::query_as(&format!(
-        "INSERT INTO trust_policies (id, project_id, provider, claims, match_key)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO trust_policies (id, project_id, provider, issuer, claims, match_key)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (project_id, provider, issuer, match_key, qualifier) DO NOTHING
          RETURNING {COLUMNS}"
     ))
-    .bind(id)
-    .bind(project_id)
-    .bind(provider)
-    .bind(claims)
-    .bind(match_key)
-    .fetch_one(db)
+    .bind(new.id)
+    .bind(new.project_id)
+    .bind(new.provider)
+    .bind(new.issuer)
+    .bind(new.claims)
+    .bind(new.match_key)
+    .fetch_optional(db)
     .await?)
 }
 
@@ -71,30 +82,66 @@ pub async fn count<'e>(db: impl PgExecutor<'e>, project_id: &str) -> Result<i64>
     )
 }
 
-/// A policy of `provider` stored under `match_key`, with its project's organization.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct CandidateRow {
-    pub project_id: String,
-    pub organization_id: String,
-    pub provider: String,
-    pub claims: serde_json::Value,
+/// What a verified CI token's policies are found by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityLookup {
+    pub provider: &'static str,
+    /// The issuer policies must name (a fork pull request token's is GitHub's).
+    pub issuer: String,
+    /// The lowercase identity key (GitHub `owner/repo`, GitLab project path, ...).
+    pub match_key: String,
+    /// GitHub's repository id: policies that pin one match only it.
+    pub repository_id: String,
+    /// GitLab's ref: policies that name one match it, as a branch or tag name or whole.
+    pub git_ref: String,
 }
 
-/// The policies stored for one identity key (at most 1,000; a key names one repository,
-/// pipeline or project).
-pub async fn candidates(
-    pool: &PgPool,
-    provider: &str,
-    match_key: &str,
-) -> Result<Vec<CandidateRow>> {
-    Ok(sqlx::query_as(
-        "SELECT t.project_id, p.organization_id, t.provider, t.claims
+/// The policy rows of `t` that trust the identity in $1..$5.
+const MATCHES: &str = "t.provider = $1 AND t.issuer = $2 AND t.match_key = $3
+    AND (t.provider <> 'github' OR t.claims->>'repository_id' IN ('', $4))
+    AND (t.provider <> 'gitlab'
+         OR t.claims->>'ref' IN ('', $5, regexp_replace($5, '^refs/(heads|tags)/', '')))";
+
+/// The organization of `project_id` if one of its policies trusts the identity.
+pub async fn trusting_project<'e>(
+    db: impl PgExecutor<'e>,
+    lookup: &IdentityLookup,
+    project_id: &str,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT p.organization_id FROM trust_policies t JOIN projects p ON p.id = t.project_id
+         WHERE {MATCHES} AND t.project_id = $6
+         LIMIT 1"
+    ))
+    .bind(lookup.provider)
+    .bind(&lookup.issuer)
+    .bind(&lookup.match_key)
+    .bind(&lookup.repository_id)
+    .bind(&lookup.git_ref)
+    .bind(project_id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Up to `limit` projects that trust the identity, with their organizations (for
+/// listings; each project once, however many of its policies match).
+pub async fn trusting_projects<'e>(
+    db: impl PgExecutor<'e>,
+    lookup: &IdentityLookup,
+    limit: i64,
+) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT DISTINCT t.project_id, p.organization_id
          FROM trust_policies t JOIN projects p ON p.id = t.project_id
-         WHERE t.provider = $1 AND t.match_key = $2
-         ORDER BY t.project_id LIMIT 1000",
-    )
-    .bind(provider)
-    .bind(match_key)
-    .fetch_all(pool)
+         WHERE {MATCHES}
+         ORDER BY t.project_id LIMIT $6"
+    ))
+    .bind(lookup.provider)
+    .bind(&lookup.issuer)
+    .bind(&lookup.match_key)
+    .bind(&lookup.repository_id)
+    .bind(&lookup.git_ref)
+    .bind(limit)
+    .fetch_all(db)
     .await?)
 }

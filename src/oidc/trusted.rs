@@ -35,6 +35,9 @@ const LEEWAY_SECONDS: i64 = 60;
 #[derive(Debug, Clone)]
 pub struct CiToken {
     pub issuer: String,
+    /// The issuer trust policies must name to trust it: its own, except a fork pull
+    /// request issuer's, whose tokens count for the GitHub it vouches for.
+    pub policy_issuer: String,
     pub provider: TrustedProvider,
     pub verified: Verified,
     /// Its issuer's tokens are single use and this one was used before: refuse it (the
@@ -62,6 +65,8 @@ struct RemoteIssuer {
 
 pub struct TrustedIssuers {
     own: Arc<Issuer>,
+    /// The GitHub issuer fork pull request tokens count for.
+    own_policy_issuer: String,
     own_audiences: Vec<String>,
     remote: Vec<RemoteIssuer>,
     http: reqwest::Client,
@@ -92,6 +97,8 @@ impl TrustedIssuers {
             .collect();
         TrustedIssuers {
             own,
+            own_policy_issuer: crate::auth::trust::PolicyIssuers::from_config(config)
+                .fork_github_issuer(),
             own_audiences: config.audiences.clone(),
             remote,
             http: http::client(Duration::from_secs(10)),
@@ -115,6 +122,7 @@ impl TrustedIssuers {
             let replayed = !self.spend(&issuer, &verified).await?;
             return Ok(CiToken {
                 issuer,
+                policy_issuer: self.own_policy_issuer.clone(),
                 provider: TrustedProvider::GithubFork,
                 verified,
                 replayed,
@@ -139,8 +147,13 @@ impl TrustedIssuers {
         }
         let verified = verify::verify(token, &keys, &policy(Utc::now()))?;
         let replayed = remote.config.single_use && !self.spend(&issuer, &verified).await?;
+        let policy_issuer = match remote.config.provider {
+            TrustedProvider::GithubFork => self.own_policy_issuer.clone(),
+            _ => issuer.clone(),
+        };
         Ok(CiToken {
             issuer,
+            policy_issuer,
             provider: remote.config.provider,
             verified,
             replayed,

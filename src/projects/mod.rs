@@ -9,9 +9,10 @@ pub mod trust;
 use std::sync::Arc;
 
 use serde_json::json;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgConnection, PgPool};
 
 use crate::auth::authz::{self, Action, Target, Visible};
+use crate::auth::ci;
 use crate::auth::{Authenticator, INVALIDATE_ALL, INVALIDATION_CHANNEL, Principal};
 use crate::cache::Cache;
 use crate::db::ids::is_well_formed;
@@ -116,29 +117,32 @@ fn target(project: &Project) -> Target<'_> {
 }
 
 /// Loads a project and authorizes `action` on it. Unknown and unreachable projects are
-/// both `not_found`, so ids don't leak.
-pub async fn load<'e>(
-    db: impl PgExecutor<'e>,
+/// both `not_found`, so ids don't leak. A CI job's trust in it is looked up first, for
+/// this project alone.
+pub async fn load(
+    conn: &mut PgConnection,
     principal: &Principal,
     id: &str,
     action: Action,
 ) -> Result<Project> {
+    ci::confirm(conn, principal, id).await?;
     let project = match is_well_formed(id) {
-        true => rows::get(db, id).await?,
+        true => rows::get(&mut *conn, id).await?,
         false => None,
     };
     authorized(project, principal, id, action)
 }
 
 /// Like [`load`], locking the row for the rest of the transaction.
-pub async fn load_for_update<'e>(
-    db: impl PgExecutor<'e>,
+pub async fn load_for_update(
+    conn: &mut PgConnection,
     principal: &Principal,
     id: &str,
     action: Action,
 ) -> Result<Project> {
+    ci::confirm(conn, principal, id).await?;
     let project = match is_well_formed(id) {
-        true => rows::get_for_update(db, id).await?,
+        true => rows::get_for_update(&mut *conn, id).await?,
         false => None,
     };
     authorized(project, principal, id, action)
@@ -197,6 +201,8 @@ pub struct Projects {
     pool: PgPool,
     auth: Arc<Authenticator>,
     cache: Arc<Cache>,
+    /// The issuers trust policies may name (`oidc.trusted_issuers`).
+    policy_issuers: crate::auth::trust::PolicyIssuers,
 }
 
 /// A project after an update, and what the caller should be told about it (a cache
@@ -209,7 +215,18 @@ pub struct Updated {
 
 impl Projects {
     pub fn new(pool: PgPool, auth: Arc<Authenticator>, cache: Arc<Cache>) -> Self {
-        Projects { pool, auth, cache }
+        Projects {
+            pool,
+            auth,
+            cache,
+            policy_issuers: Default::default(),
+        }
+    }
+
+    /// The issuers this server trusts, which new trust policies name.
+    pub fn with_policy_issuers(mut self, issuers: crate::auth::trust::PolicyIssuers) -> Self {
+        self.policy_issuers = issuers;
+        self
     }
 
     /// Every check of the settings, the cache sizes' bounds included.
@@ -303,7 +320,13 @@ impl Projects {
 
     pub async fn get(&self, principal: &Principal, id: Option<&str>) -> Result<Project> {
         let id = resolve_id(principal, id)?;
-        load(&self.pool, principal, &id, Action::ViewProject).await
+        load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            &id,
+            Action::ViewProject,
+        )
+        .await
     }
 
     pub async fn create(
@@ -364,7 +387,7 @@ impl Projects {
     ) -> Result<Updated> {
         let id = resolve_id(principal, id)?;
         let mut tx = self.pool.begin().await?;
-        let before = load_for_update(&mut *tx, principal, &id, Action::UpdateProject).await?;
+        let before = load_for_update(&mut tx, principal, &id, Action::UpdateProject).await?;
         if let Some(expected) = expected_versions
             && !expected.contains(&before.version)
         {
@@ -401,7 +424,7 @@ impl Projects {
     pub async fn delete(&self, principal: &Principal, id: Option<&str>) -> Result<Project> {
         let id = resolve_id(principal, id)?;
         let mut tx = self.pool.begin().await?;
-        let project = load_for_update(&mut *tx, principal, &id, Action::DeleteProject).await?;
+        let project = load_for_update(&mut tx, principal, &id, Action::DeleteProject).await?;
         let drained = sqlx::query(&format!(
             "UPDATE machines SET state = 'draining', active_builds = 0
              WHERE project_id = $1 AND state IN {LIVE_MACHINE_STATES}"

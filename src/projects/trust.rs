@@ -11,7 +11,7 @@ use crate::auth::Principal;
 use crate::auth::authz::Action;
 use crate::db::audit;
 use crate::db::ids::new_id;
-use crate::db::trust_policies::{self as rows, TrustPolicyRow};
+use crate::db::trust_policies::{self as rows, NewTrustPolicy, TrustPolicyRow};
 use crate::error::{Error, Result};
 
 /// A project has at most this many trust policies.
@@ -27,7 +27,7 @@ pub struct TrustPolicy {
 
 fn from_row(row: TrustPolicyRow) -> Option<TrustPolicy> {
     Some(TrustPolicy {
-        provider: TrustProvider::from_stored(&row.provider, &row.claims)?,
+        provider: TrustProvider::from_stored(&row.provider, &row.issuer, &row.claims)?,
         id: row.id,
         project_id: row.project_id,
         created_at: row.created_at,
@@ -41,7 +41,13 @@ impl Projects {
         project_id: Option<&str>,
     ) -> Result<Vec<TrustPolicy>> {
         let id = resolve_id(principal, project_id)?;
-        let project = load(&self.pool, principal, &id, Action::ViewProject).await?;
+        let project = load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            &id,
+            Action::ViewProject,
+        )
+        .await?;
         Ok(rows::list(&self.pool, &project.id)
             .await?
             .into_iter()
@@ -57,22 +63,46 @@ impl Projects {
     ) -> Result<TrustPolicy> {
         let id = resolve_id(principal, project_id)?;
         let mut tx = self.pool.begin().await?;
-        let project = load_for_update(&mut *tx, principal, &id, Action::UpdateProject).await?;
-        let (name, claims, match_key) = provider.to_stored()?;
-        if rows::count(&mut *tx, &project.id).await? >= MAX_PER_PROJECT {
+        let project = load_for_update(&mut tx, principal, &id, Action::UpdateProject).await?;
+        let stored = provider.to_stored(&self.policy_issuers)?;
+        let row = rows::insert(
+            &mut *tx,
+            &NewTrustPolicy {
+                id: &new_id(),
+                project_id: &project.id,
+                provider: stored.provider,
+                issuer: &stored.issuer,
+                claims: &stored.claims,
+                match_key: &stored.match_key,
+            },
+        )
+        .await?
+        .ok_or_else(|| {
+            Error::AlreadyExists(format!(
+                "project {} already trusts this {} identity of {}; nothing was added",
+                project.id, stored.provider, stored.issuer
+            ))
+        })?;
+        // Counted after the insert, under the project's row lock: a duplicate is told
+        // it is one even when the project is full.
+        if rows::count(&mut *tx, &project.id).await? > MAX_PER_PROJECT {
             return Err(Error::ResourceExhausted(format!(
                 "project {} already has {MAX_PER_PROJECT} trust policies; remove one first",
                 project.id
             )));
         }
-        let row = rows::insert(&mut *tx, &new_id(), &project.id, name, &claims, &match_key).await?;
         audit::record(
             &mut *tx,
             principal
                 .audit("trust_policy.add")
                 .org(&project.organization_id)
                 .target("trust_policy", &row.id)
-                .details(json!({ "project_id": project.id, "provider": name, "claims": claims })),
+                .details(json!({
+                    "project_id": project.id,
+                    "provider": stored.provider,
+                    "issuer": stored.issuer,
+                    "claims": stored.claims,
+                })),
         )
         .await?;
         tx.commit().await?;
@@ -87,7 +117,7 @@ impl Projects {
     ) -> Result<()> {
         let id = resolve_id(principal, project_id)?;
         let mut tx = self.pool.begin().await?;
-        let project = load_for_update(&mut *tx, principal, &id, Action::UpdateProject).await?;
+        let project = load_for_update(&mut tx, principal, &id, Action::UpdateProject).await?;
         if !rows::delete(&mut *tx, &project.id, policy_id).await? {
             return Err(Error::not_found("trust policy", policy_id));
         }

@@ -83,8 +83,13 @@ impl Tokens {
         project_id: Option<&str>,
     ) -> Result<Vec<TokenInfo>> {
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project =
-            crate::projects::load(&self.pool, principal, &id, Action::ManageProjectTokens).await?;
+        let project = crate::projects::load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            &id,
+            Action::ManageProjectTokens,
+        )
+        .await?;
         let filter = TokenFilter {
             kind: Some(TokenKind::Project.as_str().to_string()),
             project_id: Some(project.id),
@@ -116,7 +121,7 @@ impl Tokens {
         let id = crate::projects::resolve_id(principal, project_id)?;
         let mut tx = self.pool.begin().await?;
         let project =
-            crate::projects::load(&mut *tx, principal, &id, Action::ManageProjectTokens).await?;
+            crate::projects::load(&mut tx, principal, &id, Action::ManageProjectTokens).await?;
         let new = project_scoped(
             TokenKind::Project,
             name,
@@ -242,6 +247,7 @@ impl Tokens {
                     false => None,
                 }
                 .ok_or_else(|| Error::not_found("build", build_id))?;
+                crate::auth::ci::confirm(&mut tx, principal, &build.project_id).await?;
                 authz::authorize(
                     principal,
                     Action::MintPullToken,
@@ -262,7 +268,7 @@ impl Tokens {
             None => {
                 let id = crate::projects::resolve_id(principal, project_id)?;
                 let project =
-                    crate::projects::load(&mut *tx, principal, &id, Action::MintPullToken).await?;
+                    crate::projects::load(&mut tx, principal, &id, Action::MintPullToken).await?;
                 (project.id, project.organization_id)
             }
         };

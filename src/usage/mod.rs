@@ -131,8 +131,13 @@ impl Usage {
         project_id: &str,
         range: Range,
     ) -> Result<ProjectUsage> {
-        let project =
-            projects::load(&self.pool, principal, project_id, Action::ViewProject).await?;
+        let project = projects::load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            project_id,
+            Action::ViewProject,
+        )
+        .await?;
         let filter = crate::db::projects::ProjectFilter {
             project_ids: Some(vec![project.id.clone()]),
             ..Default::default()
@@ -150,8 +155,13 @@ impl Usage {
         project_id: &str,
         range: Range,
     ) -> Result<Vec<DailyUsage>> {
-        let project =
-            projects::load(&self.pool, principal, project_id, Action::ViewProject).await?;
+        let project = projects::load(
+            &mut *self.pool.acquire().await?,
+            principal,
+            project_id,
+            Action::ViewProject,
+        )
+        .await?;
         Ok(
             usage::project_daily(&self.pool, &project.id, range.start, range.end)
                 .await?

@@ -466,6 +466,7 @@ pub async fn new_build(pool: &PgPool, project_id: &str, organization_id: &str) -
             command: "build",
             options: serde_json::json!([]),
             created_by: None,
+            ci_identity: None,
             timeout_minutes: 60,
             ephemeral_cache: false,
         },

@@ -1455,34 +1455,41 @@ pub async fn build_events(
 }
 
 fn describe_policy(provider: &TrustProvider) -> String {
-    match provider {
+    let what = match provider {
         TrustProvider::GitHub {
             repository_owner,
             repository,
             repository_id,
+            ..
         } if repository_id.is_empty() => format!("GitHub {repository_owner}/{repository}"),
         TrustProvider::GitHub {
             repository_owner,
             repository,
             repository_id,
+            ..
         } => format!("GitHub {repository_owner}/{repository} (id {repository_id})"),
         TrustProvider::GitLab {
             project_path,
             git_ref,
+            ..
         } if git_ref.is_empty() => format!("GitLab {project_path}"),
         TrustProvider::GitLab {
             project_path,
             git_ref,
+            ..
         } => format!("GitLab {project_path} ({git_ref})"),
         TrustProvider::CircleCi {
             organization_uuid,
             project_uuid,
+            ..
         } => format!("CircleCI {organization_uuid}/{project_uuid}"),
         TrustProvider::Buildkite {
             organization_slug,
             pipeline_slug,
+            ..
         } => format!("Buildkite {organization_slug}/{pipeline_slug}"),
-    }
+    };
+    format!("{what} · tokens of {}", provider.issuer())
 }
 
 /// A provider's form: its name, title, and fields (name, label, required).
@@ -1500,6 +1507,7 @@ const PROVIDER_FORMS: [ProviderForm; 4] = [
             ("repository_owner", "Owner", true),
             ("repository", "Repository", true),
             ("repository_id", "Repository id (optional)", false),
+            ("issuer", "Issuer (optional)", false),
         ],
     ),
     (
@@ -1508,6 +1516,7 @@ const PROVIDER_FORMS: [ProviderForm; 4] = [
         &[
             ("project_path", "Project path", true),
             ("ref", "Ref (optional)", false),
+            ("issuer", "Issuer (optional)", false),
         ],
     ),
     (
@@ -1516,6 +1525,7 @@ const PROVIDER_FORMS: [ProviderForm; 4] = [
         &[
             ("organization_uuid", "Organization UUID", true),
             ("project_uuid", "Project UUID", true),
+            ("issuer", "Issuer (optional)", false),
         ],
     ),
     (
@@ -1524,6 +1534,7 @@ const PROVIDER_FORMS: [ProviderForm; 4] = [
         &[
             ("organization_slug", "Organization slug", true),
             ("pipeline_slug", "Pipeline slug", true),
+            ("issuer", "Issuer (optional)", false),
         ],
     ),
 ];
@@ -1600,6 +1611,9 @@ pub struct TrustForm {
     organization_slug: String,
     #[serde(default)]
     pipeline_slug: String,
+    /// Empty: the one issuer of the provider this Kiln trusts.
+    #[serde(default)]
+    issuer: String,
 }
 
 pub async fn add_trust_policy(
@@ -1618,18 +1632,22 @@ pub async fn add_trust_policy(
             repository_owner: t(&form.repository_owner),
             repository: t(&form.repository),
             repository_id: t(&form.repository_id),
+            issuer: t(&form.issuer),
         }),
         "gitlab" => Ok(TrustProvider::GitLab {
             project_path: t(&form.project_path),
             git_ref: t(&form.git_ref),
+            issuer: t(&form.issuer),
         }),
         "circleci" => Ok(TrustProvider::CircleCi {
             organization_uuid: t(&form.organization_uuid),
             project_uuid: t(&form.project_uuid),
+            issuer: t(&form.issuer),
         }),
         "buildkite" => Ok(TrustProvider::Buildkite {
             organization_slug: t(&form.organization_slug),
             pipeline_slug: t(&form.pipeline_slug),
+            issuer: t(&form.issuer),
         }),
         _ => Err(Error::invalid(
             "provider",

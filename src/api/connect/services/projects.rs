@@ -330,31 +330,39 @@ fn to_trust_policy(policy: TrustPolicy) -> core::TrustPolicy {
             repository_owner,
             repository,
             repository_id,
+            issuer,
         } => Provider::Github(GitHub {
             repository_owner,
             repository,
             repository_id,
+            issuer,
         }),
         TrustProvider::CircleCi {
             organization_uuid,
             project_uuid,
+            issuer,
         } => Provider::Circleci(CircleCi {
             organization_uuid,
             project_uuid,
+            issuer,
         }),
         TrustProvider::Buildkite {
             organization_slug,
             pipeline_slug,
+            issuer,
         } => Provider::Buildkite(Buildkite {
             organization_slug,
             pipeline_slug,
+            issuer,
         }),
         TrustProvider::GitLab {
             project_path,
             git_ref,
+            issuer,
         } => Provider::Gitlab(GitLab {
             project_path,
             r#ref: git_ref,
+            issuer,
         }),
     };
     core::TrustPolicy {
@@ -389,18 +397,22 @@ async fn add_trust_policy(
             repository_owner: g.repository_owner,
             repository: g.repository,
             repository_id: g.repository_id,
+            issuer: g.issuer,
         },
         Some(Provider::Circleci(c)) => TrustProvider::CircleCi {
             organization_uuid: c.organization_uuid,
             project_uuid: c.project_uuid,
+            issuer: c.issuer,
         },
         Some(Provider::Buildkite(b)) => TrustProvider::Buildkite {
             organization_slug: b.organization_slug,
             pipeline_slug: b.pipeline_slug,
+            issuer: b.issuer,
         },
         Some(Provider::Gitlab(g)) => TrustProvider::GitLab {
             project_path: g.project_path,
             git_ref: g.r#ref,
+            issuer: g.issuer,
         },
         None => {
             return Err(Error::invalid(
