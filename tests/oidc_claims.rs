@@ -529,6 +529,118 @@ async fn claims_are_limited_per_repository_and_per_client() {
     server.stop().await;
 }
 
+async fn post_claim_from(server: &Server, forwarded_for: &str, body: &Value) -> (u16, Value) {
+    let answer = reqwest::Client::new()
+        .post(format!("{}/claim", server.url))
+        .header("x-forwarded-for", forwarded_for)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_a_repositorys_claims_from_another() {
+    let db = TestDb::new().await;
+    let github = GitHub::start().await;
+    github.add_run(fork_run(100));
+    // Behind a trusted reverse proxy (this host), which says who the clients are.
+    let server = start(
+        &db,
+        &github,
+        &[
+            ("KILN_OIDC__CLAIMS__MAX_PENDING_PER_REPOSITORY", "4"),
+            ("KILN_OIDC__CLAIMS__MAX_PENDING_PER_CLAIMANT", "2"),
+            ("KILN_OIDC__CLAIMS__PER_CLIENT_BURST", "100"),
+            ("KILN_LIMITS__CLIENT_IP_HEADER", "x-forwarded-for"),
+            ("KILN_LIMITS__TRUSTED_PROXIES", "[\"127.0.0.1/32\"]"),
+        ],
+    )
+    .await;
+    let body = claim_body("octo-org/octo-repo", 100);
+    let flooder = "203.0.113.66";
+    for _ in 0..2 {
+        assert_eq!(post_claim_from(&server, flooder, &body).await.0, 200);
+    }
+    let (status, answer) = post_claim_from(&server, flooder, &body).await;
+    assert_eq!(status, 429, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("your address has 2 claims"),
+        "{answer}"
+    );
+    // A contributor elsewhere still claims for the same repository.
+    let contributor = "198.51.100.7";
+    assert_eq!(post_claim_from(&server, contributor, &body).await.0, 200);
+    // Writing someone else's address on the left of the header changes nothing: the
+    // proxy appended the real one.
+    let spoofed = format!("{contributor}, {flooder}");
+    assert_eq!(post_claim_from(&server, &spoofed, &body).await.0, 429);
+    assert_eq!(claim_rows(&db).await, 3);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_poll_asks_github_a_bounded_number_of_times() {
+    let db = TestDb::new().await;
+    let github = GitHub::start().await;
+    github.add_run(fork_run(300));
+    // A matrix of 30 more running jobs, none of which shows the code.
+    github.add_running_jobs(300, 30);
+    let server = start(
+        &db,
+        &github,
+        &[
+            ("KILN_OIDC__CLAIMS__CHECK_INTERVAL_MS", "10"),
+            ("KILN_OIDC__CLAIMS__MAX_GITHUB_CALLS_PER_CLAIM", "60"),
+        ],
+    )
+    .await;
+    let (status, created) = post_claim(&server, &claim_body("octo-org/octo-repo", 300)).await;
+    assert_eq!(status, 200, "{created}");
+    let url = created["exchangeURL"].as_str().unwrap().to_string();
+    let mut polls = 0;
+    let refused = loop {
+        let before = (github.requests(), github.job_pages_read().len());
+        let (status, body, _) = exchange(&url).await;
+        let asked = github.requests() - before.0;
+        let jobs = github.job_pages_read().len() - before.1;
+        assert!(asked <= 16, "one poll asked GitHub {asked} times");
+        assert!(jobs <= 4, "one poll read {jobs} jobs' logs");
+        polls += 1;
+        match status {
+            202 => tokio::time::sleep(Duration::from_millis(20)).await,
+            422 => break body,
+            other => panic!("{other}: {body}"),
+        }
+        assert!(polls < 50, "still pending after {polls} polls");
+    };
+    assert!(refused.contains("60 GitHub calls"), "{refused}");
+    let spent: i32 = sqlx::query_scalar("SELECT github_calls FROM oidc_claims")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!((50..=60).contains(&spent), "{spent}");
+    // The jobs were read in turns, not the first four again and again.
+    let read: std::collections::HashSet<u64> = github.job_pages_read().into_iter().collect();
+    assert!(read.len() >= 12, "{read:?}");
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("kiln_oidc_github_calls_total{call=\"log_tail\"}"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
 /// `actions/claim-token`'s script, driven as the runner would: claim, upload the
 /// artifact (here: the stand-in lists it), exchange, and DEPOT_TOKEN lands in $GITHUB_ENV.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

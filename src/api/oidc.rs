@@ -187,6 +187,7 @@ fn claim_error(err: ClaimError) -> Response {
         ClaimError::Unavailable { retry_after, .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, Some(*retry_after))
         }
+        ClaimError::BudgetSpent => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
         ClaimError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
     };
     let message = match &err {

@@ -464,7 +464,18 @@ pub struct ClaimsConfig {
     pub per_client_per_minute: u32,
     pub per_client_burst: u32,
     pub max_pending_per_repository: i64,
+    /// Unexchanged claims at once per client address and repository, so one address
+    /// cannot hold a repository's whole budget.
+    pub max_pending_per_claimant: i64,
     pub max_pending: i64,
+    /// GitHub calls one check (one exchange poll) may make, in all.
+    pub max_github_calls_per_check: u32,
+    /// Running jobs whose live logs one check reads (rotating through them poll by poll).
+    pub max_jobs_per_check: u32,
+    /// Step log tails one check reads, across its jobs.
+    pub max_log_tails_per_check: u32,
+    /// GitHub calls one claim may cost over all its checks; then it is refused.
+    pub max_github_calls_per_claim: i32,
 }
 
 impl ClaimsConfig {
@@ -1070,10 +1081,33 @@ impl Config {
             "must be at least 1",
         );
         check(
-            cl.max_pending >= 1 && cl.max_pending_per_repository >= 1,
+            cl.max_pending >= 1
+                && cl.max_pending_per_repository >= 1
+                && cl.max_pending_per_claimant >= 1,
             "oidc.claims.max_pending",
-            format!("{} / {}", cl.max_pending, cl.max_pending_per_repository),
-            "max_pending and max_pending_per_repository must be at least 1",
+            format!(
+                "{} / {} / {}",
+                cl.max_pending, cl.max_pending_per_repository, cl.max_pending_per_claimant
+            ),
+            "max_pending, max_pending_per_repository and max_pending_per_claimant must be at \
+             least 1",
+        );
+        // A check reads the run, its artifacts and a page of jobs before any log.
+        check(
+            (4..=200).contains(&cl.max_github_calls_per_check)
+                && (1..=50).contains(&cl.max_jobs_per_check)
+                && (1..=100).contains(&cl.max_log_tails_per_check)
+                && cl.max_github_calls_per_claim >= cl.max_github_calls_per_check as i32,
+            "oidc.claims.max_github_calls_per_check",
+            format!(
+                "{} per check, {} jobs, {} log tails, {} per claim",
+                cl.max_github_calls_per_check,
+                cl.max_jobs_per_check,
+                cl.max_log_tails_per_check,
+                cl.max_github_calls_per_claim
+            ),
+            "calls per check must be 4 to 200, jobs 1 to 50, log tails 1 to 100, and calls \
+             per claim at least the calls per check",
         );
         check(
             cl.per_client_per_minute >= 1 && cl.per_client_burst >= 1,

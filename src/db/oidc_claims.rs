@@ -17,12 +17,14 @@ pub struct ClaimRow {
     pub state: String,
     pub failure: Option<String>,
     pub checks: i32,
+    /// GitHub calls its checks have made so far.
+    pub github_calls: i32,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str = "id, challenge_code, repository, repository_id, run_id, run_attempt, audience, \
-                       state, failure, checks, created_at, expires_at";
+                       state, failure, checks, github_calls, created_at, expires_at";
 
 pub struct NewClaim<'a> {
     pub id: &'a str,
@@ -37,11 +39,13 @@ pub struct NewClaim<'a> {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Inserts a claim; the call that looked up its run is its first GitHub call.
 pub async fn insert<'e>(db: impl PgExecutor<'e>, claim: &NewClaim<'_>) -> Result<()> {
     sqlx::query(
         "INSERT INTO oidc_claims (id, secret_hash, challenge_code, repository, repository_id,
-                                  run_id, run_attempt, audience, client_ip, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                  run_id, run_attempt, audience, client_ip, expires_at,
+                                  github_calls)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)",
     )
     .bind(claim.id)
     .bind(claim.secret_hash)
@@ -58,15 +62,34 @@ pub async fn insert<'e>(db: impl PgExecutor<'e>, claim: &NewClaim<'_>) -> Result
     Ok(())
 }
 
-/// Unexchanged, unexpired claims: (for `repository`, in total).
-pub async fn count_pending<'e>(db: impl PgExecutor<'e>, repository: &str) -> Result<(i64, i64)> {
-    Ok(sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE repository = $1), count(*)
+/// Unexchanged, unexpired claims.
+pub struct Pending {
+    pub for_repository: i64,
+    /// For the repository, from this client address.
+    pub for_claimant: i64,
+    pub total: i64,
+}
+
+pub async fn count_pending<'e>(
+    db: impl PgExecutor<'e>,
+    repository: &str,
+    client_ip: &str,
+) -> Result<Pending> {
+    let (for_repository, for_claimant, total) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE repository = $1),
+                count(*) FILTER (WHERE repository = $1 AND client_ip = $2),
+                count(*)
          FROM oidc_claims WHERE state = 'pending' AND expires_at > now()",
     )
     .bind(repository)
+    .bind(client_ip)
     .fetch_one(db)
-    .await?)
+    .await?;
+    Ok(Pending {
+        for_repository,
+        for_claimant,
+        total,
+    })
 }
 
 pub async fn by_secret(pool: &PgPool, secret_hash: &[u8]) -> Result<Option<ClaimRow>> {
@@ -100,29 +123,46 @@ pub async fn lease(
     .await?)
 }
 
-/// Ends a check that found no proof yet: the next may start after `wait_seconds`.
-pub async fn release(pool: &PgPool, id: &str, lease_id: &str, wait_seconds: f64) -> Result<()> {
+/// Ends a check that found no proof yet, adding the GitHub calls it made: the next may
+/// start after `wait_seconds`.
+pub async fn release(
+    pool: &PgPool,
+    id: &str,
+    lease_id: &str,
+    wait_seconds: f64,
+    calls: i32,
+) -> Result<()> {
     sqlx::query(
-        "UPDATE oidc_claims SET lease_until = now() + make_interval(secs => $3)
+        "UPDATE oidc_claims SET lease_until = now() + make_interval(secs => $3),
+                                github_calls = github_calls + $4
          WHERE id = $1 AND lease_id = $2 AND state = 'pending'",
     )
     .bind(id)
     .bind(lease_id)
     .bind(wait_seconds)
+    .bind(calls)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Refuses a claim for good, if this check still holds it.
-pub async fn fail(pool: &PgPool, id: &str, lease_id: &str, reason: &str) -> Result<bool> {
+/// Refuses a claim for good, if this check still holds it, adding the calls it made.
+pub async fn fail(
+    pool: &PgPool,
+    id: &str,
+    lease_id: &str,
+    reason: &str,
+    calls: i32,
+) -> Result<bool> {
     Ok(sqlx::query(
-        "UPDATE oidc_claims SET state = 'failed', failure = $3, lease_until = NULL
+        "UPDATE oidc_claims SET state = 'failed', failure = $3, lease_until = NULL,
+                                github_calls = github_calls + $4
          WHERE id = $1 AND lease_id = $2 AND state = 'pending'",
     )
     .bind(id)
     .bind(lease_id)
     .bind(reason)
+    .bind(calls)
     .execute(pool)
     .await?
     .rows_affected()
@@ -135,14 +175,17 @@ pub async fn issue<'e>(
     id: &str,
     lease_id: &str,
     jti: &str,
+    calls: i32,
 ) -> Result<bool> {
     Ok(sqlx::query(
-        "UPDATE oidc_claims SET state = 'issued', issued_jti = $3, lease_until = NULL
+        "UPDATE oidc_claims SET state = 'issued', issued_jti = $3, lease_until = NULL,
+                                github_calls = github_calls + $4
          WHERE id = $1 AND lease_id = $2 AND state = 'pending' AND expires_at > now()",
     )
     .bind(id)
     .bind(lease_id)
     .bind(jti)
+    .bind(calls)
     .execute(db)
     .await?
     .rows_affected()

@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
 use super::Issuer;
-use super::github::{self, GitHub, Run};
+use super::github::{self, CallBudget, GitHub, Run};
 use super::http::FetchError;
 use crate::config::{ClaimProof, ClaimsConfig, OidcConfig};
 use crate::db::audit::{self, AuditEvent};
@@ -52,6 +52,10 @@ pub enum ClaimError {
     /// 503: GitHub could not answer, or claims are not set up.
     #[error("{message}")]
     Unavailable { message: String, retry_after: u64 },
+    /// A check used the GitHub calls it may make; the next one goes on. Never reaches a
+    /// claimant (a check ends without proof instead).
+    #[error("this check's GitHub calls are spent; the next check goes on")]
+    BudgetSpent,
     #[error(transparent)]
     Internal(#[from] crate::error::Error),
 }
@@ -109,6 +113,9 @@ pub struct Claims {
 
 /// A GitHub failure, as the claimant should see it.
 fn upstream(err: FetchError) -> ClaimError {
+    if matches!(err, FetchError::BudgetSpent) {
+        return ClaimError::BudgetSpent;
+    }
     let retry_after = match &err {
         FetchError::Status {
             retry_after: Some(s),
@@ -257,6 +264,28 @@ fn check_spacing(interval_ms: u64, checks: i32) -> f64 {
     interval_ms as f64 / 1000.0 * factor
 }
 
+/// Up to `max` of `jobs`, starting further along each check, so every running job is
+/// read within a few checks however many there are.
+fn in_turn(jobs: &[github::Job], checks: i32, max: usize) -> impl Iterator<Item = &github::Job> {
+    let start = if jobs.is_empty() {
+        0
+    } else {
+        (checks.max(1) as usize - 1).saturating_mul(max) % jobs.len()
+    };
+    jobs.iter().cycle().skip(start).take(max.min(jobs.len()))
+}
+
+fn not_yet(claim: &ClaimRow) -> String {
+    format!(
+        "waiting for challenge code {} to appear in run {}",
+        claim.challenge_code, claim.run_id
+    )
+}
+
+fn made(budget: &CallBudget) -> i32 {
+    budget.made() as i32
+}
+
 fn random_secret() -> String {
     let mut b = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
@@ -361,7 +390,7 @@ impl Claims {
         }
         let run = self
             .github
-            .run(repo, run_id, attempt)
+            .run(repo, run_id, attempt, &CallBudget::new(1, 0))
             .await
             .map_err(upstream)?
             .ok_or_else(|| {
@@ -380,7 +409,19 @@ impl Claims {
             .execute(&mut *tx)
             .await
             .map_err(crate::error::Error::from)?;
-        let (for_repository, total) = rows::count_pending(&mut *tx, &repository).await?;
+        let pending = rows::count_pending(&mut *tx, &repository, client_ip).await?;
+        if pending.for_claimant >= self.config.max_pending_per_claimant {
+            metrics::counter!("kiln_oidc_claims_total", "result" => "limited").increment(1);
+            return Err(ClaimError::TooMany {
+                message: format!(
+                    "your address has {} claims for {} waiting to be exchanged; exchange them or \
+                     let them expire first",
+                    pending.for_claimant, run.repository.full_name
+                ),
+                retry_after: 10,
+            });
+        }
+        let for_repository = pending.for_repository;
         if for_repository >= self.config.max_pending_per_repository {
             metrics::counter!("kiln_oidc_claims_total", "result" => "limited").increment(1);
             return Err(ClaimError::TooMany {
@@ -392,7 +433,7 @@ impl Claims {
                 retry_after: 10,
             });
         }
-        if total >= self.config.max_pending {
+        if pending.total >= self.config.max_pending {
             metrics::counter!("kiln_oidc_claims_total", "result" => "limited").increment(1);
             return Err(ClaimError::TooMany {
                 message: "too many claims are waiting to be exchanged; retry shortly".into(),
@@ -467,27 +508,46 @@ impl Claims {
                 detail: "the claim is being checked".into(),
             });
         };
-        if claim.checks > self.config.max_checks {
-            let reason = format!(
-                "the challenge code was not seen in {} checks; claim again and print the code \
-                 from a step of the run",
-                self.config.max_checks
-            );
-            rows::fail(&self.pool, &claim.id, &lease_id, &reason).await?;
+        let calls_left = self.config.max_github_calls_per_claim - claim.github_calls;
+        if claim.checks > self.config.max_checks || calls_left <= 0 {
+            let reason = if calls_left <= 0 {
+                format!(
+                    "the challenge code was not seen within the {} GitHub calls a claim may \
+                     cost; claim again and print the code from a step of the run",
+                    self.config.max_github_calls_per_claim
+                )
+            } else {
+                format!(
+                    "the challenge code was not seen in {} checks; claim again and print the \
+                     code from a step of the run",
+                    self.config.max_checks
+                )
+            };
+            rows::fail(&self.pool, &claim.id, &lease_id, &reason, 0).await?;
             return Err(ClaimError::Refused(reason));
         }
+        let budget = CallBudget::new(
+            self.config
+                .max_github_calls_per_check
+                .min(calls_left as u32),
+            self.config.max_log_tails_per_check,
+        );
         let wait = check_spacing(self.config.check_interval_ms, claim.checks);
-        match self.check(&claim).await {
-            Ok(Check::Proven { run, job_id }) => self.issue(&claim, &lease_id, &run, job_id).await,
+        let checked = self.check(&claim, &budget).await;
+        metrics::histogram!("kiln_oidc_github_calls_per_check").record(budget.made() as f64);
+        match checked {
+            Ok(Check::Proven { run, job_id }) => {
+                self.issue(&claim, &lease_id, &run, job_id, &budget).await
+            }
             Ok(Check::NotYet(detail)) => {
-                rows::release(&self.pool, &claim.id, &lease_id, wait).await?;
+                rows::release(&self.pool, &claim.id, &lease_id, wait, made(&budget)).await?;
                 Ok(Exchange::Pending {
                     retry_after: wait.ceil().max(1.0) as u64,
                     detail,
                 })
             }
             Err(ClaimError::Refused(reason)) => {
-                rows::fail(&self.pool, &claim.id, &lease_id, &reason).await?;
+                rows::fail(&self.pool, &claim.id, &lease_id, &reason, made(&budget)).await?;
                 metrics::counter!("kiln_oidc_claims_total", "result" => "refused").increment(1);
                 Err(ClaimError::Refused(reason))
             }
@@ -495,25 +555,41 @@ impl Claims {
                 message,
                 retry_after,
             }) => {
-                rows::release(&self.pool, &claim.id, &lease_id, retry_after as f64).await?;
+                rows::release(
+                    &self.pool,
+                    &claim.id,
+                    &lease_id,
+                    retry_after as f64,
+                    made(&budget),
+                )
+                .await?;
                 Err(ClaimError::Unavailable {
                     message,
                     retry_after,
                 })
             }
             Err(other) => {
-                rows::release(&self.pool, &claim.id, &lease_id, wait).await?;
+                rows::release(&self.pool, &claim.id, &lease_id, wait, made(&budget)).await?;
                 Err(other)
             }
         }
     }
 
-    /// Asks GitHub whether the run is still eligible and whether the code was shown.
-    async fn check(&self, claim: &ClaimRow) -> Result<Check> {
+    /// Asks GitHub whether the run is still eligible and whether the code was shown,
+    /// within `budget`: when it is spent, the check ends without proof and the next one
+    /// goes on (running jobs are read in turns, `max_jobs_per_check` per check).
+    async fn check(&self, claim: &ClaimRow, budget: &CallBudget) -> Result<Check> {
+        match self.look(claim, budget).await {
+            Err(ClaimError::BudgetSpent) => Ok(Check::NotYet(not_yet(claim))),
+            other => other,
+        }
+    }
+
+    async fn look(&self, claim: &ClaimRow, budget: &CallBudget) -> Result<Check> {
         let attempt = claim.run_attempt.map(|a| a as u32);
         let run = self
             .github
-            .run(&claim.repository, claim.run_id as u64, attempt)
+            .run(&claim.repository, claim.run_id as u64, attempt, budget)
             .await
             .map_err(upstream)?
             .ok_or_else(|| {
@@ -530,7 +606,11 @@ impl Claims {
         if proofs.contains(&ClaimProof::Artifact)
             && self
                 .github
-                .has_artifact(&run, &format!("{ARTIFACT_PREFIX}{}", claim.challenge_code))
+                .has_artifact(
+                    &run,
+                    &format!("{ARTIFACT_PREFIX}{}", claim.challenge_code),
+                    budget,
+                )
                 .await
                 .map_err(upstream)?
         {
@@ -542,13 +622,24 @@ impl Claims {
         if proofs.contains(&ClaimProof::Log) {
             let jobs = self
                 .github
-                .running_jobs(&claim.repository, run.id, run.run_attempt.unwrap_or(1))
+                .running_jobs(
+                    &claim.repository,
+                    run.id,
+                    run.run_attempt.unwrap_or(1),
+                    budget,
+                )
                 .await
                 .map_err(upstream)?;
-            for job in jobs {
+            for job in in_turn(&jobs, claim.checks, self.config.max_jobs_per_check as usize) {
                 if self
                     .github
-                    .log_shows(&claim.repository, run.id, job.id, &claim.challenge_code)
+                    .log_shows(
+                        &claim.repository,
+                        run.id,
+                        job.id,
+                        &claim.challenge_code,
+                        budget,
+                    )
                     .await
                     .map_err(upstream)?
                 {
@@ -559,10 +650,7 @@ impl Claims {
                 }
             }
         }
-        Ok(Check::NotYet(format!(
-            "waiting for challenge code {} to appear in run {}",
-            claim.challenge_code, claim.run_id
-        )))
+        Ok(Check::NotYet(not_yet(claim)))
     }
 
     async fn issue(
@@ -571,10 +659,11 @@ impl Claims {
         lease_id: &str,
         run: &Run,
         job_id: Option<u64>,
+        budget: &CallBudget,
     ) -> Result<Exchange> {
-        // The pull request only adds `ref` and `base_ref`; a failure to find it is no reason
-        // to refuse.
-        let pull = match self.github.pull_request(run).await {
+        // The pull request only adds `ref` and `base_ref`; a failure to find it (or no call
+        // left to ask) is no reason to refuse.
+        let pull = match self.github.pull_request(run, budget).await {
             Ok(pull) => pull,
             Err(err) => {
                 tracing::debug!(error = %err, "could not look up a fork run's pull request");
@@ -586,7 +675,7 @@ impl Claims {
             .mint(&claim.audience, token_claims(run, pull.as_ref(), job_id))
             .await?;
         let mut tx = self.pool.begin().await.map_err(crate::error::Error::from)?;
-        if !rows::issue(&mut *tx, &claim.id, lease_id, &minted.jti).await? {
+        if !rows::issue(&mut *tx, &claim.id, lease_id, &minted.jti, made(budget)).await? {
             // Another check took over (this one outlived its lease): it hands out the token.
             return Ok(Exchange::Pending {
                 retry_after: 1,
@@ -605,6 +694,7 @@ impl Claims {
                     "jti": minted.jti,
                     "audience": claim.audience,
                     "checks": claim.checks,
+                    "github_calls": claim.github_calls + made(budget),
                 })),
         )
         .await?;

@@ -3,6 +3,7 @@
 //! UI's "backscroll" endpoints since the REST API serves logs only of finished jobs; or
 //! an artifact named after the code), and the run's pull request.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -13,8 +14,54 @@ use crate::config::GitHubConfig;
 
 const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
 const MAX_HTML_BYTES: usize = 8 * 1024 * 1024;
-/// In-progress steps whose log tail is read per job.
-const MAX_STEPS_READ: usize = 20;
+
+/// What one check may still ask GitHub: calls in all, and live log tails. Every call is
+/// taken from it before it is sent, and counted in `kiln_oidc_github_calls_total{call}`.
+#[derive(Debug)]
+pub struct CallBudget {
+    calls: AtomicU32,
+    log_tails: AtomicU32,
+    made: AtomicU32,
+}
+
+impl CallBudget {
+    pub fn new(calls: u32, log_tails: u32) -> CallBudget {
+        CallBudget {
+            calls: AtomicU32::new(calls),
+            log_tails: AtomicU32::new(log_tails),
+            made: AtomicU32::new(0),
+        }
+    }
+
+    fn take_from(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Takes one call of `kind`, or says the budget is spent.
+    fn take(&self, kind: &'static str) -> Result<(), FetchError> {
+        if !Self::take_from(&self.calls) {
+            return Err(FetchError::BudgetSpent);
+        }
+        self.made.fetch_add(1, Ordering::SeqCst);
+        metrics::counter!("kiln_oidc_github_calls_total", "call" => kind).increment(1);
+        Ok(())
+    }
+
+    /// Takes one log tail (and its call).
+    fn take_log_tail(&self) -> Result<(), FetchError> {
+        if !Self::take_from(&self.log_tails) {
+            return Err(FetchError::BudgetSpent);
+        }
+        self.take("log_tail")
+    }
+
+    /// Calls made so far.
+    pub fn made(&self) -> u32 {
+        self.made.load(Ordering::SeqCst)
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct User {
@@ -199,7 +246,9 @@ impl GitHub {
         repository: &str,
         run_id: u64,
         attempt: Option<u32>,
+        budget: &CallBudget,
     ) -> Result<Option<Run>, FetchError> {
+        budget.take("run")?;
         let path = match attempt {
             Some(n) => format!("/repos/{repository}/actions/runs/{run_id}/attempts/{n}"),
             None => format!("/repos/{repository}/actions/runs/{run_id}"),
@@ -217,9 +266,11 @@ impl GitHub {
         repository: &str,
         run_id: u64,
         attempt: u64,
+        budget: &CallBudget,
     ) -> Result<Vec<Job>, FetchError> {
         let mut running = Vec::new();
         for page in 1..=self.max_job_pages {
+            budget.take("jobs")?;
             let path = format!(
                 "/repos/{repository}/actions/runs/{run_id}/attempts/{attempt}/jobs?per_page=100&page={page}"
             );
@@ -237,14 +288,17 @@ impl GitHub {
         Ok(running)
     }
 
-    /// Whether `code` appears in the live log tail of an in-progress step of `job_id`.
+    /// Whether `code` appears in the live log tail of an in-progress step of `job_id`,
+    /// reading as many step tails as `budget` still allows.
     pub async fn log_shows(
         &self,
         repository: &str,
         run_id: u64,
         job_id: u64,
         code: &str,
+        budget: &CallBudget,
     ) -> Result<bool, FetchError> {
+        budget.take("job_page")?;
         let page = http::fetch(
             self.web_get(
                 &format!("/{repository}/actions/runs/{run_id}/job/{job_id}"),
@@ -258,6 +312,7 @@ impl GitHub {
             return Ok(false);
         };
         let base = format!("/{repository}/actions/runs/{run_id}/jobs/{log_job}/steps");
+        budget.take("steps")?;
         let body = http::fetch(self.web_get(&base, "application/json"), MAX_JSON_BYTES).await?;
         let steps: Vec<Step> =
             serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(e.to_string()))?;
@@ -274,9 +329,9 @@ impl GitHub {
                     && id
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            })
-            .take(MAX_STEPS_READ);
+            });
         for step in running {
+            budget.take_log_tail()?;
             let tail: Backscroll = http::fetch_json(
                 self.web_get(&format!("{base}/{step}/backscroll"), "application/json"),
                 MAX_JSON_BYTES,
@@ -291,7 +346,13 @@ impl GitHub {
 
     /// Whether the run carries an artifact named `name` that GitHub ties to this very
     /// run, repository, fork and commit.
-    pub async fn has_artifact(&self, run: &Run, name: &str) -> Result<bool, FetchError> {
+    pub async fn has_artifact(
+        &self,
+        run: &Run,
+        name: &str,
+        budget: &CallBudget,
+    ) -> Result<bool, FetchError> {
+        budget.take("artifacts")?;
         let path = format!(
             "/repos/{}/actions/runs/{}/artifacts?name={name}&per_page=10",
             run.repository.full_name, run.id
@@ -312,10 +373,15 @@ impl GitHub {
 
     /// The open pull request whose head is the run's fork branch and commit, if GitHub
     /// finds one (a fork run's `pull_requests` is always empty).
-    pub async fn pull_request(&self, run: &Run) -> Result<Option<PullRequest>, FetchError> {
+    pub async fn pull_request(
+        &self,
+        run: &Run,
+        budget: &CallBudget,
+    ) -> Result<Option<PullRequest>, FetchError> {
         let (Some(head), Some(branch)) = (&run.head_repository, &run.head_branch) else {
             return Ok(None);
         };
+        budget.take("pull_request")?;
         let request = self
             .api_get(&format!("/repos/{}/pulls", run.repository.full_name))
             .query(&[
@@ -359,6 +425,20 @@ mod tests {
         ] {
             assert!(!is_repository_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_budget_gives_what_it_holds_and_counts_what_it_gave() {
+        let budget = CallBudget::new(3, 1);
+        assert!(budget.take("run").is_ok());
+        assert!(budget.take_log_tail().is_ok());
+        assert!(matches!(
+            budget.take_log_tail(),
+            Err(FetchError::BudgetSpent)
+        ));
+        assert!(budget.take("jobs").is_ok());
+        assert!(matches!(budget.take("jobs"), Err(FetchError::BudgetSpent)));
+        assert_eq!(budget.made(), 3);
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum FetchError {
     TooLarge(usize),
     #[error("answered a body that is not the JSON expected: {0}")]
     Malformed(String),
+    /// The caller's budget of calls is spent: nothing was sent.
+    #[error("was not asked: this check's budget of calls is spent")]
+    BudgetSpent,
 }
 
 impl FetchError {

@@ -27,6 +27,8 @@ struct Stand {
     /// Answer every REST call with this status (GitHub down or rate limited).
     failing: Option<u16>,
     requests: u64,
+    /// The jobs whose web page was read, in order.
+    job_pages: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -110,6 +112,25 @@ impl GitHub {
                      "repo": run["repository"]},
         }));
         s.runs.insert((full, id), run);
+    }
+
+    /// Adds `n` more in-progress jobs to run `run_id` (ids `run_id * 10 + 1 ..= + n`), each
+    /// with a running step.
+    pub fn add_running_jobs(&self, run_id: u64, n: u64) {
+        let mut s = self.stand.lock().unwrap();
+        let jobs = s.jobs.entry(run_id).or_default();
+        for k in 1..=n {
+            jobs.push(json!({
+                "id": run_id * 10 + k, "run_id": run_id, "run_attempt": 1,
+                "status": "in_progress", "conclusion": null, "name": format!("matrix {k}"),
+                "steps": [{"name": "Test", "status": "in_progress", "conclusion": null, "number": 3}]
+            }));
+        }
+    }
+
+    /// The jobs whose live log pages were read, in order.
+    pub fn job_pages_read(&self) -> Vec<u64> {
+        self.stand.lock().unwrap().job_pages.clone()
     }
 
     /// Changes a stored run.
@@ -244,6 +265,9 @@ async fn answer(State(stand): State<Arc<Mutex<Stand>>>, req: Request) -> Respons
                 .is_some_and(|jobs| jobs.iter().any(|j| j["id"].as_u64() == job.parse().ok()));
             if !known {
                 return not_found();
+            }
+            if let Ok(job) = job.parse() {
+                s.job_pages.push(job);
             }
             // The page links to the step logs by an internal id, not the REST job id.
             let html = format!(
