@@ -52,6 +52,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Failed password sign-ins, for throttling guessing.
     pub sign_ins: crate::auth::throttle::SignInThrottle,
+    /// The dashboard's open live streams, bounded per session and in total.
+    pub live_streams: crate::api::dashboard::live::LiveStreams,
     /// Per-client rate limits on the endpoints that need no token.
     pub limiter: ClientLimiter,
     /// Cancelled when the server starts shutting down; long-lived streams end on it.
@@ -92,6 +94,10 @@ impl App {
             cache.clone(),
         ));
         let (events, _) = broadcast::channel(4096);
+        let live_streams = crate::api::dashboard::live::LiveStreams::new(
+            config.limits.live_streams_per_session,
+            config.limits.live_streams_total,
+        );
         let claims = crate::oidc::claims::Claims::new(db.clone(), oidc.clone(), &config.oidc);
         let c = &config.oidc.claims;
         Arc::new(App {
@@ -128,6 +134,7 @@ impl App {
             events,
             metrics: crate::telemetry::metrics_handle(),
             sign_ins: Default::default(),
+            live_streams,
             stopping: CancellationToken::new(),
             migrated: AtomicBool::new(false),
         })

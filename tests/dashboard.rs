@@ -1199,6 +1199,61 @@ async fn server_admins_see_every_machine_and_the_installations_audit_log() {
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
 }
 
+#[tokio::test]
+async fn live_views_are_bounded_per_session_and_in_total() {
+    let db = TestDb::new().await;
+    let t = tenant(&db.pool, "live").await;
+    common::set_password(&db.pool, &t.user_id, "a long password").await;
+    let email = email_of(&db, &t.user_id).await;
+    let app = common::app_with(
+        &db,
+        &[
+            ("KILN_LIMITS__LIVE_STREAMS_PER_SESSION", "2"),
+            ("KILN_LIMITS__LIVE_STREAMS_TOTAL", "3"),
+        ],
+    );
+    let router = kiln::api::router(app.clone());
+    let first = sign_in(&router, &email, "a long password").await;
+    let second = sign_in(&router, &email, "a long password").await;
+    let third = sign_in(&router, &email, "a long password").await;
+    let path = format!("/dashboard/projects/{}/builds/events", t.project.id);
+    let open = |cookie: &str| {
+        use tower::ServiceExt;
+        let req = Request::builder()
+            .uri(&path)
+            .header(header::COOKIE, cookie)
+            .body(Body::empty())
+            .unwrap();
+        router.clone().oneshot(req)
+    };
+    let a1 = open(&first).await.unwrap();
+    let a2 = open(&first).await.unwrap();
+    assert_eq!((a1.status(), a2.status()), (StatusCode::OK, StatusCode::OK));
+    let refused = open(&first).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let text = String::from_utf8_lossy(
+        &http_body_util::BodyExt::collect(refused.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .to_string();
+    assert!(text.contains("already has 2 live views open"), "{text}");
+    let b1 = open(&second).await.unwrap();
+    assert_eq!(b1.status(), StatusCode::OK);
+    // The replica's bound: nobody else gets one now.
+    assert_eq!(
+        open(&third).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(app.live_streams.count(), 3);
+    // A closed view (the browser left) frees its place.
+    drop(a1);
+    assert_eq!(app.live_streams.count(), 2);
+    assert_eq!(open(&third).await.unwrap().status(), StatusCode::OK);
+    drop((a2, b1));
+}
+
 /// A sign-in form posted from `address` (as the server records a TCP peer).
 async fn sign_in_from(
     router: &axum::Router,

@@ -260,6 +260,8 @@ mod tests {
             client_ip_header: header.into(),
             trusted_proxies: proxies.iter().map(|p| p.to_string()).collect(),
             refusal_audits_per_minute: 60,
+            live_streams_per_session: 8,
+            live_streams_total: 100,
         })
     }
 

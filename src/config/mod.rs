@@ -575,6 +575,10 @@ pub struct LimitsConfig {
     /// Refused agent calls written to the audit log per minute per replica; the rest
     /// are only counted (`kiln_audit_suppressed_total`).
     pub refusal_audits_per_minute: u32,
+    /// The dashboard's live streams (server-sent events) open at once per session, and
+    /// in total per replica; past either, 429.
+    pub live_streams_per_session: usize,
+    pub live_streams_total: usize,
 }
 
 impl LimitsConfig {
@@ -1246,6 +1250,12 @@ impl Config {
             "[]".to_string(),
             "must list the reverse proxies' addresses (CIDRs) when limits.client_ip_header is \
              set: the header is believed only from them",
+        );
+        check(
+            l.live_streams_per_session >= 1 && l.live_streams_total >= l.live_streams_per_session,
+            "limits.live_streams_per_session",
+            format!("{} / {}", l.live_streams_per_session, l.live_streams_total),
+            "must be at least 1, and live_streams_total at least as many",
         );
         for proxy in &l.trusted_proxies {
             check(

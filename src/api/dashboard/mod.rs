@@ -2,6 +2,7 @@
 //! `pages.rs`, `web.rs`), the approval page of `depot login` (`/login/<user code>`) and
 //! shared builds (`/shared/builds/<build>/<token>`).
 
+pub mod live;
 mod models;
 mod operations;
 mod pages;

@@ -1380,6 +1380,8 @@ struct LiveList {
     status: Option<String>,
     events: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::db::notify::Notification>>,
     last: Option<String>,
+    /// Holds this stream's place in the per-session and total bounds until it ends.
+    _open: super::live::LiveStream,
 }
 
 /// Server-sent events for a live build list: the rows whenever they change.
@@ -1398,8 +1400,30 @@ pub async fn build_events(
     if let Err(err) = app.projects.get(&session.principal, Some(&id)).await {
         return error_page(Some(&session), err);
     }
+    let open = match app.live_streams.open(&session.principal.token_id) {
+        Ok(open) => open,
+        Err(refused) => {
+            metrics::counter!("kiln_dashboard_live_streams_refused_total").increment(1);
+            let text = match refused {
+                super::live::Refused::Session(n) => format!(
+                    "This session already has {n} live views open; close some tabs, or reload \
+                     this page to see the builds without live updates."
+                ),
+                super::live::Refused::Total => "This server has as many live views open as it \
+                     serves; reload the page in a while, or without live updates."
+                    .to_string(),
+            };
+            return problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(&session),
+                "Too many live views",
+                &text,
+            );
+        }
+    };
     let deadline = tokio::time::Instant::now() + LIVE_FOR;
     let live = LiveList {
+        _open: open,
         events: app.events.subscribe(),
         app,
         session,
