@@ -16,6 +16,7 @@ pub mod error;
 pub mod jobs;
 pub mod oidc;
 pub mod orgs;
+pub mod outbound;
 pub mod pages;
 pub mod pki;
 pub mod projects;

@@ -233,6 +233,18 @@ async fn a_failed_audit_insert_rolls_the_write_back() {
     )
     .await
     .unwrap();
+    // Creating a build is audited like every other write: who, which project, and the
+    // build token's visible prefix.
+    let (actor, details): (String, serde_json::Value) = sqlx::query_as(
+        "SELECT actor_id, details FROM audit_events WHERE action = 'build.create' AND target_id = $1",
+    )
+    .bind(&build.build_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, token_id);
+    assert_eq!(details["project_id"], t.project.id.as_str());
+    assert!(details["token_prefix"].as_str().is_some(), "{details}");
     let login = kiln::auth::login::start(&db.pool, Duration::from_secs(600), 100)
         .await
         .unwrap();
@@ -340,6 +352,17 @@ async fn a_failed_audit_insert_rolls_the_write_back() {
                         },
                     )),
                 },
+            )
+            .await
+            .map(drop),
+        ),
+        (
+            "create build",
+            unary::<_, cli::CreateBuildResponse>(
+                &router,
+                "depot.cli.v1.BuildService/CreateBuild",
+                &project_tok,
+                &cli::CreateBuildRequest::default(),
             )
             .await
             .map(drop),

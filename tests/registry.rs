@@ -1176,6 +1176,10 @@ struct HubBehaviour {
     corrupt: Option<String>,
     /// An extra file list entry with this path.
     extra_path: Option<String>,
+    /// The model info is this many bytes of padding, sent without a length.
+    huge_info: Option<usize>,
+    /// Bytes of the model info actually sent (pulled by the client).
+    info_bytes_sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct StandInHub {
@@ -1212,6 +1216,22 @@ impl StandInHub {
             let (repository, dir, behaviour, _, commit) = &*s;
             if !rest.starts_with(&format!("{repository}/revision/")) {
                 return (axum::http::StatusCode::NOT_FOUND, "no such repository").into_response();
+            }
+            let (huge, sent) = {
+                let b = behaviour.lock().unwrap();
+                (b.huge_info, b.info_bytes_sent.clone())
+            };
+            if let Some(total) = huge {
+                // A JSON array of spaces, chunk by chunk, counting what the client pulls.
+                let chunk = bytes::Bytes::from(vec![b' '; 64 * 1024]);
+                let stream = futures_util::StreamExt::map(
+                    futures_util::stream::iter(0..total / chunk.len()),
+                    move |_| {
+                        sent.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(chunk.clone())
+                    },
+                );
+                return axum::response::Response::new(axum::body::Body::from_stream(stream));
             }
             let mut siblings = Vec::new();
             for (path, _) in file_hashes(dir) {
@@ -1486,6 +1506,27 @@ async fn a_hub_answer_that_does_not_match_its_hashes_or_escapes_imports_nothing(
         assert_eq!(rows, 0);
         registry.server.stop().await;
     }
+    // A file list without end is read only up to its bound.
+    let huge = HubBehaviour {
+        huge_info: Some(256 << 20),
+        ..Default::default()
+    };
+    let sent = huge.info_bytes_sent.clone();
+    let hub = StandInHub::start("acme/tiny", dir.path(), huge).await;
+    let downloads = tempfile::tempdir().unwrap();
+    let registry = hub_registry(&hub, downloads.path()).await;
+    let err = registry
+        .app
+        .models
+        .import_from_hub(&operator(), hub_import("acme/tiny"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("over 16 MiB"), "{err}");
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(sent < 40 << 20, "the hub sent {} MiB", sent >> 20);
+    registry.server.stop().await;
+    drop(hub);
+
     // Unknown repositories and malformed ids are clear errors too.
     let hub = StandInHub::start("acme/tiny", dir.path(), HubBehaviour::default()).await;
     let downloads = tempfile::tempdir().unwrap();

@@ -110,6 +110,7 @@ impl Builds {
         )
         .await?;
         spec.validate()?;
+        let isolated = spec.ephemeral_cache || authz::isolated_builds(principal);
         let id = new_id();
         let mut tx = self.pool.begin().await?;
         let build = builds::insert(
@@ -123,7 +124,7 @@ impl Builds {
                 created_by: Some(&principal.token_id),
                 ci_identity: principal.ci.as_deref().map(|g| g.history_key.as_str()),
                 timeout_minutes: project.build_timeout_minutes,
-                ephemeral_cache: spec.ephemeral_cache || authz::isolated_builds(principal),
+                ephemeral_cache: isolated,
             },
         )
         .await?;
@@ -135,6 +136,20 @@ impl Builds {
         token.expires_at = Some(build.cancels_at + chrono::Duration::hours(1));
         token.created_by = principal.user_id.clone();
         let (info, minted) = issue(&mut *tx, token).await?;
+        audit::record(
+            &mut *tx,
+            principal
+                .audit("build.create")
+                .org(&project.organization_id)
+                .target("build", &id)
+                .details(json!({
+                    "project_id": project.id,
+                    "command": spec.command,
+                    "isolated": isolated,
+                    "token_prefix": info.display_prefix,
+                })),
+        )
+        .await?;
         // Live build lists on every replica learn of it.
         notify::send(&mut *tx, BUILD_CHANNEL, &id).await?;
         tx.commit().await?;

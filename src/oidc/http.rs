@@ -69,22 +69,12 @@ pub async fn fetch(request: reqwest::RequestBuilder, limit: usize) -> Result<Vec
             retry_after: retry_after(response.headers()),
         });
     }
-    if response.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(FetchError::TooLarge(limit));
-    }
-    let mut body = Vec::new();
-    let mut response = response;
-    while let Some(chunk) = response
-        .chunk()
+    crate::outbound::read_capped(response, limit)
         .await
-        .map_err(|e| FetchError::Transport(without_url(&e)))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(FetchError::TooLarge(limit));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        .map_err(|e| match e {
+            crate::outbound::BodyError::TooLarge(limit) => FetchError::TooLarge(limit),
+            crate::outbound::BodyError::Transport(e) => FetchError::Transport(without_url(&e)),
+        })
 }
 
 /// Like [`fetch`], parsed as JSON.

@@ -139,10 +139,14 @@ impl Hub {
                 )));
             }
         }
-        let body = response.bytes().await.map_err(unreachable_hub)?;
-        if body.len() > 16 * 1024 * 1024 {
-            return Err(bad_answer("its file list is over 16 MiB"));
-        }
+        let body = crate::outbound::read_capped(response, MAX_MODEL_INFO_BYTES)
+            .await
+            .map_err(|e| match e {
+                crate::outbound::BodyError::TooLarge(_) => {
+                    bad_answer("its file list is over 16 MiB")
+                }
+                crate::outbound::BodyError::Transport(e) => unreachable_hub(e),
+            })?;
         let info: ModelInfo = serde_json::from_slice(&body)
             .map_err(|e| bad_answer(&format!("its model info is not the hub API's JSON ({e})")))?;
         let commit = info
@@ -344,6 +348,9 @@ async fn check(file: &HubFile, path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The model info (the file list) is read up to this many bytes, and refused past them.
+const MAX_MODEL_INFO_BYTES: usize = 16 * 1024 * 1024;
 
 fn unreachable_hub(err: reqwest::Error) -> Error {
     Error::Unavailable(format!("the hub could not be reached ({err}); retry later"))
