@@ -73,13 +73,19 @@ fn message(err: &Value) -> &str {
     err["message"].as_str().unwrap_or("")
 }
 
-#[tokio::test]
-async fn a_github_actions_token_acts_for_the_projects_that_trust_its_repository() {
+/// A database, a stand-in GitHub Actions issuer Kiln trusts, the app and its router.
+async fn with_github(single_use: bool) -> (TestDb, CiIssuer, kiln::app::AppState, axum::Router) {
     let db = TestDb::new().await;
     let issuer = CiIssuer::start().await;
-    let trusted = issuer.trusted_as("github", true);
+    let trusted = issuer.trusted_as("github", single_use);
     let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
     let router = kiln::api::router(app.clone());
+    (db, issuer, app, router)
+}
+
+#[tokio::test]
+async fn a_github_actions_token_acts_for_the_projects_that_trust_its_repository() {
+    let (db, issuer, _, router) = with_github(true).await;
     let t = tenant(&db.pool, "ci").await;
     let other = tenant(&db.pool, "other").await;
     trust_github(
@@ -188,11 +194,7 @@ async fn a_github_actions_token_acts_for_the_projects_that_trust_its_repository(
 
 #[tokio::test]
 async fn a_trust_relationship_can_pin_the_repository_id() {
-    let db = TestDb::new().await;
-    let issuer = CiIssuer::start().await;
-    let trusted = issuer.trusted_as("github", false);
-    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
-    let router = kiln::api::router(app);
+    let (db, issuer, _, router) = with_github(false).await;
     let t = tenant(&db.pool, "pin").await;
     trust_github(
         &router,
@@ -296,11 +298,7 @@ async fn a_trust_relationship_trusts_one_issuer_and_a_same_named_project_elsewhe
 
 #[tokio::test]
 async fn a_thousand_foreign_policies_naming_the_victims_repository_change_nothing_for_it() {
-    let db = TestDb::new().await;
-    let issuer = CiIssuer::start().await;
-    let trusted = issuer.trusted_as("github", false);
-    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
-    let router = kiln::api::router(app.clone());
+    let (db, issuer, app, router) = with_github(false).await;
     let victim = tenant(&db.pool, "victim").await;
     let intruder = tenant(&db.pool, "intruder").await;
     trust_github(
@@ -407,11 +405,7 @@ async fn a_thousand_foreign_policies_naming_the_victims_repository_change_nothin
 
 #[tokio::test]
 async fn a_ci_job_that_never_built_here_names_its_project_once() {
-    let db = TestDb::new().await;
-    let issuer = CiIssuer::start().await;
-    let trusted = issuer.trusted_as("github", false);
-    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
-    let router = kiln::api::router(app);
+    let (db, issuer, _, router) = with_github(false).await;
     let t = tenant(&db.pool, "first").await;
     let squatter = tenant(&db.pool, "squatter").await;
     // Another organization trusted the repository before its owner did.
@@ -488,11 +482,7 @@ async fn a_ci_job_that_never_built_here_names_its_project_once() {
 
 #[tokio::test]
 async fn a_spent_token_stays_spent_after_the_prune_for_as_long_as_it_verifies() {
-    let db = TestDb::new().await;
-    let issuer = CiIssuer::start().await;
-    let trusted = issuer.trusted_as("github", true);
-    let app = app_with(&db, &[("KILN_OIDC__TRUSTED_ISSUERS", &trusted)]);
-    let router = kiln::api::router(app.clone());
+    let (db, issuer, _, router) = with_github(true).await;
     let t = tenant(&db.pool, "ci").await;
     trust_github(
         &router,

@@ -40,12 +40,16 @@ fn claim_body(repo: &str, run_id: u64) -> Value {
 }
 
 async fn post_claim(server: &Server, body: &Value) -> (u16, Value) {
-    let answer = reqwest::Client::new()
-        .post(format!("{}/claim", server.url))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    post_claim_as(server, None, body).await
+}
+
+/// A claim through a reverse proxy that says the client is `forwarded_for`.
+async fn post_claim_as(server: &Server, forwarded_for: Option<&str>, body: &Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(format!("{}/claim", server.url));
+    if let Some(client) = forwarded_for {
+        request = request.header("x-forwarded-for", client);
+    }
+    let answer = request.json(body).send().await.unwrap();
     let status = answer.status().as_u16();
     (status, answer.json().await.unwrap_or(Value::Null))
 }
@@ -529,18 +533,6 @@ async fn claims_are_limited_per_repository_and_per_client() {
     server.stop().await;
 }
 
-async fn post_claim_from(server: &Server, forwarded_for: &str, body: &Value) -> (u16, Value) {
-    let answer = reqwest::Client::new()
-        .post(format!("{}/claim", server.url))
-        .header("x-forwarded-for", forwarded_for)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_hold_a_repositorys_claims_from_another() {
     let db = TestDb::new().await;
@@ -562,9 +554,9 @@ async fn one_address_cannot_hold_a_repositorys_claims_from_another() {
     let body = claim_body("octo-org/octo-repo", 100);
     let flooder = "203.0.113.66";
     for _ in 0..2 {
-        assert_eq!(post_claim_from(&server, flooder, &body).await.0, 200);
+        assert_eq!(post_claim_as(&server, Some(flooder), &body).await.0, 200);
     }
-    let (status, answer) = post_claim_from(&server, flooder, &body).await;
+    let (status, answer) = post_claim_as(&server, Some(flooder), &body).await;
     assert_eq!(status, 429, "{answer}");
     assert!(
         answer["error"]
@@ -575,11 +567,14 @@ async fn one_address_cannot_hold_a_repositorys_claims_from_another() {
     );
     // A contributor elsewhere still claims for the same repository.
     let contributor = "198.51.100.7";
-    assert_eq!(post_claim_from(&server, contributor, &body).await.0, 200);
+    assert_eq!(
+        post_claim_as(&server, Some(contributor), &body).await.0,
+        200
+    );
     // Writing someone else's address on the left of the header changes nothing: the
     // proxy appended the real one.
     let spoofed = format!("{contributor}, {flooder}");
-    assert_eq!(post_claim_from(&server, &spoofed, &body).await.0, 429);
+    assert_eq!(post_claim_as(&server, Some(&spoofed), &body).await.0, 429);
     assert_eq!(claim_rows(&db).await, 3);
     server.stop().await;
 }

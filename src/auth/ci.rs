@@ -157,6 +157,14 @@ async fn default_project(
         }))
 }
 
+/// [`confirm`] on a connection of `pool`, taken only for CI principals.
+pub async fn confirm_from(pool: &PgPool, principal: &Principal, project_id: &str) -> Result<()> {
+    if principal.ci.is_none() {
+        return Ok(());
+    }
+    confirm(&mut *pool.acquire().await?, principal, project_id).await
+}
+
 /// Looks up whether `project_id` trusts a CI principal, with a query of that project's
 /// policies alone, and records the answer for `authz`. Other principals pass through.
 pub async fn confirm(

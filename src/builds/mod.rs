@@ -102,13 +102,8 @@ impl Builds {
         spec: BuildSpec,
     ) -> Result<(Build, String, Project)> {
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project = crate::projects::load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            &id,
-            Action::CreateBuild,
-        )
-        .await?;
+        let project =
+            crate::projects::load_from(&self.pool, principal, &id, Action::CreateBuild).await?;
         spec.validate()?;
         let isolated = spec.ephemeral_cache || authz::isolated_builds(principal);
         let id = new_id();
@@ -218,14 +213,7 @@ impl Builds {
             .lookup(build_id)
             .await?
             .ok_or_else(|| Error::not_found("build", build_id))?;
-        if principal.ci.is_some() {
-            crate::auth::ci::confirm(
-                &mut *self.pool.acquire().await?,
-                principal,
-                &build.project_id,
-            )
-            .await?;
-        }
+        crate::auth::ci::confirm_from(&self.pool, principal, &build.project_id).await?;
         authz::authorize(
             principal,
             action,
@@ -270,13 +258,8 @@ impl Builds {
         let page_size = pages::page_size(page_size, 100)?;
         let after = pages::decode_time_id(BUILDS_LISTING, page_token)?;
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project = crate::projects::load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            &id,
-            Action::ViewBuild,
-        )
-        .await?;
+        let project =
+            crate::projects::load_from(&self.pool, principal, &id, Action::ViewBuild).await?;
         let mut list = builds::list(&self.pool, &project.id, after, page_size + 1).await?;
         let next_page_token = if list.len() as i64 > page_size {
             list.truncate(page_size as usize);

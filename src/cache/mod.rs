@@ -645,13 +645,8 @@ impl Cache {
         project_id: Option<&str>,
     ) -> Result<Vec<VolumeView>> {
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project = crate::projects::load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            &id,
-            Action::ViewProject,
-        )
-        .await?;
+        let project =
+            crate::projects::load_from(&self.pool, principal, &id, Action::ViewProject).await?;
         Ok(rows::of_project(&self.pool, &project.id)
             .await?
             .into_iter()
@@ -669,7 +664,7 @@ impl Cache {
         let Some(project_id) = volume.project_id.as_deref() else {
             return Err(Error::not_found("volume", volume_id));
         };
-        crate::auth::ci::confirm(&mut *self.pool.acquire().await?, principal, project_id).await?;
+        crate::auth::ci::confirm_from(&self.pool, principal, project_id).await?;
         let target = Target::Project {
             id: project_id,
             organization_id: &volume.organization_id,

@@ -96,11 +96,18 @@ pub struct IdentityLookup {
     pub git_ref: String,
 }
 
-/// The policy rows of `t` that trust the identity in $1..$5.
-const MATCHES: &str = "t.provider = $1 AND t.issuer = $2 AND t.match_key = $3
-    AND (t.provider <> 'github' OR t.claims->>'repository_id' IN ('', $4))
+/// The policy rows of `t` stored under the identity's provider, issuer and key ($1..$3).
+const KEYED: &str = "t.provider = $1 AND t.issuer = $2 AND t.match_key = $3";
+
+/// Of those, the ones whose pinned repository id ($4) or ref ($5) fits the identity.
+const QUALIFIED: &str = "(t.provider <> 'github' OR t.claims->>'repository_id' IN ('', $4))
     AND (t.provider <> 'gitlab'
          OR t.claims->>'ref' IN ('', $5, regexp_replace($5, '^refs/(heads|tags)/', '')))";
+
+/// Policy rows a listing reads at most: anyone can add rows naming any identity, so a
+/// listing's cost must not grow with them (whether a project trusts an identity is
+/// always looked up for that project alone, and never depends on this).
+pub const LISTING_ROWS_READ: i64 = 1_000;
 
 /// The organization of `project_id` if one of its policies trusts the identity.
 pub async fn trusting_project<'e>(
@@ -110,7 +117,7 @@ pub async fn trusting_project<'e>(
 ) -> Result<Option<String>> {
     Ok(sqlx::query_scalar(&format!(
         "SELECT p.organization_id FROM trust_policies t JOIN projects p ON p.id = t.project_id
-         WHERE {MATCHES} AND t.project_id = $6
+         WHERE {KEYED} AND {QUALIFIED} AND t.project_id = $6
          LIMIT 1"
     ))
     .bind(lookup.provider)
@@ -123,8 +130,9 @@ pub async fn trusting_project<'e>(
     .await?)
 }
 
-/// Up to `limit` projects that trust the identity, with their organizations (for
-/// listings; each project once, however many of its policies match).
+/// Up to `limit` projects that trust the identity, with their organizations, among the
+/// first `LISTING_ROWS_READ` policy rows of its key (for listings only; each project
+/// once, however many of its policies match).
 pub async fn trusting_projects<'e>(
     db: impl PgExecutor<'e>,
     lookup: &IdentityLookup,
@@ -132,8 +140,10 @@ pub async fn trusting_projects<'e>(
 ) -> Result<Vec<(String, String)>> {
     Ok(sqlx::query_as(&format!(
         "SELECT DISTINCT t.project_id, p.organization_id
-         FROM trust_policies t JOIN projects p ON p.id = t.project_id
-         WHERE {MATCHES}
+         FROM (SELECT * FROM trust_policies t WHERE {KEYED}
+               ORDER BY t.project_id LIMIT {LISTING_ROWS_READ}) t
+         JOIN projects p ON p.id = t.project_id
+         WHERE {QUALIFIED}
          ORDER BY t.project_id LIMIT $6"
     ))
     .bind(lookup.provider)

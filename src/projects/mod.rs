@@ -133,6 +133,16 @@ pub async fn load(
     authorized(project, principal, id, action)
 }
 
+/// [`load`] on a connection of `pool`.
+pub async fn load_from(
+    pool: &PgPool,
+    principal: &Principal,
+    id: &str,
+    action: Action,
+) -> Result<Project> {
+    load(&mut *pool.acquire().await?, principal, id, action).await
+}
+
 /// Like [`load`], locking the row for the rest of the transaction.
 pub async fn load_for_update(
     conn: &mut PgConnection,
@@ -320,13 +330,7 @@ impl Projects {
 
     pub async fn get(&self, principal: &Principal, id: Option<&str>) -> Result<Project> {
         let id = resolve_id(principal, id)?;
-        load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            &id,
-            Action::ViewProject,
-        )
-        .await
+        load_from(&self.pool, principal, &id, Action::ViewProject).await
     }
 
     pub async fn create(

@@ -6,7 +6,7 @@ use serde_json::json;
 
 pub use crate::auth::trust::TrustProvider;
 
-use super::{Projects, load, load_for_update, resolve_id};
+use super::{Projects, load_for_update, load_from, resolve_id};
 use crate::auth::Principal;
 use crate::auth::authz::Action;
 use crate::db::audit;
@@ -41,13 +41,7 @@ impl Projects {
         project_id: Option<&str>,
     ) -> Result<Vec<TrustPolicy>> {
         let id = resolve_id(principal, project_id)?;
-        let project = load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            &id,
-            Action::ViewProject,
-        )
-        .await?;
+        let project = load_from(&self.pool, principal, &id, Action::ViewProject).await?;
         Ok(rows::list(&self.pool, &project.id)
             .await?
             .into_iter()

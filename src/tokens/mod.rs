@@ -83,13 +83,9 @@ impl Tokens {
         project_id: Option<&str>,
     ) -> Result<Vec<TokenInfo>> {
         let id = crate::projects::resolve_id(principal, project_id)?;
-        let project = crate::projects::load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            &id,
-            Action::ManageProjectTokens,
-        )
-        .await?;
+        let project =
+            crate::projects::load_from(&self.pool, principal, &id, Action::ManageProjectTokens)
+                .await?;
         let filter = TokenFilter {
             kind: Some(TokenKind::Project.as_str().to_string()),
             project_id: Some(project.id),

@@ -131,13 +131,8 @@ impl Usage {
         project_id: &str,
         range: Range,
     ) -> Result<ProjectUsage> {
-        let project = projects::load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            project_id,
-            Action::ViewProject,
-        )
-        .await?;
+        let project =
+            projects::load_from(&self.pool, principal, project_id, Action::ViewProject).await?;
         let filter = crate::db::projects::ProjectFilter {
             project_ids: Some(vec![project.id.clone()]),
             ..Default::default()
@@ -155,13 +150,8 @@ impl Usage {
         project_id: &str,
         range: Range,
     ) -> Result<Vec<DailyUsage>> {
-        let project = projects::load(
-            &mut *self.pool.acquire().await?,
-            principal,
-            project_id,
-            Action::ViewProject,
-        )
-        .await?;
+        let project =
+            projects::load_from(&self.pool, principal, project_id, Action::ViewProject).await?;
         Ok(
             usage::project_daily(&self.pool, &project.id, range.start, range.end)
                 .await?
