@@ -65,3 +65,59 @@ async fn project_defaults_match_the_documented_ones() {
     assert!(!p.autoscaling_enabled);
     assert_eq!(p.id.len(), 12);
 }
+
+/// The database as it was before migration `version`, then the rest applied.
+async fn migrate_around(db: &TestDb, version: i64, between: impl AsyncFnOnce(&sqlx::PgPool)) {
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            kiln::db::MIGRATOR
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&db.pool).await.unwrap();
+    between(&db.pool).await;
+    kiln::db::migrate(&db.pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn existing_trust_policies_get_their_providers_issuer_and_lose_their_duplicates() {
+    let db = TestDb::empty().await;
+    migrate_around(&db, 20261207000016, async |pool| {
+        sqlx::raw_sql(
+            "INSERT INTO organizations (id, name) VALUES ('o', 'Org');
+             INSERT INTO projects (id, organization_id, name) VALUES ('p', 'o', 'api');
+             INSERT INTO trust_policies (id, project_id, provider, claims, match_key, created_at) VALUES
+               ('gh', 'p', 'github', '{\"repository_owner\": \"acme\", \"repository\": \"api\", \"repository_id\": \"\"}', 'acme/api', now() - interval '1 day'),
+               ('gh2', 'p', 'github', '{\"repository_owner\": \"Acme\", \"repository\": \"API\", \"repository_id\": \"\"}', 'acme/api', now()),
+               ('gl', 'p', 'gitlab', '{\"project_path\": \"g/app\", \"ref\": \"main\"}', 'g/app', now()),
+               ('bk', 'p', 'buildkite', '{\"organization_slug\": \"acme\", \"pipeline_slug\": \"web\"}', 'acme/web', now()),
+               ('cc', 'p', 'circleci', '{\"organization_uuid\": \"o-1\", \"project_uuid\": \"p-2\"}', 'o-1/p-2', now())",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    })
+    .await;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, issuer FROM trust_policies ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("bk".into(), "https://agent.buildkite.com".into()),
+            ("cc".into(), "https://oidc.circleci.com/org/o-1".into()),
+            (
+                "gh".into(),
+                "https://token.actions.githubusercontent.com".into()
+            ),
+            ("gl".into(), "https://gitlab.com".into()),
+        ],
+        "the younger duplicate of gh is folded into it"
+    );
+}
