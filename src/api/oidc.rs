@@ -3,19 +3,19 @@
 //! the fork pull request claim flow (`POST /claim`, `POST /exchange/<secret>`), also
 //! served on a listener of its own (`oidc.claims.listen`).
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::api::ratelimit::{ClientLimiter, Peer};
+use crate::api::ratelimit::{ClientAddr, ClientLimiter};
 use crate::app::AppState;
 use crate::error::{Error, Result};
 use crate::oidc::claims::{ClaimError, Exchange, MAX_CLAIM_BODY_BYTES};
@@ -80,17 +80,7 @@ pub fn claim_listener_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn client_ip(limiter: &ClientLimiter, headers: &HeaderMap, peer: Option<SocketAddr>) -> String {
-    limiter.client_ip(headers, peer).to_string()
-}
-
-fn limited(
-    limiter: &ClientLimiter,
-    headers: &HeaderMap,
-    peer: Option<SocketAddr>,
-    what: &'static str,
-) -> Option<Response> {
-    let ip = limiter.client_ip(headers, peer);
+fn limited(limiter: &ClientLimiter, ip: IpAddr, what: &'static str) -> Option<Response> {
     let wait = limiter.check(ip).err()?;
     metrics::counter!("kiln_rate_limited_total", "endpoint" => what).increment(1);
     Some(claim_error(ClaimError::TooMany {
@@ -104,11 +94,10 @@ fn limited(
 
 async fn claim(
     State(app): State<AppState>,
-    Peer(peer): Peer,
-    headers: HeaderMap,
+    ClientAddr(ip): ClientAddr,
     body: std::result::Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    if let Some(refused) = limited(&app.claim_limiter, &headers, peer, "oidc_claim") {
+    if let Some(refused) = limited(&app.claim_limiter, ip, "oidc_claim") {
         return refused;
     }
     let body = match body {
@@ -123,8 +112,7 @@ async fn claim(
             return (rejection.status(), axum::Json(json!({ "error": message }))).into_response();
         }
     };
-    let ip = client_ip(&app.claim_limiter, &headers, peer);
-    match app.claims.create(&ip, &body).await {
+    match app.claims.create(&ip.to_string(), &body).await {
         Ok(created) => axum::Json(created).into_response(),
         Err(err) => claim_error(err),
     }
@@ -132,11 +120,10 @@ async fn claim(
 
 async fn exchange(
     State(app): State<AppState>,
-    Peer(peer): Peer,
-    headers: HeaderMap,
+    ClientAddr(ip): ClientAddr,
     Path(secret): Path<String>,
 ) -> Response {
-    if let Some(refused) = limited(&app.exchange_limiter, &headers, peer, "oidc_exchange") {
+    if let Some(refused) = limited(&app.exchange_limiter, ip, "oidc_exchange") {
         return refused;
     }
     match app.claims.exchange(&secret).await {

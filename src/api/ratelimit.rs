@@ -160,26 +160,9 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<SocketAddr>().ok().map(|s| s.ip())
 }
 
-/// The TCP peer, when the server recorded it (it always does outside unit tests).
-pub struct Peer(pub Option<SocketAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Ok(Peer(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
-    }
-}
-
-/// The caller's address as the per-client limits see it ([`ClientLimiter::client_ip`]).
+/// The caller's address as the per-client limits see it ([`ClientLimiter::client_ip`]):
+/// the TCP peer the server recorded (absent only in unit tests), or what a trusted proxy
+/// says. Every limiter is built from the same `[limits]`, so any gives the same answer.
 pub struct ClientAddr(pub IpAddr);
 
 impl FromRequestParts<AppState> for ClientAddr {

@@ -11,8 +11,7 @@ use super::authz;
 use super::principal::{CiGrant, CiTrust, Principal, PrincipalKind, TrustedProject};
 use super::trust::CiIdentity;
 use crate::config::TrustedProvider;
-use crate::db::builds;
-use crate::db::trust_policies::{self, IdentityLookup};
+use crate::db::trust_policies;
 use crate::error::{Error, Result};
 use crate::oidc::trusted::CiToken;
 
@@ -105,8 +104,14 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
         }));
     }
     let history_key = identity.history_key(&token.issuer);
+    // The project this identity last built in, while it still trusts the identity.
     let default_project = match trust {
-        CiTrust::Trusted => default_project(pool, &lookup, &history_key).await?,
+        CiTrust::Trusted => trust_policies::last_trusting_project(pool, &lookup, &history_key)
+            .await?
+            .map(|(project_id, organization_id)| TrustedProject {
+                project_id,
+                organization_id,
+            }),
         CiTrust::ForkPullRequest => None,
     };
     let subject = claim(claims, "sub").unwrap_or_else(|| identity.describe());
@@ -138,23 +143,6 @@ pub async fn principal(pool: &PgPool, token: CiToken) -> Result<Principal> {
             confirmed: Default::default(),
         })),
     })
-}
-
-/// The project this identity last built in, if it still trusts the identity.
-async fn default_project(
-    pool: &PgPool,
-    lookup: &IdentityLookup,
-    history_key: &str,
-) -> Result<Option<TrustedProject>> {
-    let Some(project_id) = builds::last_project_of_ci_identity(pool, history_key).await? else {
-        return Ok(None);
-    };
-    Ok(trust_policies::trusting_project(pool, lookup, &project_id)
-        .await?
-        .map(|organization_id| TrustedProject {
-            project_id,
-            organization_id,
-        }))
 }
 
 /// [`confirm`] on a connection of `pool`, taken only for CI principals.

@@ -112,9 +112,23 @@ impl Confirmed {
     }
 }
 
+impl Confirmed {
+    fn contains(&self, project_id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|p| p.project_id == project_id)
+    }
+}
+
 impl CiGrant {
     pub fn trusts(&self, project_id: &str) -> bool {
-        self.projects().iter().any(|p| p.project_id == project_id)
+        self.default_project
+            .iter()
+            .chain(&self.listed)
+            .any(|p| p.project_id == project_id)
+            || self.confirmed.contains(project_id)
     }
 
     /// Every project known to trust it: its default, the listed ones and those

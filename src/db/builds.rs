@@ -100,19 +100,6 @@ pub async fn insert<'e>(db: impl PgExecutor<'e>, new: NewBuild<'_>) -> Result<Bu
     .await?)
 }
 
-/// The project a CI identity (`builds.ci_identity`) last started a build in, if any.
-pub async fn last_project_of_ci_identity<'e>(
-    db: impl PgExecutor<'e>,
-    ci_identity: &str,
-) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT project_id FROM builds WHERE ci_identity = $1 ORDER BY created_at DESC LIMIT 1",
-    )
-    .bind(ci_identity)
-    .fetch_optional(db)
-    .await?)
-}
-
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Build>> {
     Ok(
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM builds WHERE id = $1"))

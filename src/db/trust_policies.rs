@@ -130,6 +130,31 @@ pub async fn trusting_project<'e>(
     .await?)
 }
 
+/// The project the identity's builds (`builds.ci_identity` = `history_key`) last went
+/// to, with its organization, if one of its policies still trusts the identity.
+pub async fn last_trusting_project<'e>(
+    db: impl PgExecutor<'e>,
+    lookup: &IdentityLookup,
+    history_key: &str,
+) -> Result<Option<(String, String)>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT p.id, p.organization_id
+         FROM (SELECT project_id FROM builds WHERE ci_identity = $6
+               ORDER BY created_at DESC LIMIT 1) b
+         JOIN projects p ON p.id = b.project_id
+         WHERE EXISTS (SELECT 1 FROM trust_policies t
+                       WHERE {KEYED} AND {QUALIFIED} AND t.project_id = b.project_id)"
+    ))
+    .bind(lookup.provider)
+    .bind(&lookup.issuer)
+    .bind(&lookup.match_key)
+    .bind(&lookup.repository_id)
+    .bind(&lookup.git_ref)
+    .bind(history_key)
+    .fetch_optional(db)
+    .await?)
+}
+
 /// Up to `limit` projects that trust the identity, with their organizations, among the
 /// first `LISTING_ROWS_READ` policy rows of its key (for listings only; each project
 /// once, however many of its policies match).
